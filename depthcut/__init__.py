@@ -1,0 +1,22 @@
+"""depthcut: make trained neural networks shallower.
+
+The Python API: find rectifier sites, measure their neuron-state entropy, linearize them, and run
+the depth-reduction methods end to end.
+"""
+
+from depthcut.entropy import SiteCounts, count_states, measure_entropy, neuron_entropy
+from depthcut.models import ModelSpec, build_model
+from depthcut.sites import SiteError, find_sites, linearize
+
+__all__ = [
+    "ModelSpec",
+    "SiteCounts",
+    "SiteError",
+    "build_model",
+    "count_states",
+    "find_sites",
+    "linearize",
+    "measure_entropy",
+    "neuron_entropy",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,304 @@
+"""Command line: `depthcut easier ...`, `depthcut entropy ...`. Only parses and calls the API.
+
+Settings are layered: a preset (`--preset quick`, the default, finishes in minutes on 2 CPU
+cores; `--preset paper` is the papers' recipe), then a JSON `--config` file, then explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from depthcut.data import DATASETS, DatasetNotFoundError
+from depthcut.models import ACTIVATIONS, MODELS
+from depthcut.run import CheckpointError, RunDirError
+from depthcut.sites import SiteError
+from depthcut.train import SCHEDULES
+
+PRESETS: dict[str, dict] = {
+    # Minutes on a 2-core CPU: a narrow ResNet-18, short cosine training, short finetunes.
+    "quick": {
+        "width": 0.25,
+        "epochs": 15,
+        "lr": 0.1,
+        "schedule": "cosine",
+        "weight_decay": 5e-4,
+        "nesterov": True,
+        "finetune_epochs": 3,
+        "finetune_lr": 0.02,
+        "max_stages": 8,
+    },
+    # EASIER Table 4 (CIFAR-10, ResNet-18): full width, 160 epochs per stage, lr 0.1,
+    # milestones 80/120, gamma 0.1, weight decay 1e-4, momentum 0.9; every site may go.
+    "paper": {
+        "width": 1.0,
+        "epochs": 160,
+        "lr": 0.1,
+        "schedule": "multistep",
+        "milestones": [80, 120],
+        "gamma": 0.1,
+        "weight_decay": 1e-4,
+        "nesterov": False,
+        "finetune_epochs": 160,
+        "finetune_lr": None,  # same as lr
+        "max_stages": None,
+    },
+}
+
+DEFAULTS: dict = {
+    "model": "resnet18",
+    "activation": "relu",
+    "dataset": "cifar10-jpeg",
+    "data_root": "../shared/data",
+    "cache_dir": None,
+    "val_fraction": 0.1,
+    "train_subset": None,
+    "batch_size": 128,
+    "seed": 0,
+    "device": "auto",
+    "channels_last": None,
+    "momentum": 0.9,
+    "milestones": [80, 120],
+    "gamma": 0.1,
+    "warmup_epochs": 0.0,
+    "dense_checkpoint": None,
+    "delta": 1.0,
+    "k": 1,
+    "entropy_mode": "eval",
+}
+
+USER_ERRORS = (
+    DatasetNotFoundError,
+    SiteError,
+    RunDirError,
+    CheckpointError,
+    FloatingPointError,
+    ValueError,
+)
+
+
+def _experiment_options(parser: argparse.ArgumentParser) -> None:
+    """Options every method shares (data, model, dense training); defaults come from presets."""
+    S = argparse.SUPPRESS
+    group = parser.add_argument_group("data and model")
+    group.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                       help="base settings: quick (minutes on CPU) or paper (EASIER Table 4)")
+    group.add_argument("--config", type=Path, help="JSON file of settings (keys = option names)")
+    group.add_argument("--model", choices=sorted(MODELS), default=S)
+    group.add_argument("--width", type=float, default=S, help="width multiplier")
+    group.add_argument("--activation", choices=sorted(ACTIVATIONS), default=S)
+    group.add_argument("--dataset", choices=DATASETS, default=S)
+    group.add_argument("--data-root", default=S, help="folder holding the dataset")
+    group.add_argument("--cache-dir", default=S, help="where decoded datasets are cached")
+    group.add_argument("--val-fraction", type=float, default=S,
+                       help="share of the training split held out for validation")
+    group.add_argument("--train-subset", type=int, default=S,
+                       help="train on only this many images of the training split")
+    group.add_argument("--batch-size", type=int, default=S)
+    group.add_argument("--seed", type=int, default=S)
+    group.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S)
+    group.add_argument("--dense-checkpoint", default=S,
+                       help="start from this trained checkpoint instead of training a dense model")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=S, help="dense training epochs")
+    train.add_argument("--lr", type=float, default=S, help="dense learning rate")
+    train.add_argument("--schedule", choices=SCHEDULES, default=S)
+    train.add_argument("--milestones", type=int, nargs="*", default=S,
+                       help="multistep schedule: epochs at which lr is multiplied by gamma")
+    train.add_argument("--gamma", type=float, default=S)
+    train.add_argument("--momentum", type=float, default=S)
+    train.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S)
+    train.add_argument("--weight-decay", type=float, default=S)
+    train.add_argument("--warmup-epochs", type=float, default=S)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, help="run directory")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="depthcut", description="Make trained neural networks shallower."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    easier = commands.add_parser("easier", help="EASIER: linearize low-entropy sites stage by stage")
+    _experiment_options(easier)
+    method = easier.add_argument_group("EASIER")
+    method.add_argument("--delta", type=float, default=argparse.SUPPRESS,
+                        help="top-1 points the answer may lose against dense (default 1.0)")
+    method.add_argument("--k", type=int, default=argparse.SUPPRESS,
+                        help="sites linearized per stage (EASIER k-x; default 1)")
+    method.add_argument("--max-stages", type=int, default=argparse.SUPPRESS,
+                        help="stop after this many stages (quick preset: 8; paper: no limit)")
+    method.add_argument("--finetune-epochs", type=int, default=argparse.SUPPRESS)
+    method.add_argument("--finetune-lr", type=float, default=argparse.SUPPRESS,
+                        help="finetune learning rate (default: preset; paper: same as --lr)")
+    method.add_argument("--entropy-mode", choices=("eval", "train"), default=argparse.SUPPRESS,
+                        help="model mode while counting (train = the EASIER authors' code)")
+
+    entropy = commands.add_parser("entropy", help="print the per-site entropy of a checkpoint")
+    entropy.add_argument("--checkpoint", type=Path, required=True)
+    entropy.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's dataset")
+    entropy.add_argument("--data-root", help="default: the checkpoint's data root")
+    entropy.add_argument("--cache-dir")
+    entropy.add_argument("--split", choices=("train", "test"), default="train",
+                         help="which split to count on (no augmentation)")
+    entropy.add_argument("--samples", type=int, help="count on only the first N images")
+    entropy.add_argument("--batch-size", type=int, default=512)
+    entropy.add_argument("--device", default="auto")
+    entropy.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    """Preset, then config file, then explicit flags."""
+    settings = {**DEFAULTS, **PRESETS[args.preset]}
+    if args.config is not None:
+        try:
+            loaded = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read config file {args.config}: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {args.config} must hold a JSON object")
+        unknown = sorted(set(loaded) - set(settings))
+        if unknown:
+            raise ValueError(
+                f"unknown keys in {args.config}: {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(settings))}"
+            )
+        settings.update(loaded)
+    skip = {"command", "preset", "config", "out", "overwrite", "no_progress"}
+    settings.update({k: v for k, v in vars(args).items() if k not in skip})
+    if settings["finetune_lr"] is None:
+        settings["finetune_lr"] = settings["lr"]
+    return settings
+
+
+def _train_config(settings: dict, epochs: int, lr: float):
+    from depthcut.train import TrainConfig
+
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        momentum=settings["momentum"],
+        weight_decay=settings["weight_decay"],
+        nesterov=settings["nesterov"],
+        schedule=settings["schedule"],
+        milestones=tuple(settings["milestones"]),
+        gamma=settings["gamma"],
+        warmup_epochs=settings["warmup_epochs"],
+    )
+
+
+def experiment_config(settings: dict, progress: bool):
+    from depthcut.experiment import ExperimentConfig
+
+    return ExperimentConfig(
+        dataset=settings["dataset"],
+        data_root=str(settings["data_root"]),
+        cache_dir=settings["cache_dir"],
+        model=settings["model"],
+        width=settings["width"],
+        activation=settings["activation"],
+        val_fraction=settings["val_fraction"],
+        train_subset=settings["train_subset"],
+        batch_size=settings["batch_size"],
+        seed=settings["seed"],
+        device=settings["device"],
+        channels_last=settings["channels_last"],
+        dense=_train_config(settings, settings["epochs"], settings["lr"]),
+        dense_checkpoint=settings["dense_checkpoint"],
+        progress=progress,
+    )
+
+
+def cmd_easier(args: argparse.Namespace) -> int:
+    from depthcut.experiment import run_easier
+    from depthcut.methods.easier import EasierConfig
+    from depthcut.reports import stage_table
+
+    settings = resolve_settings(args)
+    method = EasierConfig(
+        delta=settings["delta"],
+        k=settings["k"],
+        max_stages=settings["max_stages"],
+        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
+        entropy_mode=settings["entropy_mode"],
+    )
+    result = run_easier(
+        experiment_config(settings, not args.no_progress), method, args.out,
+        overwrite=args.overwrite,
+    )
+    answer = result.answer
+    print()
+    print(stage_table(result.records))
+    print(
+        f"\nAnswer: stage {answer['stage']}, {answer['sites_linearized']}/"
+        f"{answer['sites_total']} sites linearized, test top-1 {answer['test_top1']:.2f} "
+        f"(dense {result.records[0]['test_top1']:.2f}). Stopped: {result.stop_reason}."
+    )
+    print(f"Records, checkpoints and summary.md in {args.out}")
+    return 0
+
+
+def cmd_entropy(args: argparse.Namespace) -> int:
+    from depthcut.data import BatchLoader, load_dataset
+    from depthcut.entropy import count_states
+    from depthcut.reports import entropy_table
+    from depthcut.run import load_checkpoint
+    from depthcut.sites import find_sites
+    from depthcut.train import resolve_device
+
+    model, info = load_checkpoint(args.checkpoint)
+    origin = info.get("extra", {})
+    dataset_name = args.dataset or origin.get("dataset")
+    root = args.data_root or origin.get("data_root")
+    if not dataset_name or not root:
+        raise ValueError("this checkpoint does not name its dataset: pass --dataset and --data-root")
+    device = resolve_device(args.device)
+    dataset = load_dataset(dataset_name, root, cache_dir=args.cache_dir,
+                           progress=not args.no_progress)
+    images, labels = (
+        (dataset.train_images, dataset.train_labels)
+        if args.split == "train"
+        else (dataset.test_images, dataset.test_labels)
+    )
+    if args.samples is not None:
+        if args.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {args.samples}")
+        images, labels = images[: args.samples], labels[: args.samples]
+    loader = BatchLoader(images, labels, batch_size=args.batch_size, mean=dataset.mean,
+                         std=dataset.std, device=device)
+    model.to(device)
+    counts = count_states(model, loader, find_sites(model), progress=not args.no_progress)
+    linearized = info.get("linearized", [])
+    print(
+        f"{args.checkpoint}: {info['spec'].name} x{info['spec'].width}, "
+        f"{len(linearized)} site(s) linearized; {len(images)} images of the {dataset.name} "
+        f"{args.split} split"
+    )
+    print(entropy_table(counts))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"easier": cmd_easier, "entropy": cmd_entropy}
+    try:
+        return handlers[args.command](args)
+    except USER_ERRORS as error:
+        print(f"depthcut {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("depthcut: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""One experiment, end to end: data, dense model, a method's stages, run directory, summary.
+
+This is the Python API behind the CLI: `run_easier(ExperimentConfig(...), EasierConfig(...))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from depthcut.data import DataSplits, load_dataset, make_splits
+from depthcut.methods.easier import EasierConfig, EasierResult, easier
+from depthcut.models import ModelSpec, count_parameters
+from depthcut.reports import stage_table, summary_markdown
+from depthcut.run import RunDir, load_checkpoint, save_checkpoint
+from depthcut.sites import find_sites
+from depthcut.train import (
+    TrainConfig,
+    evaluate,
+    prepare_model,
+    resolve_device,
+    seed_everything,
+    train,
+)
+
+
+@dataclass
+class ExperimentConfig:
+    """Data, model and dense-training settings shared by every method."""
+
+    dataset: str = "cifar10-jpeg"
+    data_root: str = "../shared/data"
+    cache_dir: str | None = None
+    model: str = "resnet18"
+    width: float = 0.25
+    activation: str = "relu"
+    val_fraction: float = 0.1
+    train_subset: int | None = None
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    channels_last: bool | None = None  # None: on for CPU, where it is measurably faster
+    dense: TrainConfig = field(default_factory=TrainConfig)
+    dense_checkpoint: str | None = None  # start from this trained model instead of training
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Prepared:
+    splits: DataSplits
+    spec: ModelSpec
+    device: torch.device
+
+
+def prepare(config: ExperimentConfig) -> Prepared:
+    """Load the dataset and build its splits on the chosen device."""
+    device = resolve_device(config.device)
+    channels_last = device.type == "cpu" if config.channels_last is None else config.channels_last
+    dataset = load_dataset(
+        config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
+    )
+    splits = make_splits(
+        dataset,
+        val_fraction=config.val_fraction,
+        train_subset=config.train_subset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=device,
+        channels_last=channels_last,
+    )
+    spec = ModelSpec(
+        name=config.model,
+        num_classes=dataset.num_classes,
+        in_channels=dataset.in_channels,
+        width=config.width,
+        activation=config.activation,
+    )
+    return Prepared(splits=splits, spec=spec, device=device)
+
+
+def dense_model(
+    config: ExperimentConfig, prepared: Prepared, run: RunDir
+) -> tuple[nn.Module, dict, ModelSpec]:
+    """Train the dense model (or load `dense_checkpoint`), evaluate it and record it as stage 0."""
+    splits = prepared.splits
+    start = time.perf_counter()
+    channels_last = next(iter(splits.test))[0].is_contiguous(memory_format=torch.channels_last)
+    if config.dense_checkpoint:
+        model, info = load_checkpoint(config.dense_checkpoint)
+        if info["spec"].num_classes != prepared.spec.num_classes:
+            raise ValueError(
+                f"{config.dense_checkpoint} has {info['spec'].num_classes} classes, "
+                f"{splits.dataset.name} has {prepared.spec.num_classes}"
+            )
+        spec, linearized, epochs = info["spec"], info["linearized"], 0
+        prepare_model(model, prepared.device, channels_last)
+    else:
+        seed_everything(config.seed)
+        spec, linearized, epochs = prepared.spec, [], config.dense.epochs
+        model = prepare_model(spec.build(), prepared.device, channels_last)
+        train(model, splits.train, config.dense, progress=config.progress, desc="dense")
+    sites = find_sites(model)
+    record = {
+        "method": "dense",
+        "stage": 0,
+        "sites_total": len(sites) + len(linearized),
+        "sites_linearized": len(linearized),
+        "linearized": list(linearized),
+        "chosen": [],
+        "entropy": {},
+        "val_top1": evaluate(model, splits.val) if splits.val is not None else None,
+        "test_top1": evaluate(model, splits.test),
+        "drop": 0.0,
+        "within_delta": True,
+        "epochs": epochs,
+        "total_epochs": epochs,
+        "parameters": count_parameters(model),
+        "seconds": time.perf_counter() - start,
+    }
+    record["checkpoint"] = str(run.checkpoint_path(0).relative_to(run.path))
+    save_checkpoint(run.checkpoint_path(0), model, spec, linearized, _origin(config, record))
+    run.add_record(record)
+    return model, record, spec
+
+
+def _origin(config: ExperimentConfig, record: dict) -> dict:
+    """What a checkpoint keeps about where it came from, so `depthcut entropy` can find the data."""
+    return {"dataset": config.dataset, "data_root": config.data_root, "record": record}
+
+
+def run_easier(
+    config: ExperimentConfig, method: EasierConfig, out: str | Path, *, overwrite: bool = False
+) -> EasierResult:
+    """Train (or load) the dense model, run EASIER, write records, checkpoints and summary."""
+    run_start = time.perf_counter()
+    run = RunDir(out, overwrite=overwrite)
+    settings = {
+        "method": "easier",
+        "experiment": config.to_dict(),
+        "easier": dataclasses.asdict(method),
+    }
+    run.write_config(settings)
+    prepared = prepare(config)
+    model, dense, spec = dense_model(config, prepared, run)
+
+    def on_stage(record: dict, stage_model: nn.Module) -> None:
+        record["parameters"] = count_parameters(stage_model)
+        record["elapsed_s"] = time.perf_counter() - run_start
+        record["checkpoint"] = str(run.checkpoint_path(record["stage"]).relative_to(run.path))
+        save_checkpoint(
+            run.checkpoint_path(record["stage"]),
+            stage_model,
+            spec,
+            record["linearized"],
+            _origin(config, record),
+        )
+        run.add_record(record)
+        if config.progress:
+            print(stage_table([record], header=record["stage"] == 1), flush=True)
+
+    result = easier(
+        model, prepared.splits, method, dense_record=dense, on_stage=on_stage,
+        progress=config.progress,
+    )
+    wall = time.perf_counter() - run_start
+    run.write_summary(
+        summary_markdown(
+            result.records,
+            dataset=prepared.splits.dataset.name,
+            settings=settings,
+            answer=result.answer,
+            stop_reason=result.stop_reason,
+            wall_seconds=wall,
+            delta=method.delta,
+        )
+    )
+    return result

@@ -1,0 +1,1 @@
+"""Depth-reduction methods: each file holds only what makes its method; the loop is shared."""

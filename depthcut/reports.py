@@ -1,0 +1,115 @@
+"""Human-readable tables and summaries, built from run records only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from depthcut.entropy import SiteCounts
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+STAGE_HEADERS = (
+    "stage",
+    "sites linearized",
+    "chosen (entropy, bits)",
+    "val top-1",
+    "test top-1",
+    "val drop",
+    "epochs",
+    "time (s)",
+)
+
+
+def stage_row(record: Mapping) -> list[str]:
+    entropy = record.get("entropy") or {}
+    chosen = ", ".join(
+        f"{name} ({_fmt(entropy.get(name), 3)})" for name in record.get("chosen", [])
+    )
+    return [
+        str(record["stage"]),
+        f"{record['sites_linearized']}/{record['sites_total']}",
+        chosen or "(dense)",
+        _fmt(record.get("val_top1")),
+        _fmt(record.get("test_top1")),
+        _fmt(record.get("drop")),
+        str(record.get("epochs", "")),
+        _fmt(record.get("seconds"), 0),
+    ]
+
+
+def stage_table(records: Sequence[Mapping], *, header: bool = True) -> str:
+    """One Markdown row per stage; without header, only the rows (for printing as stages end)."""
+    table = markdown_table(STAGE_HEADERS, [stage_row(r) for r in records])
+    return table if header else "\n".join(table.splitlines()[2:])
+
+
+def summary_markdown(
+    records: Sequence[Mapping],
+    *,
+    dataset: str,
+    settings: Mapping,
+    answer: Mapping,
+    stop_reason: str,
+    wall_seconds: float,
+    delta: float,
+) -> str:
+    """The run's summary: which stage is the answer under delta, the stage table, the settings."""
+    dense = records[0]
+    method = settings.get("method", "?")
+    experiment = settings.get("experiment", {})
+    lines = [
+        f"# {method.upper()} on {dataset}",
+        "",
+        f"Model: {experiment.get('model')} (width x{experiment.get('width')}, "
+        f"{experiment.get('activation')}), dataset: {dataset}, delta: {delta} top-1 points "
+        "(validation split).",
+        "",
+        f"**Answer: stage {answer['stage']}**, {answer['sites_linearized']} of "
+        f"{answer['sites_total']} sites linearized "
+        f"({', '.join(answer['linearized']) or 'none'}): val top-1 {_fmt(answer['val_top1'])}, "
+        f"test top-1 {_fmt(answer['test_top1'])} (dense: val {_fmt(dense['val_top1'])}, "
+        f"test {_fmt(dense['test_top1'])}). Checkpoint: `{answer.get('checkpoint', '-')}`.",
+        "",
+        f"Stopped because: {stop_reason}. Wall time: {wall_seconds / 60:.1f} min.",
+        "",
+        stage_table(records),
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(settings, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def entropy_table(counts: Mapping[str, SiteCounts | None]) -> str:
+    """Per-site entropy with the share of always-ON and always-OFF neurons."""
+    rows = []
+    for index, (name, c) in enumerate(counts.items()):
+        if c is None or c.neurons == 0:
+            rows.append([index, name, "-", "never reached", "-", "-"])
+            continue
+        rows.append(
+            [
+                index,
+                name,
+                c.neurons,
+                f"{c.layer_entropy():.4f}",
+                f"{100 * float(c.always_on().float().mean()):.1f}",
+                f"{100 * float(c.always_off().float().mean()):.1f}",
+            ]
+        )
+    headers = ("#", "site", "neurons", "entropy (bits)", "always ON %", "always OFF %")
+    return markdown_table(headers, rows)

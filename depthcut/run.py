@@ -1,0 +1,153 @@
+"""Run directories: one record per stage (JSON lines), checkpoints, summary; all written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthcut.models import ModelSpec
+from depthcut.sites import linearize
+
+CHECKPOINT_FORMAT = "depthcut-checkpoint/1"
+RECORDS = "records.jsonl"
+
+
+class RunDirError(FileExistsError):
+    """The run directory cannot be used (it already holds another run)."""
+
+
+class CheckpointError(ValueError):
+    """A file is not a depthcut checkpoint, or does not fit the model it names."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as null so every JSON reader can load the records."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+class RunDir:
+    """A run's output folder: config.json, records.jsonl, checkpoints/, summary.md."""
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run directory {self.path} exists and is not a directory")
+        if (self.path / RECORDS).exists() and not overwrite:
+            raise RunDirError(
+                f"{self.path} already holds a run ({RECORDS} exists). Choose another --out, "
+                "or pass --overwrite to replace it."
+            )
+        if overwrite:
+            for stale in (RECORDS, "summary.md", "config.json"):
+                (self.path / stale).unlink(missing_ok=True)
+            for checkpoint in (self.path / "checkpoints").glob("*.pt"):
+                checkpoint.unlink()
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.path / "config.json", config)
+
+    def add_record(self, record: dict) -> None:
+        self.records.append(_json_safe(record))
+        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write_text(self.path / RECORDS, lines)
+
+    def checkpoint_path(self, stage: int) -> Path:
+        return self.path / "checkpoints" / f"stage_{stage:02d}.pt"
+
+    def write_summary(self, text: str) -> None:
+        atomic_write_text(self.path / "summary.md", text)
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / RECORDS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    spec: ModelSpec,
+    linearized: Sequence[str],
+    extra: dict | None = None,
+) -> None:
+    """Everything needed to rebuild the model: its spec, the linearized sites and the weights."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": spec.to_dict(),
+        "linearized": list(linearized),
+        "state_dict": state,
+        "extra": extra or {},
+    }
+    buffer = _to_bytes(payload)
+    atomic_write_bytes(Path(path), buffer)
+
+
+def _to_bytes(payload: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, checkpoint info)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{path} is not a readable checkpoint ({error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
+    spec = ModelSpec(**payload["model"])
+    model = linearize(spec.build(), payload["linearized"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit model {spec}: {error}") from error
+    model.eval()
+    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    info["spec"] = spec
+    return model, info

@@ -1,0 +1,125 @@
+"""A short end-to-end CLI run on a tiny CIFAR-10-format dataset, and the CLI's clear errors."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from depthcut.cli import main
+from depthcut.run import load_checkpoint, read_records
+
+
+def write_fake_cifar10(root: Path, train: int = 160, test: int = 60) -> Path:
+    """torchvision's pickle layout with random pixels, so the real loader path is exercised."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    per_batch = train // 5
+    for index in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, per_batch).tolist()}
+        (folder / f"data_batch_{index}").write_bytes(pickle.dumps(batch))
+    batch = {b"data": rng.integers(0, 256, (test, 3072), dtype=np.uint8),
+             b"labels": rng.integers(0, 10, test).tolist()}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+             b"ship", b"truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = write_fake_cifar10(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("runs") / "easier"
+    args = ["easier", "--dataset", "cifar10", "--data-root", str(root), "--width", "0.0625",
+            "--epochs", "1", "--finetune-epochs", "1", "--max-stages", "2", "--delta", "100",
+            "--batch-size", "32", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    return root, out, args
+
+
+def test_run_directory_holds_records_checkpoints_and_summary(finished_run, capsys):
+    root, out, _ = finished_run
+    records = read_records(out)
+    assert [r["stage"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        assert set(record["entropy"]) and record["chosen"][0] in record["entropy"]
+        assert record["sites_linearized"] == record["stage"]
+        for key in ("val_top1", "test_top1", "epochs", "seconds", "linearized"):
+            assert key in record
+    assert records[2]["linearized"][:1] == records[1]["chosen"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"]["width"] == 0.0625 and config["easier"]["max_stages"] == 2
+    summary = (out / "summary.md").read_text()
+    assert "**Answer: stage 2**" in summary and "CIFAR-10" in summary
+    model, info = load_checkpoint(out / "checkpoints" / "stage_02.pt")
+    assert info["linearized"] == records[2]["linearized"]
+    assert info["extra"]["dataset"] == "cifar10"
+
+
+def test_entropy_command_prints_a_table(finished_run, capsys):
+    _, out, _ = finished_run
+    assert main(["entropy", "--checkpoint", str(out / "checkpoints" / "stage_01.pt"),
+                 "--samples", "40", "--device", "cpu", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "1 site(s) linearized; 40 images" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "site" not in line]
+    assert len(rows) == 16
+
+
+def test_existing_run_is_refused_without_overwrite(finished_run, capsys):
+    _, _, args = finished_run
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_missing_dataset_and_bad_values_are_clear_errors(tmp_path, capsys):
+    base = ["easier", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(base + ["--dataset", "cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "Traceback" not in err
+    assert main(base + ["--delta", "-1"]) == 2
+    assert "delta" in capsys.readouterr().err
+    assert main(["entropy", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["entropy", "--checkpoint", str(bad)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_config_file_layers_under_flags(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"nonsense": 1}))
+    args = ["easier", "--config", str(config), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "unknown keys" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "depthcut", "easier", "--help"],
+                            capture_output=True, text=True, check=True)
+    for option in ("--delta", "--k", "--finetune-epochs", "--width", "--train-subset",
+                   "--val-fraction", "--schedule", "--preset"):
+        assert option in result.stdout
+
+
+def test_settings_layer_preset_then_file_then_flags(tmp_path):
+    from depthcut.cli import build_parser, resolve_settings
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"width": 0.5, "epochs": 7, "k": 3}))
+    parser = build_parser()
+    args = parser.parse_args(["easier", "--config", str(config), "--epochs", "2", "--out", "x"])
+    settings = resolve_settings(args)
+    assert (settings["width"], settings["epochs"], settings["k"]) == (0.5, 2, 3)
+    assert settings["finetune_epochs"] == 3  # from the quick preset
+    paper = resolve_settings(parser.parse_args(["easier", "--preset", "paper", "--out", "x"]))
+    assert (paper["epochs"], paper["finetune_epochs"], paper["width"]) == (160, 160, 1.0)
+    assert paper["milestones"] == [80, 120] and paper["finetune_lr"] == paper["lr"] == 0.1
+    assert paper["max_stages"] is None

@@ -1,0 +1,139 @@
+"""Neuron-state entropy against hand-computed and brute-force counts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from depthcut import count_states, measure_entropy, neuron_entropy
+from depthcut.sites import SiteError
+
+
+def h2(p: float) -> float:
+    """Binary entropy in bits, written out by hand."""
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+class HandModel(nn.Module):
+    """act_a is in place on the input copy, act_b follows a fixed Linear, `never` is not called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_a = nn.ReLU(inplace=True)
+        self.lin = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]))
+            self.lin.bias.copy_(torch.tensor([0.0, 0.5]))
+        self.act_b = nn.ReLU()
+        self.never = nn.ReLU()
+        self.use_never = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act_a(x * 1.0)
+        out = self.act_b(self.lin(y))
+        return self.never(out) if self.use_never else out
+
+
+BATCHES = [
+    torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -3.0]]),
+    (torch.tensor([[-1.0, 0.0, 5.0]]), torch.tensor([0])),  # (input, target) pair
+]
+
+
+def test_hand_computed_case():
+    model = HandModel()
+    counts = count_states(model, BATCHES, ["act_a", "act_b", "never"])
+    # act_a sees the raw inputs: neuron 0 -> +1 +2 -1; neuron 1 -> only exact zeros; neuron 2 -> -1 -3 +5.
+    # Read after the in-place op, neuron 0 would look always ON (entropy 0) instead.
+    assert counts["act_a"].n_on.tolist() == [2, 0, 1]
+    assert counts["act_a"].n_off.tolist() == [1, 0, 2]
+    # act_b sees relu(x) @ W.T + b: rows (1, .5), (2, .5), (0, -4.5); the exact 0 is not counted.
+    assert counts["act_b"].n_on.tolist() == [2, 2]
+    assert counts["act_b"].n_off.tolist() == [0, 1]
+    assert counts["never"] is None
+
+    entropy = measure_entropy(model, BATCHES, ["act_a", "act_b", "never"])
+    assert entropy["act_a"] == pytest.approx((h2(2 / 3) + 0.0 + h2(1 / 3)) / 3, abs=1e-12)
+    assert entropy["act_b"] == pytest.approx((0.0 + h2(2 / 3)) / 2, abs=1e-12)
+    assert math.isnan(entropy["never"])
+
+
+def test_default_sites_and_model_restored():
+    model = HandModel()
+    model.train()
+    model.lin.eval()  # a mixed state must come back exactly
+    entropy = measure_entropy(model, BATCHES)
+    assert list(entropy) == ["act_a", "act_b", "never"]
+    assert model.training and not model.lin.training and model.act_a.training
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_hooks_removed_after_an_error():
+    model = HandModel()
+    with pytest.raises(TypeError, match="batches must yield"):
+        count_states(model, ["not a tensor"], ["act_a"])
+    assert not model.act_a._forward_pre_hooks
+
+
+def test_neuron_entropy_formula():
+    n_on = torch.tensor([0, 5, 3, 0, 7])
+    n_off = torch.tensor([0, 0, 3, 4, 1])
+    expected = [0.0, 0.0, 1.0, 0.0, h2(7 / 8)]
+    assert neuron_entropy(n_on, n_off).tolist() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 7), (6, 9), (3, 8, 5)])
+def test_counts_match_brute_force(shape):
+    """Images count per channel (dim 1) over samples and positions; tokens per last dim."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    data = [torch.randn(shape, generator=generator).round() for _ in range(3)]  # many exact zeros
+    model = nn.Sequential(nn.ReLU())
+    counts = count_states(model, data, ["0"])["0"]
+    stacked = np.concatenate([d.numpy() for d in data])
+    channel_axis = 1 if len(shape) == 4 else len(shape) - 1
+    moved = np.moveaxis(stacked, channel_axis, 0).reshape(shape[channel_axis], -1)
+    assert counts.n_on.tolist() == (moved > 0).sum(1).tolist()
+    assert counts.n_off.tolist() == (moved < 0).sum(1).tolist()
+    assert (moved == 0).any()
+
+
+def test_always_on_and_always_off_neurons():
+    model = nn.Sequential(nn.ReLU())
+    data = [torch.tensor([[1.0, -1.0, 0.0, 2.0], [3.0, -2.0, 0.0, -1.0]])]
+    counts = count_states(model, data, ["0"])["0"]
+    assert counts.always_on().tolist() == [True, False, False, False]
+    assert counts.always_off().tolist() == [False, True, True, False]
+
+
+def test_shared_module_is_refused():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.act(x) - 1)
+
+    with pytest.raises(SiteError, match="more than once"):
+        measure_entropy(Shared(), [torch.randn(2, 3)])
+    model = Shared()
+    with pytest.raises(SiteError, match="ran twice"):
+        measure_entropy(model, [torch.randn(2, 3)], ["act"])
+    assert not model.act._forward_pre_hooks
+
+
+def test_train_mode_variant_and_bad_mode():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU())
+    model.eval()
+    data = [torch.randn(16, 3) + 3.0]
+    eval_h = measure_entropy(model, data, ["2"])  # fresh BN stats: z > 0 nearly always
+    running_mean = model[1].running_mean.clone()
+    train_h = measure_entropy(model, data, ["2"], mode="train")  # batch stats: centred, mixed
+    assert train_h["2"] > eval_h["2"]
+    assert not model.training
+    assert torch.equal(model[1].running_mean, running_mean)
+    with pytest.raises(ValueError, match="mode"):
+        measure_entropy(model, data, ["2"], mode="test")
