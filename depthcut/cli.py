@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    easier = commands.add_parser("easier", help="EASIER: linearize low-entropy sites stage by stage")
+    easier = commands.add_parser("easier", help="EASIER: linearize low-entropy sites")
     _experiment_options(easier)
     method = easier.add_argument_group("EASIER")
     method.add_argument("--delta", type=float, default=argparse.SUPPRESS,
@@ -259,7 +259,7 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     dataset_name = args.dataset or origin.get("dataset")
     root = args.data_root or origin.get("data_root")
     if not dataset_name or not root:
-        raise ValueError("this checkpoint does not name its dataset: pass --dataset and --data-root")
+        raise ValueError("checkpoint names no dataset: pass --dataset and --data-root")
     device = resolve_device(args.device)
     dataset = load_dataset(dataset_name, root, cache_dir=args.cache_dir,
                            progress=not args.no_progress)

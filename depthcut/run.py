@@ -1,4 +1,4 @@
-"""Run directories: one record per stage (JSON lines), checkpoints, summary; all written atomically."""
+"""Run directories: per-stage records (JSON lines), checkpoints, summary; written atomically."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ class TinyNet(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
         self.act2 = nn.LeakyReLU(0.1)
-        self.fc1 = nn.Linear(6, 8)
+        self.fc1 = nn.Linear(6 * 2, 8)
         self.act3 = nn.GELU()
         self.fc2 = nn.Linear(8, 8)
         self.act4 = nn.ReLU()
@@ -64,7 +64,7 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         x = self.act2(self.conv2(self.act1(self.conv1(x))))
-        x = x.mean((2, 3))
+        x = torch.cat([x[..., :4].mean((2, 3)), x[..., 4:].mean((2, 3))], 1)  # keep left/right
         return self.head(self.act4(self.fc2(self.act3(self.fc1(x)))))
 
 
@@ -111,20 +111,20 @@ def test_real_tiny_run_chooses_argmin_and_respects_delta():
     seed_everything(0)
     splits = tiny_splits()
     model = TinyNet()
-    train(model, splits.train, TrainConfig(epochs=6, lr=0.05), progress=False)
+    train(model, splits.train, TrainConfig(epochs=15, lr=0.2), progress=False)
     dense = dense_record(model, splits)
     assert dense["val_top1"] > 80  # the task is learnable: the run below means something
     seen = []
 
     def on_stage(record, stage_model):
         # The entropies recorded are what the model measured before the choice was made.
-        seen.append((record["stage"], list(find_sites(stage_model))))
+        seen.append((record["stage"], stage_model))
 
     config = EasierConfig(delta=0.0, k=1, finetune=TrainConfig(epochs=2, lr=0.02))
     result = easier(model, splits, config, dense_record=dense, on_stage=on_stage, progress=False)
     stages = result.records[1:]
     assert stages, "at least one stage runs"
-    for previous, record in zip(result.records, stages):
+    for previous, record in zip(result.records, stages, strict=False):
         remaining = [s for s in ["act1", "act2", "act3", "act4"] if s not in previous["linearized"]]
         assert sorted(record["entropy"]) == sorted(remaining)
         assert record["chosen"] == [min(remaining, key=lambda s: (record["entropy"][s],

@@ -45,7 +45,7 @@ BATCHES = [
 def test_hand_computed_case():
     model = HandModel()
     counts = count_states(model, BATCHES, ["act_a", "act_b", "never"])
-    # act_a sees the raw inputs: neuron 0 -> +1 +2 -1; neuron 1 -> only exact zeros; neuron 2 -> -1 -3 +5.
+    # act_a sees the raw inputs: neuron 0: +1 +2 -1; neuron 1: exact zeros; neuron 2: -1 -3 +5.
     # Read after the in-place op, neuron 0 would look always ON (entropy 0) instead.
     assert counts["act_a"].n_on.tolist() == [2, 0, 1]
     assert counts["act_a"].n_off.tolist() == [1, 0, 2]
