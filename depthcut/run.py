@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -118,16 +119,9 @@ def save_checkpoint(
         "state_dict": state,
         "extra": extra or {},
     }
-    buffer = _to_bytes(payload)
-    atomic_write_bytes(Path(path), buffer)
-
-
-def _to_bytes(payload: dict) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    return buffer.getvalue()
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
