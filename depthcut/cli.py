@@ -1,4 +1,4 @@
-"""Command line: `depthcut easier ...`, `depthcut entropy ...`. Only parses and calls the API.
+"""Command line: `depthcut easier|entropy|fold|heal ...`. Only parses and calls the API.
 
 Settings are layered: a preset (`--preset quick`, the default, finishes in minutes on 2 CPU
 cores; `--preset paper` is the papers' recipe), then a JSON `--config` file, then explicit flags.
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from depthcut.data import DATASETS, DatasetNotFoundError
+from depthcut.export import ExportError
+from depthcut.fold import POLICIES, FoldError
 from depthcut.models import ACTIVATIONS, MODELS
 from depthcut.run import CheckpointError, RunDirError
 from depthcut.sites import SiteError
@@ -76,6 +78,8 @@ USER_ERRORS = (
     RunDirError,
     CheckpointError,
     FloatingPointError,
+    ExportError,
+    FoldError,
     ValueError,
 )
 
@@ -152,7 +156,60 @@ def build_parser() -> argparse.ArgumentParser:
     entropy.add_argument("--batch-size", type=int, default=512)
     entropy.add_argument("--device", default="auto")
     entropy.add_argument("--no-progress", action="store_true")
+
+    fold = commands.add_parser("fold", help="merge linear ops of a checkpoint; print the report")
+    fold.add_argument("--checkpoint", type=Path, required=True, help="a stage checkpoint")
+    fold.add_argument("--out", type=Path, required=True, help="where to save the folded model")
+    fold.add_argument("--policy", choices=POLICIES, default="macs",
+                      help="macs: merge only where MACs do not rise (default); all: every "
+                      "merge; latency: merge where measured faster on --device")
+    fold.add_argument("--export", choices=("onnx",), help="also write OUT with .onnx suffix")
+    _data_options(fold, split_help="test images used for agreement and top-1 (default: all)")
+
+    heal = commands.add_parser("heal", help="finetune a folded model briefly (border merges)")
+    heal.add_argument("--folded", type=Path, required=True, help="a model from `depthcut fold`")
+    heal.add_argument("--out", type=Path, required=True, help="where to save the healed model")
+    heal.add_argument("--epochs", type=int, default=1)
+    heal.add_argument("--lr", type=float, default=0.01)
+    heal.add_argument("--weight-decay", type=float, default=5e-4)
+    heal.add_argument("--train-subset", type=int, help="finetune on only this many images")
+    heal.add_argument("--seed", type=int, default=0)
+    _data_options(heal, split_help="evaluate on only the first N test images")
     return parser
+
+
+def _data_options(parser: argparse.ArgumentParser, split_help: str) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the model's dataset")
+    parser.add_argument("--data-root", help="default: the model's data root")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--samples", type=int, help=split_help)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto, ...")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _dataset_for(args: argparse.Namespace, origin: dict):
+    """The dataset a model was trained on, unless the flags name another."""
+    from depthcut.data import load_dataset
+
+    dataset_name = args.dataset or origin.get("dataset")
+    root = args.data_root or origin.get("data_root")
+    if not dataset_name or not root:
+        raise ValueError("the model names no dataset: pass --dataset and --data-root")
+    return load_dataset(dataset_name, root, cache_dir=args.cache_dir,
+                        progress=not args.no_progress)
+
+
+def _test_loader(args: argparse.Namespace, dataset, device):
+    from depthcut.data import BatchLoader
+
+    images, labels = dataset.test_images, dataset.test_labels
+    if args.samples is not None:
+        if args.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {args.samples}")
+        images, labels = images[: args.samples], labels[: args.samples]
+    return BatchLoader(images, labels, batch_size=args.batch_size, mean=dataset.mean,
+                       std=dataset.std, device=device)
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
@@ -242,12 +299,18 @@ def cmd_easier(args: argparse.Namespace) -> int:
         f"{answer['sites_total']} sites linearized, test top-1 {answer['test_top1']:.2f} "
         f"(dense {result.records[0]['test_top1']:.2f}). Stopped: {result.stop_reason}."
     )
+    folded = result.folded
+    if folded:
+        print(f"Answer folded ({folded['policy']}): test top-1 {folded['top1_folded']:.2f}, "
+              f"MACs/image {folded['macs_unfolded']:,} -> {folded['macs_folded']:,}, batch-1 "
+              f"latency {folded['latency_ms_batch1_unfolded']:.2f} -> "
+              f"{folded['latency_ms_batch1_folded']:.2f} ms")
     print(f"Records, checkpoints and summary.md in {args.out}")
     return 0
 
 
 def cmd_entropy(args: argparse.Namespace) -> int:
-    from depthcut.data import BatchLoader, load_dataset
+    from depthcut.data import BatchLoader
     from depthcut.entropy import count_states
     from depthcut.reports import entropy_table
     from depthcut.run import load_checkpoint
@@ -255,14 +318,8 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     from depthcut.train import resolve_device
 
     model, info = load_checkpoint(args.checkpoint)
-    origin = info.get("extra", {})
-    dataset_name = args.dataset or origin.get("dataset")
-    root = args.data_root or origin.get("data_root")
-    if not dataset_name or not root:
-        raise ValueError("checkpoint names no dataset: pass --dataset and --data-root")
     device = resolve_device(args.device)
-    dataset = load_dataset(dataset_name, root, cache_dir=args.cache_dir,
-                           progress=not args.no_progress)
+    dataset = _dataset_for(args, info.get("extra", {}))
     images, labels = (
         (dataset.train_images, dataset.train_labels)
         if args.split == "train"
@@ -286,10 +343,74 @@ def cmd_entropy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fold(args: argparse.Namespace) -> int:
+    from depthcut.export import export_onnx
+    from depthcut.fold import fold
+    from depthcut.run import load_checkpoint, save_folded
+    from depthcut.train import resolve_device
+
+    model, info = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    dataset = _dataset_for(args, info.get("extra", {}))
+    loader = _test_loader(args, dataset, device)
+    example = next(iter(loader))[0]
+    folded = fold(model.to(device), example, args.policy, data=loader)
+    report = folded.fold_report
+    linearized = info.get("linearized", [])
+    print(f"{args.checkpoint}: {info['spec'].name} x{info['spec'].width}, {len(linearized)} "
+          f"site(s) linearized; checked on {len(loader.images)} {dataset.name} test images")
+    print(report.markdown())
+    extra = {**info.get("extra", {}), "source": str(args.checkpoint),
+             "linearized": linearized, "spec": info["spec"].to_dict()}
+    save_folded(args.out, folded, extra)
+    print(f"\nFolded model saved to {args.out}")
+    if not report.exact:
+        print("Border-approximate merges changed the function near image borders; "
+              f"`depthcut heal --folded {args.out} --out HEALED.pt` finetunes it briefly.")
+    if args.export == "onnx":
+        exported = export_onnx(folded, example[:1].cpu(), args.out.with_suffix(".onnx"))
+        checked = (f"checked with onnxruntime: max |onnx - torch| {exported['max_abs_diff']:.3g}"
+                   if exported["checked"] else "not checked (onnxruntime not installed)")
+        print(f"ONNX written to {exported['path']}; {checked}")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from depthcut.data import make_splits
+    from depthcut.run import load_folded, save_folded
+    from depthcut.train import TrainConfig, evaluate, resolve_device, seed_everything, train
+
+    module, info = load_folded(args.folded)
+    device = resolve_device(args.device)
+    dataset = _dataset_for(args, info.get("extra", {}))
+    splits = make_splits(dataset, val_fraction=0.0, train_subset=args.train_subset,
+                         batch_size=args.batch_size, seed=args.seed, device=device)
+    test = _test_loader(args, dataset, device)
+    module.to(device)
+    before = evaluate(module, test)
+    seed_everything(args.seed)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay)
+    train(module, splits.train, config, progress=not args.no_progress, desc="heal")
+    module.eval()
+    after = evaluate(module, test)
+    report = info.get("report") or {}
+    unfolded = report.get("top1_unfolded")
+    print(f"{args.folded}: test top-1 of the folded model {before:.2f} before heal, "
+          f"{after:.2f} after {args.epochs} epoch(s) at lr {args.lr}"
+          + (f" (unfolded model: {unfolded:.2f})" if unfolded is not None else ""))
+    extra = {**info.get("extra", {}), "heal": {"epochs": args.epochs, "lr": args.lr,
+                                               "top1_before": before, "top1_after": after}}
+    module.fold_report = None
+    save_folded(args.out, module, extra)
+    print(f"Healed model saved to {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"easier": cmd_easier, "entropy": cmd_entropy}
+    handlers = {"easier": cmd_easier, "entropy": cmd_entropy, "fold": cmd_fold,
+                "heal": cmd_heal}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as error:

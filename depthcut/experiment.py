@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from depthcut.data import DataSplits, load_dataset, make_splits
+from depthcut.fold import fold, median_seconds
 from depthcut.methods.easier import EasierConfig, EasierResult, easier
 from depthcut.models import ModelSpec, count_parameters
 from depthcut.reports import stage_table, summary_markdown
-from depthcut.run import RunDir, load_checkpoint, save_checkpoint
+from depthcut.run import RunDir, load_checkpoint, save_checkpoint, save_folded, write_json
 from depthcut.sites import find_sites
 from depthcut.train import (
     TrainConfig,
@@ -170,6 +171,13 @@ def run_easier(
         model, prepared.splits, method, dense_record=dense, on_stage=on_stage,
         progress=config.progress,
     )
+    answer_model, _ = load_checkpoint(run.path / result.answer["checkpoint"])
+    folded_model, folded = fold_and_measure(answer_model, prepared.splits)
+    folded["stage"] = result.answer["stage"]
+    folded["checkpoint"] = "checkpoints/answer_folded.pt"
+    save_folded(run.path / folded["checkpoint"], folded_model, _origin(config, result.answer))
+    write_json(run.path / "folded_answer.json", folded)
+    result.folded = folded
     wall = time.perf_counter() - run_start
     run.write_summary(
         summary_markdown(
@@ -180,6 +188,42 @@ def run_easier(
             stop_reason=result.stop_reason,
             wall_seconds=wall,
             delta=method.delta,
+            folded=folded,
         )
     )
     return result
+
+
+def fold_and_measure(model: nn.Module, splits: DataSplits, policy: str = "macs",
+                     latency_repeats: int = 30) -> tuple[nn.Module, dict]:
+    """Fold `model` on a test batch and measure it: test top-1 of both, MACs, batch-1 latency."""
+    model = model.cpu().eval()
+    example = next(iter(splits.test))[0].cpu()
+    folded = fold(model, example, policy, data=((x.cpu(), y.cpu()) for x, y in splits.test))
+    report = folded.fold_report
+    one = example[:1]
+    latency = {
+        name: 1e3 * median_seconds(lambda m=m: m(one), repeats=latency_repeats)
+        for name, m in (("unfolded", model), ("folded", folded))
+    }
+    batch = len(example)
+    return folded, {
+        "policy": policy,
+        "top1_unfolded": report.top1_unfolded,
+        "top1_folded": report.top1_folded,
+        "agreement": report.agreement,
+        "exact": report.exact,
+        "max_abs_diff": report.max_abs_diff,
+        "relative_error": report.relative_error,
+        "macs_unfolded": report.macs_before // batch,
+        "macs_folded": report.macs_after // batch,
+        "params_unfolded": report.params_before,
+        "params_folded": report.params_after,
+        "ops_unfolded": report.ops_before,
+        "ops_folded": report.ops_after,
+        "depth_unfolded": report.depth_before,
+        "depth_folded": report.depth_after,
+        "latency_ms_batch1_unfolded": latency["unfolded"],
+        "latency_ms_batch1_folded": latency["folded"],
+        "merges_taken": sum(m.taken for m in report.merges),
+    }

@@ -62,6 +62,7 @@ def summary_markdown(
     stop_reason: str,
     wall_seconds: float,
     delta: float,
+    folded: Mapping | None = None,
 ) -> str:
     """The run's summary: which stage is the answer under delta, the stage table, the settings."""
     dense = records[0]
@@ -84,6 +85,7 @@ def summary_markdown(
         "",
         stage_table(records),
         "",
+        *(folded_section(folded) if folded else []),
         "## Settings",
         "",
         "```json",
@@ -92,6 +94,31 @@ def summary_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def folded_section(folded: Mapping) -> list[str]:
+    """The answer stage folded (`depthcut.fold`): accuracy, cost and latency beside unfolded."""
+    rows = [
+        ["test top-1", _fmt(folded["top1_unfolded"]), _fmt(folded["top1_folded"])],
+        ["multiply-adds per image", f"{folded['macs_unfolded']:,}", f"{folded['macs_folded']:,}"],
+        ["parameters", f"{folded['params_unfolded']:,}", f"{folded['params_folded']:,}"],
+        ["operators", folded["ops_unfolded"], folded["ops_folded"]],
+        ["conv/linear ops on the longest path", folded["depth_unfolded"],
+         folded["depth_folded"]],
+        ["latency, batch 1 (ms, median)", _fmt(folded["latency_ms_batch1_unfolded"], 3),
+         _fmt(folded["latency_ms_batch1_folded"], 3)],
+    ]
+    exact = "all merges exact" if folded["exact"] else "border-approximate merges present"
+    return [
+        f"## Answer stage folded (policy {folded['policy']})",
+        "",
+        markdown_table(["", "unfolded", "folded"], rows),
+        "",
+        f"Top-1 agreement {folded['agreement']:.2f}%, max |folded - unfolded| "
+        f"{folded['max_abs_diff']:.3g} (relative {folded['relative_error']:.3g}; {exact}). "
+        f"Folded model: `{folded.get('checkpoint', '-')}`.",
+        "",
+    ]
 
 
 def entropy_table(counts: Mapping[str, SiteCounts | None]) -> str:

@@ -145,3 +145,43 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     info["spec"] = spec
     return model, info
+
+
+FOLDED_FORMAT = "depthcut-folded/1"
+
+
+def save_folded(path: str | Path, module: nn.Module, extra: dict | None = None) -> None:
+    """Save a folded model (a torch.fx GraphModule: its code and weights) with its report."""
+    report = getattr(module, "fold_report", None)
+    payload = {
+        "format": FOLDED_FORMAT,
+        "module": module.cpu(),
+        "report": report.to_dict() if report is not None else None,
+        "extra": extra or {},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_folded(path: str | Path) -> tuple[nn.Module, dict]:
+    """Load a model saved by `save_folded`: (module in eval mode, info with report and extra).
+
+    A folded model is stored as a pickled GraphModule, so loading it runs pickle: load only
+    files you made or trust (the same rule as torch.load with weights_only=False).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"folded model {path} does not exist or is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{path} is not a readable folded model ({error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FOLDED_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a folded depthcut model (format {FOLDED_FORMAT}); "
+            "make one with `depthcut fold --checkpoint STAGE.pt --out FOLDED.pt`"
+        )
+    module = payload["module"].eval()
+    return module, {k: v for k, v in payload.items() if k != "module"}
+

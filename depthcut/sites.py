@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -25,6 +26,18 @@ RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (
 
 class SiteError(ValueError):
     """The model's rectifier sites cannot be used as asked (none found, shared, unknown name)."""
+
+
+# Kinds whose output is exactly zero for every negative input: an always-OFF site of these kinds
+# outputs zeros and its branch can be removed. LeakyReLU/PReLU/GELU/SiLU leak below zero.
+ZERO_BELOW_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+
+class Zero(nn.Module):
+    """Stands in for an always-OFF rectifier: outputs zeros shaped like its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
 
 
 def is_rectifier(module: nn.Module) -> bool:
@@ -85,9 +98,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def linearize(model: nn.Module, site_names: Iterable[str]) -> nn.Module:
-    """Replace the activations of the named sites by Identity, in place; returns the model."""
-    names = list(site_names)
+def _check_sites(model: nn.Module, names: list[str], verb: str) -> None:
     modules = dict(model.named_modules())
     unknown = [name for name in names if name not in modules]
     not_sites = [name for name in names if name in modules and not is_rectifier(modules[name])]
@@ -99,9 +110,34 @@ def linearize(model: nn.Module, site_names: Iterable[str]) -> nn.Module:
             problems.append(f"not a rectifier site: {', '.join(not_sites)}")
         remaining = [n for n, m in modules.items() if is_rectifier(m)]
         raise SiteError(
-            f"cannot linearize ({'; '.join(problems)}). Sites left in the model: "
+            f"cannot {verb} ({'; '.join(problems)}). Sites left in the model: "
             f"{', '.join(remaining) or 'none'}."
         )
+
+
+def linearize(model: nn.Module, site_names: Iterable[str]) -> nn.Module:
+    """Replace the activations of the named sites by Identity, in place; returns the model."""
+    names = list(site_names)
+    _check_sites(model, names, "linearize")
     for name in names:
         replace_module(model, name, nn.Identity())
+    return model
+
+
+def silence(model: nn.Module, site_names: Iterable[str]) -> nn.Module:
+    """Replace always-OFF sites by `Zero`, in place, so `fold` can remove their branches.
+
+    Only ReLU and ReLU6 output exactly zero when OFF; other kinds are refused (an always-OFF
+    LeakyReLU is linear with its negative slope, not zero).
+    """
+    names = list(site_names)
+    _check_sites(model, names, "silence")
+    leaky = [n for n in names if not isinstance(model.get_submodule(n), ZERO_BELOW_TYPES)]
+    if leaky:
+        raise SiteError(
+            f"cannot silence {', '.join(leaky)}: only ReLU/ReLU6 output exactly zero when OFF; "
+            "an always-OFF site of another kind is not zero (linearize it or leave it)."
+        )
+    for name in names:
+        replace_module(model, name, Zero())
     return model

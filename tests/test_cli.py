@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from depthcut.cli import main
@@ -123,3 +124,60 @@ def test_settings_layer_preset_then_file_then_flags(tmp_path):
     assert (paper["epochs"], paper["finetune_epochs"], paper["width"]) == (160, 160, 1.0)
     assert paper["milestones"] == [80, 120] and paper["finetune_lr"] == paper["lr"] == 0.1
     assert paper["max_stages"] is None
+
+
+def test_run_summary_reports_the_folded_answer(finished_run):
+    _, out, _ = finished_run
+    folded = json.loads((out / "folded_answer.json").read_text())
+    records = read_records(out)
+    answer = records[folded["stage"]]
+    # Under the default MACs policy a ResNet only loses its BatchNorms: exact, same top-1.
+    assert folded["exact"] and folded["relative_error"] < 1e-5
+    assert folded["top1_unfolded"] == pytest.approx(answer["test_top1"])
+    assert folded["top1_folded"] == pytest.approx(folded["top1_unfolded"])
+    assert folded["ops_folded"] < folded["ops_unfolded"]
+    assert (out / folded["checkpoint"]).is_file()
+    assert "Answer stage folded" in (out / "summary.md").read_text()
+
+
+def test_fold_and_heal_commands(finished_run, tmp_path, capsys):
+    from depthcut.run import load_folded
+
+    _, out, _ = finished_run
+    folded_path = tmp_path / "folded.pt"
+    assert main(["fold", "--checkpoint", str(out / "checkpoints" / "stage_02.pt"), "--out",
+                 str(folded_path), "--policy", "all", "--samples", "40", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "Fold report (policy all)" in text and "checked on 40" in text
+    module, info = load_folded(folded_path)
+    assert info["report"]["policy"] == "all" and info["extra"]["dataset"] == "cifar10"
+    healed_path = tmp_path / "healed.pt"
+    assert main(["heal", "--folded", str(folded_path), "--out", str(healed_path),
+                 "--epochs", "1", "--samples", "40", "--batch-size", "32",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "before heal" in text and "after 1 epoch(s)" in text
+    healed, info = load_folded(healed_path)
+    assert info["extra"]["heal"]["epochs"] == 1
+    before = dict(module.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in healed.named_parameters())
+
+
+def test_fold_errors_are_clear(tmp_path, capsys):
+    assert main(["heal", "--folded", str(tmp_path / "none.pt"), "--out", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nope")
+    assert main(["fold", "--checkpoint", str(bad), "--out", str(tmp_path / "f.pt")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_fold_exports_onnx_checked_by_onnxruntime(finished_run, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    _, out, _ = finished_run
+    target = tmp_path / "folded.pt"
+    assert main(["fold", "--checkpoint", str(out / "checkpoints" / "stage_01.pt"), "--out",
+                 str(target), "--samples", "8", "--export", "onnx", "--no-progress"]) == 0
+    assert "checked with onnxruntime" in capsys.readouterr().out
+    assert target.with_suffix(".onnx").stat().st_size > 0

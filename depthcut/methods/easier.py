@@ -58,6 +58,7 @@ class EasierResult:
     answer: dict
     stop_reason: str
     model: nn.Module  # the model of the last stage run (not necessarily the answer)
+    folded: dict | None = None  # the answer stage folded and measured (set by run_easier)
 
 
 def easier(
