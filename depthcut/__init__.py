@@ -1,22 +1,27 @@
 """depthcut: make trained neural networks shallower.
 
-The Python API: find rectifier sites, measure their neuron-state entropy, linearize them, and run
-the depth-reduction methods end to end.
+The Python API: find rectifier sites, measure their neuron-state entropy, linearize them, fold
+the linear operators around them, and run the depth-reduction methods end to end.
 """
 
 from depthcut.entropy import SiteCounts, count_states, measure_entropy, neuron_entropy
+from depthcut.fold import FoldError, FoldReport, fold
 from depthcut.models import ModelSpec, build_model
-from depthcut.sites import SiteError, find_sites, linearize
+from depthcut.sites import SiteError, find_sites, linearize, silence
 
 __all__ = [
+    "FoldError",
+    "FoldReport",
     "ModelSpec",
     "SiteCounts",
     "SiteError",
     "build_model",
     "count_states",
     "find_sites",
+    "fold",
     "linearize",
     "measure_entropy",
     "neuron_entropy",
+    "silence",
 ]
 __version__ = "0.1.0"

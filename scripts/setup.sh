@@ -9,4 +9,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
 "${pip[@]}" torch==2.13.0 numpy 2> >(grep -v "is ignored: it is neither" >&2)
-"${pip[@]}" -e ".[test,plot]" 2> >(grep -v "is ignored: it is neither" >&2)
+"${pip[@]}" -e ".[test,plot,onnx]" 2> >(grep -v "is ignored: it is neither" >&2)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from depthcut.cli import main
 from depthcut.run import load_checkpoint, read_records
