@@ -31,7 +31,7 @@ from depthcut.sites import linearize
 # CIFAR-10 (JPEG)); a fixed list so the benchmark needs no trained model.
 DEFAULT_SITES = [
     "layer1.0.act2", "layer1.1.act2", "act", "layer1.1.act1",
-    "layer2.1.act1", "layer1.0.act1", "layer2.1.act2", "layer3.1.act1",
+    "layer2.1.act1", "layer4.0.act2", "layer4.1.act2", "layer2.0.act1",
 ]
 
 

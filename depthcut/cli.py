@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--folded", type=Path, required=True, help="a model from `depthcut fold`")
     heal.add_argument("--out", type=Path, required=True, help="where to save the healed model")
     heal.add_argument("--epochs", type=int, default=1)
-    heal.add_argument("--lr", type=float, default=0.01)
+    heal.add_argument("--lr", type=float, default=0.001,
+                      help="small: a folded model has no BatchNorm left to steady training")
     heal.add_argument("--weight-decay", type=float, default=5e-4)
     heal.add_argument("--train-subset", type=int, help="finetune on only this many images")
     heal.add_argument("--seed", type=int, default=0)
