@@ -1,4 +1,5 @@
-"""Command line: `depthcut easier|entropy|fold|heal ...`. Only parses and calls the API.
+"""Command line: `depthcut easier|nepenthe|egp|imp|entropy|fold|heal ...`. Only parses and
+calls the API.
 
 Settings are layered: a preset (`--preset quick`, the default, finishes in minutes on 2 CPU
 cores; `--preset paper` is the papers' recipe), then a JSON `--config` file, then explicit flags.
@@ -32,6 +33,7 @@ PRESETS: dict[str, dict] = {
         "finetune_epochs": 3,
         "finetune_lr": 0.02,
         "max_stages": 8,
+        "rounds": 5,
     },
     # EASIER Table 4 (CIFAR-10, ResNet-18): full width, 160 epochs per stage, lr 0.1,
     # milestones 80/120, gamma 0.1, weight decay 1e-4, momentum 0.9; every site may go.
@@ -47,6 +49,7 @@ PRESETS: dict[str, dict] = {
         "finetune_epochs": 160,
         "finetune_lr": None,  # same as lr
         "max_stages": None,
+        "rounds": None,  # pruning methods: until their stop rule
     },
 }
 
@@ -70,6 +73,9 @@ DEFAULTS: dict = {
     "delta": 1.0,
     "k": 1,
     "entropy_mode": "eval",
+    "zeta": 0.5,
+    "temperature": 1.0,
+    "theta": 0.99,
 }
 
 USER_ERRORS = (
@@ -139,11 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sites linearized per stage (EASIER k-x; default 1)")
     method.add_argument("--max-stages", type=int, default=argparse.SUPPRESS,
                         help="stop after this many stages (quick preset: 8; paper: no limit)")
-    method.add_argument("--finetune-epochs", type=int, default=argparse.SUPPRESS)
-    method.add_argument("--finetune-lr", type=float, default=argparse.SUPPRESS,
-                        help="finetune learning rate (default: preset; paper: same as --lr)")
-    method.add_argument("--entropy-mode", choices=("eval", "train"), default=argparse.SUPPRESS,
-                        help="model mode while counting (train = the EASIER authors' code)")
+    _finetune_options(method)
+
+    for name, text in (("nepenthe", "NEPENTHE: entropy-guided pruning until theta"),
+                       ("egp", "EGP: entropy-guided pruning, fixed rounds"),
+                       ("imp", "iterative magnitude pruning baseline")):
+        command = commands.add_parser(name, help=text)
+        _experiment_options(command)
+        _pruning_options(command, name)
 
     entropy = commands.add_parser("entropy", help="print the per-site entropy of a checkpoint")
     entropy.add_argument("--checkpoint", type=Path, required=True)
@@ -177,6 +186,35 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--seed", type=int, default=0)
     _data_options(heal, split_help="evaluate on only the first N test images")
     return parser
+
+
+def _finetune_options(group: argparse._ArgumentGroup) -> None:
+    S = argparse.SUPPRESS
+    group.add_argument("--finetune-epochs", type=int, default=S,
+                       help="retraining epochs per stage/round (quick: 3; paper: 160)")
+    group.add_argument("--finetune-lr", type=float, default=S,
+                       help="retraining learning rate (default: preset; paper: same as --lr)")
+    group.add_argument("--entropy-mode", choices=("eval", "train"), default=S,
+                       help="model mode while counting (train = the EASIER authors' code)")
+
+
+def _pruning_options(parser: argparse.ArgumentParser, name: str) -> None:
+    S = argparse.SUPPRESS
+    group = parser.add_argument_group(name.upper())
+    group.add_argument("--zeta", type=float, default=S,
+                       help="fraction of remaining weights pruned per round (default 0.5)")
+    if name != "imp":
+        group.add_argument("--temperature", type=float, default=S,
+                           help="softmax temperature of the budget allocation (default 1)")
+    if name == "nepenthe":
+        group.add_argument("--theta", type=float, default=S,
+                           help="stop when val top-1 < theta x dense val top-1 (default 0.99)")
+    else:
+        group.add_argument("--delta", type=float, default=S,
+                           help="answer: last round within delta val top-1 points (default 1)")
+    group.add_argument("--rounds", type=int, default=S,
+                       help="at most this many rounds (quick preset: 5; paper: no limit)")
+    _finetune_options(group)
 
 
 def _data_options(parser: argparse.ArgumentParser, split_help: str) -> None:
@@ -310,6 +348,36 @@ def cmd_easier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pruning(args: argparse.Namespace) -> int:
+    from depthcut.experiment import run_pruning
+    from depthcut.methods.rounds import PruningConfig
+    from depthcut.reports import stage_table
+
+    settings = resolve_settings(args)
+    method = PruningConfig(
+        zeta=settings["zeta"],
+        temperature=settings["temperature"],
+        theta=settings["theta"],
+        delta=settings["delta"],
+        rounds=settings["rounds"],
+        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
+        entropy_mode=settings["entropy_mode"],
+    )
+    result = run_pruning(experiment_config(settings, not args.no_progress), args.command,
+                         method, args.out, overwrite=args.overwrite)
+    answer = result.answer
+    print()
+    print(stage_table(result.records))
+    print(
+        f"\nAnswer: round {answer['stage']}, sparsity {100 * answer.get('sparsity', 0):.1f}%, "
+        f"{answer['sites_linearized']}/{answer['sites_total']} sites removed, test top-1 "
+        f"{answer['test_top1']:.2f} (dense {result.records[0]['test_top1']:.2f}). "
+        f"Stopped: {result.stop_reason}."
+    )
+    print(f"Records, checkpoints and summary.md in {args.out}")
+    return 0
+
+
 def cmd_entropy(args: argparse.Namespace) -> int:
     from depthcut.data import BatchLoader
     from depthcut.entropy import count_states
@@ -410,8 +478,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"easier": cmd_easier, "entropy": cmd_entropy, "fold": cmd_fold,
-                "heal": cmd_heal}
+    handlers = {"easier": cmd_easier, "nepenthe": cmd_pruning, "egp": cmd_pruning,
+                "imp": cmd_pruning, "entropy": cmd_entropy, "fold": cmd_fold, "heal": cmd_heal}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as error:

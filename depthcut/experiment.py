@@ -1,6 +1,7 @@
 """One experiment, end to end: data, dense model, a method's stages, run directory, summary.
 
-This is the Python API behind the CLI: `run_easier(ExperimentConfig(...), EasierConfig(...))`.
+This is the Python API behind the CLI: `run_easier(ExperimentConfig(...), EasierConfig(...))`,
+`run_pruning(ExperimentConfig(...), "nepenthe" | "egp" | "imp", PruningConfig(...))`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from torch import nn
 from depthcut.data import DataSplits, load_dataset, make_splits
 from depthcut.fold import fold, median_seconds
 from depthcut.methods.easier import EasierConfig, EasierResult, easier
+from depthcut.methods.imp import imp
+from depthcut.methods.nepenthe import egp, nepenthe
+from depthcut.methods.rounds import PruningConfig, PruningResult
 from depthcut.models import ModelSpec, count_parameters
 from depthcut.reports import stage_table, summary_markdown
 from depthcut.run import RunDir, load_checkpoint, save_checkpoint, save_folded, write_json
@@ -141,53 +145,78 @@ def run_easier(
     config: ExperimentConfig, method: EasierConfig, out: str | Path, *, overwrite: bool = False
 ) -> EasierResult:
     """Train (or load) the dense model, run EASIER, write records, checkpoints and summary."""
+
+    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> EasierResult:
+        return easier(model, splits, method, dense_record=dense, on_stage=on_stage,
+                      progress=config.progress)
+
+    rule = f"delta {method.delta} top-1 points (validation split)"
+    return _run_method(config, "easier", method, run, rule, out, overwrite)
+
+
+PRUNING_METHODS = ("nepenthe", "egp", "imp")
+
+
+def run_pruning(
+    config: ExperimentConfig, method_name: str, method: PruningConfig, out: str | Path, *,
+    overwrite: bool = False,
+) -> PruningResult:
+    """Train (or load) the dense model, run NEPENTHE, EGP or IMP rounds, write the run."""
+    runners = {"nepenthe": nepenthe, "egp": egp, "imp": imp}
+    if method_name not in runners:
+        raise ValueError(f"unknown pruning method {method_name!r}; choose one of "
+                         f"{', '.join(PRUNING_METHODS)}")
+
+    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> PruningResult:
+        return runners[method_name](model, splits, method, dense_record=dense,
+                                    on_round=on_stage, progress=config.progress)
+
+    rule = method.describe("theta" if method_name == "nepenthe" else "delta")
+    return _run_method(config, method_name, method, run, rule, out, overwrite)
+
+
+def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
+                out: str | Path, overwrite: bool):
+    """What every method shares: run directory, dense stage 0, per-stage records and
+    checkpoints, the folded answer, and the summary."""
     run_start = time.perf_counter()
-    run = RunDir(out, overwrite=overwrite)
-    settings = {
-        "method": "easier",
-        "experiment": config.to_dict(),
-        "easier": dataclasses.asdict(method),
-    }
-    run.write_config(settings)
+    run_dir = RunDir(out, overwrite=overwrite)
+    settings = {"method": name, "experiment": config.to_dict(),
+                name: dataclasses.asdict(method)}
+    run_dir.write_config(settings)
     prepared = prepare(config)
-    model, dense, spec = dense_model(config, prepared, run)
+    model, dense, spec = dense_model(config, prepared, run_dir)
 
     def on_stage(record: dict, stage_model: nn.Module) -> None:
         record["parameters"] = count_parameters(stage_model)
         record["elapsed_s"] = time.perf_counter() - run_start
-        record["checkpoint"] = str(run.checkpoint_path(record["stage"]).relative_to(run.path))
-        save_checkpoint(
-            run.checkpoint_path(record["stage"]),
-            stage_model,
-            spec,
-            record["linearized"],
-            _origin(config, record),
-        )
-        run.add_record(record)
+        record["checkpoint"] = str(run_dir.checkpoint_path(record["stage"])
+                                   .relative_to(run_dir.path))
+        save_checkpoint(run_dir.checkpoint_path(record["stage"]), stage_model, spec,
+                        record["linearized"], _origin(config, record),
+                        silenced=record.get("silenced", ()))
+        run_dir.add_record(record)
         if config.progress:
             print(stage_table([record], header=record["stage"] == 1), flush=True)
 
-    result = easier(
-        model, prepared.splits, method, dense_record=dense, on_stage=on_stage,
-        progress=config.progress,
-    )
-    answer_model, _ = load_checkpoint(run.path / result.answer["checkpoint"])
+    result = run(model, prepared.splits, dense, on_stage)
+    answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
     folded_model, folded = fold_and_measure(answer_model, prepared.splits)
     folded["stage"] = result.answer["stage"]
     folded["checkpoint"] = "checkpoints/answer_folded.pt"
-    save_folded(run.path / folded["checkpoint"], folded_model, _origin(config, result.answer))
-    write_json(run.path / "folded_answer.json", folded)
+    save_folded(run_dir.path / folded["checkpoint"], folded_model,
+                _origin(config, result.answer))
+    write_json(run_dir.path / "folded_answer.json", folded)
     result.folded = folded
-    wall = time.perf_counter() - run_start
-    run.write_summary(
+    run_dir.write_summary(
         summary_markdown(
             result.records,
             dataset=prepared.splits.dataset.name,
             settings=settings,
             answer=result.answer,
             stop_reason=result.stop_reason,
-            wall_seconds=wall,
-            delta=method.delta,
+            wall_seconds=time.perf_counter() - run_start,
+            rule=rule,
             folded=folded,
         )
     )

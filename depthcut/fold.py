@@ -703,7 +703,9 @@ def fold(model: nn.Module, example_input: Tensor, policy: str = "macs",
         raise FoldError(f"unknown fold policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise FoldError("example_input must be a batched tensor, e.g. one batch of test images")
-    unfolded = copy.deepcopy(model).eval()
+    from depthcut.pruning import clone_model, make_permanent  # pruning imports fold
+
+    unfolded = make_permanent(clone_model(model)).eval()  # pruning masks baked into weights
     gm = trace(copy.deepcopy(unfolded))
     with torch.no_grad():
         reference = unfolded(example_input)

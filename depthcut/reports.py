@@ -20,7 +20,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 STAGE_HEADERS = (
     "stage",
-    "sites linearized",
+    "sites removed",
     "chosen (entropy, bits)",
     "val top-1",
     "test top-1",
@@ -30,26 +30,48 @@ STAGE_HEADERS = (
 )
 
 
-def stage_row(record: Mapping) -> list[str]:
+def _chosen(record: Mapping) -> str:
+    """EASIER: each chosen site with its entropy; pruning: each removed site, ON or OFF."""
+    kinds = record.get("zero_entropy")
+    if kinds is not None:
+        removed = [f"{name} ({'always ' + kinds[name].upper()})"
+                   for name in record.get("chosen", [])]
+        removed += [f"{name} (always OFF, kept: layer collapse)"
+                    for name in record.get("layer_collapse", [])]
+        return ", ".join(removed) or "-"
     entropy = record.get("entropy") or {}
-    chosen = ", ".join(
-        f"{name} ({_fmt(entropy.get(name), 3)})" for name in record.get("chosen", [])
-    )
-    return [
+    return ", ".join(f"{name} ({_fmt(entropy.get(name), 3)})" for name in record["chosen"])
+
+
+def stage_row(record: Mapping, with_sparsity: bool = False) -> list[str]:
+    row = [
         str(record["stage"]),
         f"{record['sites_linearized']}/{record['sites_total']}",
-        chosen or "(dense)",
+        (_chosen(record) if record.get("chosen") is not None and record["stage"] > 0
+         else "(dense)"),
         _fmt(record.get("val_top1")),
         _fmt(record.get("test_top1")),
         _fmt(record.get("drop")),
         str(record.get("epochs", "")),
         _fmt(record.get("seconds"), 0),
     ]
+    if with_sparsity:
+        sparsity = record.get("sparsity")
+        row.insert(1, "0.0%" if sparsity is None else f"{100 * sparsity:.1f}%")
+    return row
 
 
 def stage_table(records: Sequence[Mapping], *, header: bool = True) -> str:
-    """One Markdown row per stage; without header, only the rows (for printing as stages end)."""
-    table = markdown_table(STAGE_HEADERS, [stage_row(r) for r in records])
+    """One Markdown row per stage; without header, only the rows (for printing as stages end).
+
+    Pruning records (which carry "sparsity") get a sparsity column.
+    """
+    with_sparsity = any("sparsity" in r for r in records)
+    headers = list(STAGE_HEADERS)
+    if with_sparsity:
+        headers.insert(1, "sparsity")
+        headers[3] = "removed (always ON/OFF)"
+    table = markdown_table(headers, [stage_row(r, with_sparsity) for r in records])
     return table if header else "\n".join(table.splitlines()[2:])
 
 
@@ -61,10 +83,11 @@ def summary_markdown(
     answer: Mapping,
     stop_reason: str,
     wall_seconds: float,
-    delta: float,
+    rule: str,
     folded: Mapping | None = None,
 ) -> str:
-    """The run's summary: which stage is the answer under delta, the stage table, the settings."""
+    """The run's summary: which stage is the answer under the method's stop rule, the stage
+    table, the folded answer and the settings."""
     dense = records[0]
     method = settings.get("method", "?")
     experiment = settings.get("experiment", {})
@@ -72,12 +95,12 @@ def summary_markdown(
         f"# {method.upper()} on {dataset}",
         "",
         f"Model: {experiment.get('model')} (width x{experiment.get('width')}, "
-        f"{experiment.get('activation')}), dataset: {dataset}, delta: {delta} top-1 points "
-        "(validation split).",
+        f"{experiment.get('activation')}), dataset: {dataset}, stop rule: {rule}.",
         "",
         f"**Answer: stage {answer['stage']}**, {answer['sites_linearized']} of "
-        f"{answer['sites_total']} sites linearized "
-        f"({', '.join(answer['linearized']) or 'none'}): val top-1 {_fmt(answer['val_top1'])}, "
+        f"{answer['sites_total']} sites removed "
+        f"({', '.join(answer['linearized'] + answer.get('silenced', [])) or 'none'})"
+        f"{_sparsity(answer)}: val top-1 {_fmt(answer['val_top1'])}, "
         f"test top-1 {_fmt(answer['test_top1'])} (dense: val {_fmt(dense['val_top1'])}, "
         f"test {_fmt(dense['test_top1'])}). Checkpoint: `{answer.get('checkpoint', '-')}`.",
         "",
@@ -94,6 +117,10 @@ def summary_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _sparsity(record: Mapping) -> str:
+    return f", sparsity {100 * record['sparsity']:.1f}%" if "sparsity" in record else ""
 
 
 def folded_section(folded: Mapping) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from depthcut.models import ModelSpec
-from depthcut.sites import linearize
+from depthcut.sites import linearize, silence
 
 CHECKPOINT_FORMAT = "depthcut-checkpoint/1"
 RECORDS = "records.jsonl"
@@ -109,13 +109,16 @@ def save_checkpoint(
     spec: ModelSpec,
     linearized: Sequence[str],
     extra: dict | None = None,
+    silenced: Sequence[str] = (),
 ) -> None:
-    """Everything needed to rebuild the model: its spec, the linearized sites and the weights."""
+    """Everything needed to rebuild the model: its spec, the linearized and silenced sites, and
+    the weights (a pruned module's state holds weight_orig and its weight_mask)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model": spec.to_dict(),
         "linearized": list(linearized),
+        "silenced": list(silenced),
         "state_dict": state,
         "extra": extra or {},
     }
@@ -135,11 +138,14 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({error})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
+    from depthcut.pruning import apply_masks, masks_from_state_dict
+
     spec = ModelSpec(**payload["model"])
-    model = linearize(spec.build(), payload["linearized"])
+    model = silence(linearize(spec.build(), payload["linearized"]), payload.get("silenced", []))
     try:
+        apply_masks(model, masks_from_state_dict(payload["state_dict"]))
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path} does not fit model {spec}: {error}") from error
     model.eval()
     info = {k: v for k, v in payload.items() if k != "state_dict"}

@@ -1,0 +1,31 @@
+"""Iterative magnitude pruning (IMP), the baseline of METHODS section 4.
+
+Same rounds as EGP, but each round prunes zeta of all remaining conv/linear weights by global
+magnitude, with no entropy. Sites that happen to reach zero entropy are still removed, so the
+comparison is fair; IMP is expected to remove none.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from depthcut.data import DataSplits
+from depthcut.entropy import SiteCounts
+from depthcut.methods.rounds import PruneStep, PruningConfig, PruningResult, pruning_rounds
+from depthcut.pruning import PRUNABLE_TYPES, global_magnitude_prune
+
+
+def magnitude_step(zeta: float) -> PruneStep:
+    def step(model: nn.Module, counts: dict[str, SiteCounts | None]) -> dict[str, int]:
+        modules = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+        return {"all conv/linear": global_magnitude_prune(modules, zeta)}
+
+    return step
+
+
+def imp(model: nn.Module, splits: DataSplits, config: PruningConfig, *, dense_record: dict,
+        **kwargs) -> PruningResult:
+    """IMP: global magnitude rounds; the answer is the last round within delta."""
+    return pruning_rounds(model, splits, config, method="imp",
+                          prune_step=magnitude_step(config.zeta), rule="delta",
+                          dense_record=dense_record, **kwargs)

@@ -1,0 +1,59 @@
+"""NEPENTHE and EGP: entropy-guided unstructured pruning (METHODS section 4).
+
+Both prune each site's feeding layers by `pruning_budget` (low entropy and small weights get
+more of the round's budget), retrain, and remove the sites that reached zero entropy. NEPENTHE
+stops when validation top-1 falls below theta x dense; EGP (its predecessor) runs a fixed number
+of rounds, and its answer is the last round within delta.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from depthcut.data import DataSplits
+from depthcut.entropy import SiteCounts, layer_entropies
+from depthcut.methods.rounds import PruneStep, PruningConfig, PruningResult, pruning_rounds
+from depthcut.pruning import mean_abs_nonzero, nonzero_count, prunable_layers, prune_group
+from depthcut.pruning import pruning_budget as allocate
+
+
+def entropy_guided_step(layers: dict[str, list[str]], zeta: float,
+                        temperature: float) -> PruneStep:
+    """A round's pruning: the budget per site (over its feeding layers), smallest |w| first."""
+
+    def step(model: nn.Module, counts: dict[str, SiteCounts | None]) -> dict[str, int]:
+        entropies = layer_entropies(counts)
+        sites = [site for site in layers if site in entropies and layers[site]]
+        groups = [[model.get_submodule(name) for name in layers[site]] for site in sites]
+        nonzero = [sum(nonzero_count(m) for m in group) for group in groups]
+        mean_abs = [
+            sum(mean_abs_nonzero(m) * nonzero_count(m) for m in group) / n if n else 0.0
+            for group, n in zip(groups, nonzero, strict=True)
+        ]
+        budget = allocate([entropies[s] for s in sites], mean_abs, nonzero, zeta, temperature)
+        for group, n in zip(groups, budget, strict=True):
+            prune_group(group, n)
+        return dict(zip(sites, budget, strict=True))
+
+    return step
+
+
+def _run(method: str, rule: str, model: nn.Module, splits: DataSplits, config: PruningConfig,
+         example: Tensor | None, **kwargs) -> PruningResult:
+    step = entropy_guided_step(prunable_layers(model, example), config.zeta, config.temperature)
+    return pruning_rounds(model, splits, config, method=method, prune_step=step, rule=rule,
+                          **kwargs)
+
+
+def nepenthe(model: nn.Module, splits: DataSplits, config: PruningConfig, *,
+             dense_record: dict, example: Tensor | None = None, **kwargs) -> PruningResult:
+    """NEPENTHE: entropy-guided rounds until val top-1 < theta x dense (or `rounds`)."""
+    return _run("nepenthe", "theta", model, splits, config, example,
+                dense_record=dense_record, **kwargs)
+
+
+def egp(model: nn.Module, splits: DataSplits, config: PruningConfig, *,
+        dense_record: dict, example: Tensor | None = None, **kwargs) -> PruningResult:
+    """EGP: entropy-guided rounds; the answer is the last round within delta."""
+    return _run("egp", "delta", model, splits, config, example, dense_record=dense_record,
+                **kwargs)
