@@ -34,6 +34,8 @@ PRESETS: dict[str, dict] = {
         "finetune_lr": 0.02,
         "max_stages": 8,
         "rounds": 5,
+        "slope_epochs": 3,
+        "slope_lr": 0.02,
     },
     # EASIER Table 4 (CIFAR-10, ResNet-18): full width, 160 epochs per stage, lr 0.1,
     # milestones 80/120, gamma 0.1, weight decay 1e-4, momentum 0.9; every site may go.
@@ -50,6 +52,8 @@ PRESETS: dict[str, dict] = {
         "finetune_lr": None,  # same as lr
         "max_stages": None,
         "rounds": None,  # pruning methods: until their stop rule
+        "slope_epochs": 160,
+        "slope_lr": None,  # same as lr
     },
 }
 
@@ -76,6 +80,9 @@ DEFAULTS: dict = {
     "zeta": 0.5,
     "temperature": 1.0,
     "theta": 0.99,
+    "lam": 0.25,
+    "threshold": 0.9,
+    "lf_k": None,
 }
 
 USER_ERRORS = (
@@ -153,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         _experiment_options(command)
         _pruning_options(command, name)
+
+    folding = commands.add_parser("layer-folding", help="Layer Folding baseline (trained slopes)")
+    _experiment_options(folding)
+    group = folding.add_argument_group("Layer Folding")
+    group.add_argument("--k", dest="lf_k", type=int, default=argparse.SUPPRESS,
+                       help="linearize the k sites with slope closest to 1 (default: threshold)")
+    group.add_argument("--threshold", type=float, default=argparse.SUPPRESS,
+                       help="without --k: linearize sites with slope >= this (default 0.9)")
+    group.add_argument("--lam", type=float, default=argparse.SUPPRESS,
+                       help="weight of the slope loss sum |1 - alpha^2| (default 0.25)")
+    group.add_argument("--slope-epochs", type=int, default=argparse.SUPPRESS,
+                       help="epochs training the slopes (quick: 3; paper: 160)")
+    group.add_argument("--slope-lr", type=float, default=argparse.SUPPRESS,
+                       help="learning rate while training slopes (default: preset)")
+    _finetune_options(group)
 
     entropy = commands.add_parser("entropy", help="print the per-site entropy of a checkpoint")
     entropy.add_argument("--checkpoint", type=Path, required=True)
@@ -270,8 +292,9 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         settings.update(loaded)
     skip = {"command", "preset", "config", "out", "overwrite", "no_progress"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip})
-    if settings["finetune_lr"] is None:
-        settings["finetune_lr"] = settings["lr"]
+    for key in ("finetune_lr", "slope_lr"):
+        if settings[key] is None:
+            settings[key] = settings["lr"]
     return settings
 
 
@@ -378,6 +401,29 @@ def cmd_pruning(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layer_folding(args: argparse.Namespace) -> int:
+    from depthcut.experiment import run_layer_folding
+    from depthcut.methods.layer_folding import LayerFoldingConfig
+    from depthcut.reports import stage_table
+
+    settings = resolve_settings(args)
+    method = LayerFoldingConfig(
+        k=settings["lf_k"],
+        threshold=settings["threshold"],
+        lam=settings["lam"],
+        slope_training=_train_config(settings, settings["slope_epochs"], settings["slope_lr"]),
+        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
+    )
+    result = run_layer_folding(experiment_config(settings, not args.no_progress), method,
+                               args.out, overwrite=args.overwrite)
+    print()
+    print(stage_table(result.records))
+    slopes = ", ".join(f"{site} {alpha:.2f}" for site, alpha in result.answer["alphas"].items())
+    print(f"\nSlopes: {slopes}")
+    print(f"Records, checkpoints and summary.md in {args.out}")
+    return 0
+
+
 def cmd_entropy(args: argparse.Namespace) -> int:
     from depthcut.data import BatchLoader
     from depthcut.entropy import count_states
@@ -479,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"easier": cmd_easier, "nepenthe": cmd_pruning, "egp": cmd_pruning,
-                "imp": cmd_pruning, "entropy": cmd_entropy, "fold": cmd_fold, "heal": cmd_heal}
+                "imp": cmd_pruning, "layer-folding": cmd_layer_folding, "entropy": cmd_entropy,
+                "fold": cmd_fold, "heal": cmd_heal}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as error:

@@ -18,6 +18,7 @@ from depthcut.data import DataSplits, load_dataset, make_splits
 from depthcut.fold import fold, median_seconds
 from depthcut.methods.easier import EasierConfig, EasierResult, easier
 from depthcut.methods.imp import imp
+from depthcut.methods.layer_folding import LayerFoldingConfig, LayerFoldingResult, layer_folding
 from depthcut.methods.nepenthe import egp, nepenthe
 from depthcut.methods.rounds import PruningConfig, PruningResult
 from depthcut.models import ModelSpec, count_parameters
@@ -152,6 +153,21 @@ def run_easier(
 
     rule = f"delta {method.delta} top-1 points (validation split)"
     return _run_method(config, "easier", method, run, rule, out, overwrite)
+
+
+def run_layer_folding(
+    config: ExperimentConfig, method: LayerFoldingConfig, out: str | Path, *,
+    overwrite: bool = False,
+) -> LayerFoldingResult:
+    """Train (or load) the dense model, run the Layer Folding baseline, write the run."""
+
+    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> LayerFoldingResult:
+        return layer_folding(model, splits, method, dense_record=dense, on_stage=on_stage,
+                             progress=config.progress)
+
+    rule = (f"linearize the {method.k} sites with slope closest to 1" if method.k is not None
+            else f"linearize sites with slope >= {method.threshold}")
+    return _run_method(config, "layer_folding", method, run, rule, out, overwrite)
 
 
 PRUNING_METHODS = ("nepenthe", "egp", "imp")

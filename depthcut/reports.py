@@ -39,6 +39,9 @@ def _chosen(record: Mapping) -> str:
         removed += [f"{name} (always OFF, kept: layer collapse)"
                     for name in record.get("layer_collapse", [])]
         return ", ".join(removed) or "-"
+    if "alphas" in record:
+        return ", ".join(f"{name} (alpha {_fmt(record['alphas'].get(name), 3)})"
+                         for name in record["chosen"])
     entropy = record.get("entropy") or {}
     return ", ".join(f"{name} ({_fmt(entropy.get(name), 3)})" for name in record["chosen"])
 

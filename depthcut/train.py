@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -126,8 +126,14 @@ def train(
     val_loader: Iterable | None = None,
     progress: bool = True,
     desc: str = "train",
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place for `config.epochs` epochs; returns per-epoch statistics."""
+    """Train `model` in place for `config.epochs` epochs; returns per-epoch statistics.
+
+    `extra_loss()` is added to the task loss (e.g. Layer Folding's slope penalty) and
+    `after_step()` runs after every optimizer step (e.g. clipping a parameter).
+    """
     device = _device_of(model)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = max(len(loader), 1)  # type: ignore[arg-type]
@@ -153,6 +159,8 @@ def train(
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
             outputs = model(inputs)
             loss = F.cross_entropy(outputs, targets, label_smoothing=config.label_smoothing)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -161,6 +169,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             loss_sum += loss.detach() * targets.numel()
             correct += (outputs.argmax(1) == targets).sum()
             seen += targets.numel()
