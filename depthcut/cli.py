@@ -83,6 +83,7 @@ DEFAULTS: dict = {
     "lam": 0.25,
     "threshold": 0.9,
     "lf_k": None,
+    "methods": ["easier", "nepenthe", "egp", "imp", "layer-folding"],
 }
 
 USER_ERRORS = (
@@ -145,36 +146,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     easier = commands.add_parser("easier", help="EASIER: linearize low-entropy sites")
     _experiment_options(easier)
-    method = easier.add_argument_group("EASIER")
-    method.add_argument("--delta", type=float, default=argparse.SUPPRESS,
-                        help="top-1 points the answer may lose against dense (default 1.0)")
-    method.add_argument("--k", type=int, default=argparse.SUPPRESS,
-                        help="sites linearized per stage (EASIER k-x; default 1)")
-    method.add_argument("--max-stages", type=int, default=argparse.SUPPRESS,
-                        help="stop after this many stages (quick preset: 8; paper: no limit)")
-    _finetune_options(method)
+    group = easier.add_argument_group("EASIER")
+    _easier_options(group)
+    _finetune_options(group)
 
     for name, text in (("nepenthe", "NEPENTHE: entropy-guided pruning until theta"),
                        ("egp", "EGP: entropy-guided pruning, fixed rounds"),
                        ("imp", "iterative magnitude pruning baseline")):
         command = commands.add_parser(name, help=text)
         _experiment_options(command)
-        _pruning_options(command, name)
+        group = command.add_argument_group(name.upper())
+        _pruning_options(group, name)
+        if name != "nepenthe":
+            group.add_argument("--delta", type=float, default=argparse.SUPPRESS,
+                               help="answer: last round within delta val top-1 points "
+                               "(default 1)")
+        _finetune_options(group)
 
     folding = commands.add_parser("layer-folding", help="Layer Folding baseline (trained slopes)")
     _experiment_options(folding)
     group = folding.add_argument_group("Layer Folding")
-    group.add_argument("--k", dest="lf_k", type=int, default=argparse.SUPPRESS,
-                       help="linearize the k sites with slope closest to 1 (default: threshold)")
-    group.add_argument("--threshold", type=float, default=argparse.SUPPRESS,
-                       help="without --k: linearize sites with slope >= this (default 0.9)")
-    group.add_argument("--lam", type=float, default=argparse.SUPPRESS,
-                       help="weight of the slope loss sum |1 - alpha^2| (default 0.25)")
-    group.add_argument("--slope-epochs", type=int, default=argparse.SUPPRESS,
-                       help="epochs training the slopes (quick: 3; paper: 160)")
-    group.add_argument("--slope-lr", type=float, default=argparse.SUPPRESS,
-                       help="learning rate while training slopes (default: preset)")
+    _folding_options(group, "--k")
     _finetune_options(group)
+
+    compare = commands.add_parser(
+        "compare", help="train dense once, run several methods from it, write the report")
+    _experiment_options(compare)
+    compare.add_argument("--methods", nargs="+", default=argparse.SUPPRESS,
+                         help="from: easier easier-k2 nepenthe egp imp layer-folding "
+                         "(default: all but easier-k2)")
+    compare.add_argument("--no-fair-reference", action="store_true",
+                         help="skip training the dense model as long as each method")
+    _easier_options(compare.add_argument_group("EASIER (delta also serves EGP and IMP)"))
+    _pruning_options(compare.add_argument_group("NEPENTHE, EGP, IMP"), "nepenthe")
+    _folding_options(compare.add_argument_group("Layer Folding"), "--lf-k")
+    _finetune_options(compare.add_argument_group("finetuning (every method)"))
+
+    report = commands.add_parser("report", help="rebuild the comparison report from run dirs")
+    report.add_argument("runs", nargs="+", type=Path, help="run directories")
+    report.add_argument("--out", type=Path, required=True, help="report directory")
+    report.add_argument("--no-measure", action="store_true",
+                        help="do not fold and time EASIER stages (tables show -)")
+    report.add_argument("--no-progress", action="store_true")
 
     entropy = commands.add_parser("entropy", help="print the per-site entropy of a checkpoint")
     entropy.add_argument("--checkpoint", type=Path, required=True)
@@ -220,9 +233,32 @@ def _finetune_options(group: argparse._ArgumentGroup) -> None:
                        help="model mode while counting (train = the EASIER authors' code)")
 
 
-def _pruning_options(parser: argparse.ArgumentParser, name: str) -> None:
+def _easier_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--delta", type=float, default=argparse.SUPPRESS,
+                       help="top-1 points the answer may lose against dense (default 1.0)")
+    group.add_argument("--k", type=int, default=argparse.SUPPRESS,
+                       help="sites linearized per stage (EASIER k-x; default 1)")
+    group.add_argument("--max-stages", type=int, default=argparse.SUPPRESS,
+                       help="stop after this many stages (quick preset: 8; paper: no limit)")
+
+
+def _folding_options(group: argparse._ArgumentGroup, k_flag: str) -> None:
     S = argparse.SUPPRESS
-    group = parser.add_argument_group(name.upper())
+    group.add_argument(k_flag, dest="lf_k", type=int, default=S,
+                       help="linearize the k sites with slope closest to 1 (default: threshold; "
+                       "in compare: EASIER's answer count)")
+    group.add_argument("--threshold", type=float, default=S,
+                       help="without k: linearize sites with slope >= this (default 0.9)")
+    group.add_argument("--lam", type=float, default=S,
+                       help="weight of the slope loss sum |1 - alpha^2| (default 0.25)")
+    group.add_argument("--slope-epochs", type=int, default=S,
+                       help="epochs training the slopes (quick: 3; paper: 160)")
+    group.add_argument("--slope-lr", type=float, default=S,
+                       help="learning rate while training slopes (default: preset)")
+
+
+def _pruning_options(group: argparse._ArgumentGroup, name: str) -> None:
+    S = argparse.SUPPRESS
     group.add_argument("--zeta", type=float, default=S,
                        help="fraction of remaining weights pruned per round (default 0.5)")
     if name != "imp":
@@ -231,12 +267,8 @@ def _pruning_options(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "nepenthe":
         group.add_argument("--theta", type=float, default=S,
                            help="stop when val top-1 < theta x dense val top-1 (default 0.99)")
-    else:
-        group.add_argument("--delta", type=float, default=S,
-                           help="answer: last round within delta val top-1 points (default 1)")
     group.add_argument("--rounds", type=int, default=S,
                        help="at most this many rounds (quick preset: 5; paper: no limit)")
-    _finetune_options(group)
 
 
 def _data_options(parser: argparse.ArgumentParser, split_help: str) -> None:
@@ -290,7 +322,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                 f"{', '.join(sorted(settings))}"
             )
         settings.update(loaded)
-    skip = {"command", "preset", "config", "out", "overwrite", "no_progress"}
+    skip = {"command", "preset", "config", "out", "overwrite", "no_progress",
+            "no_fair_reference"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip})
     for key in ("finetune_lr", "slope_lr"):
         if settings[key] is None:
@@ -336,19 +369,50 @@ def experiment_config(settings: dict, progress: bool):
     )
 
 
-def cmd_easier(args: argparse.Namespace) -> int:
-    from depthcut.experiment import run_easier
+def _easier_config(settings: dict):
     from depthcut.methods.easier import EasierConfig
-    from depthcut.reports import stage_table
 
-    settings = resolve_settings(args)
-    method = EasierConfig(
+    return EasierConfig(
         delta=settings["delta"],
         k=settings["k"],
         max_stages=settings["max_stages"],
         finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
         entropy_mode=settings["entropy_mode"],
     )
+
+
+def _pruning_config(settings: dict):
+    from depthcut.methods.rounds import PruningConfig
+
+    return PruningConfig(
+        zeta=settings["zeta"],
+        temperature=settings["temperature"],
+        theta=settings["theta"],
+        delta=settings["delta"],
+        rounds=settings["rounds"],
+        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
+        entropy_mode=settings["entropy_mode"],
+    )
+
+
+def _folding_config(settings: dict):
+    from depthcut.methods.layer_folding import LayerFoldingConfig
+
+    return LayerFoldingConfig(
+        k=settings["lf_k"],
+        threshold=settings["threshold"],
+        lam=settings["lam"],
+        slope_training=_train_config(settings, settings["slope_epochs"], settings["slope_lr"]),
+        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
+    )
+
+
+def cmd_easier(args: argparse.Namespace) -> int:
+    from depthcut.experiment import run_easier
+    from depthcut.reports import stage_table
+
+    settings = resolve_settings(args)
+    method = _easier_config(settings)
     result = run_easier(
         experiment_config(settings, not args.no_progress), method, args.out,
         overwrite=args.overwrite,
@@ -373,19 +437,10 @@ def cmd_easier(args: argparse.Namespace) -> int:
 
 def cmd_pruning(args: argparse.Namespace) -> int:
     from depthcut.experiment import run_pruning
-    from depthcut.methods.rounds import PruningConfig
     from depthcut.reports import stage_table
 
     settings = resolve_settings(args)
-    method = PruningConfig(
-        zeta=settings["zeta"],
-        temperature=settings["temperature"],
-        theta=settings["theta"],
-        delta=settings["delta"],
-        rounds=settings["rounds"],
-        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
-        entropy_mode=settings["entropy_mode"],
-    )
+    method = _pruning_config(settings)
     result = run_pruning(experiment_config(settings, not args.no_progress), args.command,
                          method, args.out, overwrite=args.overwrite)
     answer = result.answer
@@ -403,17 +458,10 @@ def cmd_pruning(args: argparse.Namespace) -> int:
 
 def cmd_layer_folding(args: argparse.Namespace) -> int:
     from depthcut.experiment import run_layer_folding
-    from depthcut.methods.layer_folding import LayerFoldingConfig
     from depthcut.reports import stage_table
 
     settings = resolve_settings(args)
-    method = LayerFoldingConfig(
-        k=settings["lf_k"],
-        threshold=settings["threshold"],
-        lam=settings["lam"],
-        slope_training=_train_config(settings, settings["slope_epochs"], settings["slope_lr"]),
-        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
-    )
+    method = _folding_config(settings)
     result = run_layer_folding(experiment_config(settings, not args.no_progress), method,
                                args.out, overwrite=args.overwrite)
     print()
@@ -421,6 +469,31 @@ def cmd_layer_folding(args: argparse.Namespace) -> int:
     slopes = ", ".join(f"{site} {alpha:.2f}" for site, alpha in result.answer["alphas"].items())
     print(f"\nSlopes: {slopes}")
     print(f"Records, checkpoints and summary.md in {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from depthcut.experiment import run_comparison
+
+    settings = resolve_settings(args)
+    report = run_comparison(
+        experiment_config(settings, not args.no_progress), settings["methods"], args.out,
+        easier_config=_easier_config(settings), pruning_config=_pruning_config(settings),
+        folding_config=_folding_config(settings),
+        fair_reference=not args.no_fair_reference, overwrite=args.overwrite,
+    )
+    print(report.read_text())
+    print(f"Report, tables and plots in {report.parent}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from depthcut.compare import build_report
+
+    report = build_report(args.runs, args.out, measure=not args.no_measure,
+                          progress=not args.no_progress)
+    print(report.read_text())
+    print(f"Report, tables and plots in {report.parent}")
     return 0
 
 
@@ -526,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"easier": cmd_easier, "nepenthe": cmd_pruning, "egp": cmd_pruning,
                 "imp": cmd_pruning, "layer-folding": cmd_layer_folding, "entropy": cmd_entropy,
-                "fold": cmd_fold, "heal": cmd_heal}
+                "fold": cmd_fold, "heal": cmd_heal, "compare": cmd_compare,
+                "report": cmd_report}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as error:

@@ -171,6 +171,7 @@ _DISPLAY_NAMES = {
     "cifar10-jpeg": "CIFAR-10 (JPEG)",
     "fashion-mnist": "Fashion-MNIST",
 }
+DATASET_NAMES = dict(_DISPLAY_NAMES)  # option value -> the dataset's true name, for reports
 
 
 def _layouts(key: str, root: Path) -> list[str]:

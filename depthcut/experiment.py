@@ -7,7 +7,9 @@ This is the Python API behind the CLI: `run_easier(ExperimentConfig(...), Easier
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,7 @@ class Prepared:
     splits: DataSplits
     spec: ModelSpec
     device: torch.device
+    channels_last: bool = False
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
@@ -89,7 +92,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
         width=config.width,
         activation=config.activation,
     )
-    return Prepared(splits=splits, spec=spec, device=device)
+    return Prepared(splits=splits, spec=spec, device=device, channels_last=channels_last)
 
 
 def dense_model(
@@ -98,19 +101,25 @@ def dense_model(
     """Train the dense model (or load `dense_checkpoint`), evaluate it and record it as stage 0."""
     splits = prepared.splits
     start = time.perf_counter()
-    channels_last = next(iter(splits.test))[0].is_contiguous(memory_format=torch.channels_last)
+    channels_last = prepared.channels_last
     if config.dense_checkpoint:
         model, info = load_checkpoint(config.dense_checkpoint)
-        if info["spec"].num_classes != prepared.spec.num_classes:
+        mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(prepared.spec, key)})"
+                      for key in ("name", "num_classes", "in_channels", "width", "activation")
+                      if getattr(info["spec"], key) != getattr(prepared.spec, key)]
+        if mismatched:
             raise ValueError(
-                f"{config.dense_checkpoint} has {info['spec'].num_classes} classes, "
-                f"{splits.dataset.name} has {prepared.spec.num_classes}"
+                f"--dense-checkpoint {config.dense_checkpoint} does not match this run's model "
+                f"and data: {'; '.join(mismatched)}. Pass matching --model/--width/--activation "
+                "or another checkpoint."
             )
         spec, linearized, epochs = info["spec"], info["linearized"], 0
+        trained = info.get("extra", {}).get("record", {}).get("total_epochs", 0)
         prepare_model(model, prepared.device, channels_last)
     else:
         seed_everything(config.seed)
         spec, linearized, epochs = prepared.spec, [], config.dense.epochs
+        trained = epochs
         model = prepare_model(spec.build(), prepared.device, channels_last)
         train(model, splits.train, config.dense, progress=config.progress, desc="dense")
     sites = find_sites(model)
@@ -127,7 +136,7 @@ def dense_model(
         "drop": 0.0,
         "within_delta": True,
         "epochs": epochs,
-        "total_epochs": epochs,
+        "total_epochs": trained,
         "parameters": count_parameters(model),
         "seconds": time.perf_counter() - start,
     }
@@ -170,7 +179,102 @@ def run_layer_folding(
     return _run_method(config, "layer_folding", method, run, rule, out, overwrite)
 
 
+def run_dense_longer(
+    config: ExperimentConfig, finetune: TrainConfig, chunks: int, out: str | Path, *,
+    overwrite: bool = False,
+):
+    """The fair-compute reference: keep training the dense model in `chunks` runs of the
+    methods' finetune schedule, recording test top-1 after each (no site removed)."""
+    from depthcut.methods.easier import EasierResult
+
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+
+    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> EasierResult:
+        records, total = [dense], dense.get("total_epochs", 0)
+        for chunk in range(1, chunks + 1):
+            start = time.perf_counter()
+            fit = train(model, splits.train, finetune, progress=config.progress,
+                        desc=f"dense chunk {chunk}")
+            total += finetune.epochs
+            val = evaluate(model, splits.val) if splits.val is not None else None
+            record = {
+                "method": "dense_longer", "stage": chunk, "sites_total": dense["sites_total"],
+                "sites_linearized": len(dense.get("linearized", [])),
+                "linearized": list(dense.get("linearized", [])), "chosen": [], "entropy": {},
+                "val_top1": val, "test_top1": evaluate(model, splits.test),
+                "drop": (dense["val_top1"] - val) if val is not None else None,
+                "within_delta": True, "epochs": finetune.epochs, "total_epochs": total,
+                "train_loss": fit.epochs[-1].loss if fit.epochs else None,
+                "seconds": time.perf_counter() - start,
+            }
+            records.append(record)
+            on_stage(record, model)
+        return EasierResult(records=records, answer=records[-1],
+                            stop_reason=f"{chunks} chunks trained", model=model)
+
+    settings = {"finetune": dataclasses.asdict(finetune), "chunks": chunks}
+    return _run_method(config, "dense_longer", settings, run,
+                       "none (reference: no site removed)", out, overwrite)
+
+
 PRUNING_METHODS = ("nepenthe", "egp", "imp")
+COMPARABLE = ("easier", "easier-k2", *PRUNING_METHODS, "layer-folding")
+
+
+def run_comparison(
+    config: ExperimentConfig, methods: Sequence[str], out: str | Path, *,
+    easier_config: EasierConfig, pruning_config: PruningConfig,
+    folding_config: LayerFoldingConfig, fair_reference: bool = True, overwrite: bool = False,
+) -> Path:
+    """Train the dense model once (inside the first run), run every method from it into
+    `out/<method>`, the fair-compute reference into `out/dense_longer`, and the report into
+    `out/report`. Layer Folding linearizes as many sites as EASIER's answer when k is unset."""
+    from depthcut.compare import build_report
+
+    unknown = [m for m in methods if m not in COMPARABLE]
+    if unknown or not methods:
+        raise ValueError(f"unknown or no methods {unknown}; choose from {', '.join(COMPARABLE)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs: list[Path] = []
+    answers: dict[str, dict] = {}
+    for method in methods:
+        run_config = config
+        if dirs:
+            run_config = dataclasses.replace(
+                config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt"))
+        target = out / method
+        if method in ("easier", "easier-k2"):
+            k = 2 if method == "easier-k2" else easier_config.k
+            result = run_easier(run_config, dataclasses.replace(easier_config, k=k), target,
+                                overwrite=overwrite)
+        elif method in PRUNING_METHODS:
+            result = run_pruning(run_config, method, pruning_config, target, overwrite=overwrite)
+        else:
+            k = folding_config.k
+            if k is None and "easier" in answers:
+                k = answers["easier"]["sites_linearized"]
+            result = run_layer_folding(run_config, dataclasses.replace(folding_config, k=k),
+                                       target, overwrite=overwrite)
+        answers[method] = result.answer
+        dirs.append(target)
+    if fair_reference:
+        dense_epochs = _dense_epochs(dirs[0])
+        extra = max(a.get("total_epochs", 0) - dense_epochs for a in answers.values())
+        chunk = max(easier_config.finetune.epochs, 1)
+        chunks = max(1, math.ceil(extra / chunk))
+        run_dense_longer(dataclasses.replace(
+            config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt")),
+            easier_config.finetune, chunks, out / "dense_longer", overwrite=overwrite)
+        dirs.append(out / "dense_longer")
+    return build_report(dirs, out / "report", progress=config.progress)
+
+
+def _dense_epochs(run_dir: Path) -> int:
+    from depthcut.run import read_records
+
+    return read_records(run_dir)[0].get("total_epochs", 0)
 
 
 def run_pruning(
@@ -198,7 +302,7 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
     run_start = time.perf_counter()
     run_dir = RunDir(out, overwrite=overwrite)
     settings = {"method": name, "experiment": config.to_dict(),
-                name: dataclasses.asdict(method)}
+                name: method if isinstance(method, dict) else dataclasses.asdict(method)}
     run_dir.write_config(settings)
     prepared = prepare(config)
     model, dense, spec = dense_model(config, prepared, run_dir)
