@@ -93,6 +93,7 @@ USER_ERRORS = (
     CheckpointError,
     FloatingPointError,
     ExportError,
+    OSError,  # e.g. no space left on device while writing a checkpoint
     FoldError,
     ValueError,
 )

@@ -67,6 +67,8 @@ class Prepared:
     spec: ModelSpec
     device: torch.device
     channels_last: bool = False
+    dense_model: nn.Module | None = None  # loaded from config.dense_checkpoint, checked
+    dense_info: dict | None = None
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
@@ -92,7 +94,20 @@ def prepare(config: ExperimentConfig) -> Prepared:
         width=config.width,
         activation=config.activation,
     )
-    return Prepared(splits=splits, spec=spec, device=device, channels_last=channels_last)
+    prepared = Prepared(splits=splits, spec=spec, device=device, channels_last=channels_last)
+    if config.dense_checkpoint:
+        model, info = load_checkpoint(config.dense_checkpoint)
+        mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(spec, key)})"
+                      for key in ("name", "num_classes", "in_channels", "width", "activation")
+                      if getattr(info["spec"], key) != getattr(spec, key)]
+        if mismatched:
+            raise ValueError(
+                f"--dense-checkpoint {config.dense_checkpoint} does not match this run's model "
+                f"and data: {'; '.join(mismatched)}. Pass matching --model/--width/--activation "
+                "or another checkpoint."
+            )
+        prepared.dense_model, prepared.dense_info = model, info
+    return prepared
 
 
 def dense_model(
@@ -102,17 +117,8 @@ def dense_model(
     splits = prepared.splits
     start = time.perf_counter()
     channels_last = prepared.channels_last
-    if config.dense_checkpoint:
-        model, info = load_checkpoint(config.dense_checkpoint)
-        mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(prepared.spec, key)})"
-                      for key in ("name", "num_classes", "in_channels", "width", "activation")
-                      if getattr(info["spec"], key) != getattr(prepared.spec, key)]
-        if mismatched:
-            raise ValueError(
-                f"--dense-checkpoint {config.dense_checkpoint} does not match this run's model "
-                f"and data: {'; '.join(mismatched)}. Pass matching --model/--width/--activation "
-                "or another checkpoint."
-            )
+    if prepared.dense_model is not None:
+        model, info = prepared.dense_model, prepared.dense_info
         spec, linearized, epochs = info["spec"], info["linearized"], 0
         trained = info.get("extra", {}).get("record", {}).get("total_epochs", 0)
         prepare_model(model, prepared.device, channels_last)
@@ -160,8 +166,14 @@ def run_easier(
         return easier(model, splits, method, dense_record=dense, on_stage=on_stage,
                       progress=config.progress)
 
+    def check(prepared: Prepared) -> None:
+        sites = len(find_sites(prepared.dense_model or prepared.spec.build()))
+        if method.k > sites:
+            raise ValueError(f"k={method.k} sites per stage, but the model has only {sites} "
+                             "sites left to linearize")
+
     rule = f"delta {method.delta} top-1 points (validation split)"
-    return _run_method(config, "easier", method, run, rule, out, overwrite)
+    return _run_method(config, "easier", method, run, rule, out, overwrite, check)
 
 
 def run_layer_folding(
@@ -296,15 +308,19 @@ def run_pruning(
 
 
 def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
-                out: str | Path, overwrite: bool):
+                out: str | Path, overwrite: bool, check=None):
     """What every method shares: run directory, dense stage 0, per-stage records and
-    checkpoints, the folded answer, and the summary."""
+    checkpoints, the folded answer, and the summary. Every input is checked (data, dense
+    checkpoint, `check(prepared)`) before anything is written."""
     run_start = time.perf_counter()
     run_dir = RunDir(out, overwrite=overwrite)
     settings = {"method": name, "experiment": config.to_dict(),
                 name: method if isinstance(method, dict) else dataclasses.asdict(method)}
-    run_dir.write_config(settings)
     prepared = prepare(config)
+    if check is not None:
+        check(prepared)
+    run_dir.start()
+    run_dir.write_config(settings)
     model, dense, spec = dense_model(config, prepared, run_dir)
 
     def on_stage(record: dict, stage_model: nn.Module) -> None:

@@ -67,7 +67,9 @@ class RunDir:
     """A run's output folder: config.json, records.jsonl, checkpoints/, summary.md."""
 
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Check that `path` can take this run; nothing is written until `start()`."""
         self.path = Path(path)
+        self.overwrite = overwrite
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} exists and is not a directory")
         if (self.path / RECORDS).exists() and not overwrite:
@@ -75,13 +77,16 @@ class RunDir:
                 f"{self.path} already holds a run ({RECORDS} exists). Choose another --out, "
                 "or pass --overwrite to replace it."
             )
-        if overwrite:
+        self.records: list[dict] = []
+
+    def start(self) -> None:
+        """Create the folder (clearing an old run when overwriting), once inputs are checked."""
+        if self.overwrite:
             for stale in (RECORDS, "summary.md", "config.json"):
                 (self.path / stale).unlink(missing_ok=True)
             for checkpoint in (self.path / "checkpoints").glob("*.pt"):
                 checkpoint.unlink()
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.records: list[dict] = []
 
     def write_config(self, config: dict) -> None:
         write_json(self.path / "config.json", config)
@@ -135,7 +140,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{path} is not a readable checkpoint ({error})") from error
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
     from depthcut.pruning import apply_masks, masks_from_state_dict
