@@ -59,7 +59,7 @@ PRESETS: dict[str, dict] = {
 
 DEFAULTS: dict = {
     "model": "resnet18",
-    "activation": "relu",
+    "activation": None,  # the architecture's own (ReLU; ReLU6 for MobileNetV2; GELU)
     "dataset": "cifar10-jpeg",
     "data_root": "../shared/data",
     "cache_dir": None,
@@ -108,7 +108,8 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", type=Path, help="JSON file of settings (keys = option names)")
     group.add_argument("--model", choices=sorted(MODELS), default=S)
     group.add_argument("--width", type=float, default=S, help="width multiplier")
-    group.add_argument("--activation", choices=sorted(ACTIVATIONS), default=S)
+    group.add_argument("--activation", choices=sorted(ACTIVATIONS), default=S,
+                       help="default: the architecture's own")
     group.add_argument("--dataset", choices=DATASETS, default=S)
     group.add_argument("--data-root", default=S, help="folder holding the dataset")
     group.add_argument("--cache-dir", default=S, help="where decoded datasets are cached")
@@ -134,8 +135,11 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--weight-decay", type=float, default=S)
     train.add_argument("--warmup-epochs", type=float, default=S)
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, required=True, help="run directory")
+    out.add_argument("--out", type=Path, help="run directory (required unless --resume)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    out.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue an interrupted run with its own settings (other options "
+                     "are ignored) from its last finished epoch")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -323,8 +327,10 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                 f"{', '.join(sorted(settings))}"
             )
         settings.update(loaded)
+    if args.out is None:
+        raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
     skip = {"command", "preset", "config", "out", "overwrite", "no_progress",
-            "no_fair_reference"}
+            "no_fair_reference", "resume"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip})
     for key in ("finetune_lr", "slope_lr"):
         if settings[key] is None:
@@ -595,6 +601,19 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from depthcut.experiment import resume_run
+    from depthcut.reports import stage_table
+
+    result = resume_run(args.resume, progress=not args.no_progress)
+    print()
+    print(stage_table(result.records))
+    answer = result.answer
+    print(f"\nResumed and finished: answer stage {answer['stage']}, test top-1 "
+          f"{answer['test_top1']:.2f}. Stopped: {result.stop_reason}. Run in {args.resume}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -602,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "imp": cmd_pruning, "layer-folding": cmd_layer_folding, "entropy": cmd_entropy,
                 "fold": cmd_fold, "heal": cmd_heal, "compare": cmd_compare,
                 "report": cmd_report}
+    if getattr(args, "resume", None) is not None:
+        handlers[args.command] = cmd_resume
     try:
         return handlers[args.command](args)
     except USER_ERRORS as error:

@@ -53,7 +53,12 @@ class Run:
         return acceptable[-1]
 
     def experiment(self, key: str):
-        return self.config.get("experiment", {}).get(key)
+        value = self.config.get("experiment", {}).get(key)
+        if key == "activation" and value is None:  # None: the architecture's own default
+            from depthcut.models import default_activation
+
+            value = default_activation(self.experiment("model"))
+        return value
 
 
 def load_run(path: str | Path) -> Run:

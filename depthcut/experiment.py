@@ -7,9 +7,10 @@ This is the Python API behind the CLI: `run_easier(ExperimentConfig(...), Easier
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,15 +18,23 @@ import torch
 from torch import nn
 
 from depthcut.data import DataSplits, load_dataset, make_splits
+from depthcut.faults import die_at
 from depthcut.fold import fold, median_seconds
 from depthcut.methods.easier import EasierConfig, EasierResult, easier
 from depthcut.methods.imp import imp
 from depthcut.methods.layer_folding import LayerFoldingConfig, LayerFoldingResult, layer_folding
 from depthcut.methods.nepenthe import egp, nepenthe
 from depthcut.methods.rounds import PruningConfig, PruningResult
-from depthcut.models import ModelSpec, count_parameters
+from depthcut.models import ModelSpec, count_parameters, default_activation
 from depthcut.reports import stage_table, summary_markdown
-from depthcut.run import RunDir, load_checkpoint, save_checkpoint, save_folded, write_json
+from depthcut.run import (
+    RunDir,
+    RunDirError,
+    load_checkpoint,
+    save_checkpoint,
+    save_folded,
+    write_json,
+)
 from depthcut.sites import find_sites
 from depthcut.train import (
     TrainConfig,
@@ -46,7 +55,7 @@ class ExperimentConfig:
     cache_dir: str | None = None
     model: str = "resnet18"
     width: float = 0.25
-    activation: str = "relu"
+    activation: str | None = None  # None: the architecture's own default
     val_fraction: float = 0.1
     train_subset: int | None = None
     batch_size: int = 128
@@ -92,7 +101,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
         num_classes=dataset.num_classes,
         in_channels=dataset.in_channels,
         width=config.width,
-        activation=config.activation,
+        activation=config.activation or default_activation(config.model),
     )
     prepared = Prepared(splits=splits, spec=spec, device=device, channels_last=channels_last)
     if config.dense_checkpoint:
@@ -112,7 +121,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
 
 def dense_model(
     config: ExperimentConfig, prepared: Prepared, run: RunDir
-) -> tuple[nn.Module, dict, ModelSpec]:
+) -> tuple[nn.Module, dict, ModelSpec]:  # noqa: D401
     """Train the dense model (or load `dense_checkpoint`), evaluate it and record it as stage 0."""
     splits = prepared.splits
     start = time.perf_counter()
@@ -127,7 +136,8 @@ def dense_model(
         spec, linearized, epochs = prepared.spec, [], config.dense.epochs
         trained = epochs
         model = prepare_model(spec.build(), prepared.device, channels_last)
-        train(model, splits.train, config.dense, progress=config.progress, desc="dense")
+        train(model, splits.train, config.dense, progress=config.progress, desc="dense",
+              checkpointing=run.snapshot("dense"))
     sites = find_sites(model)
     record = {
         "method": "dense",
@@ -147,24 +157,41 @@ def dense_model(
         "seconds": time.perf_counter() - start,
     }
     record["checkpoint"] = str(run.checkpoint_path(0).relative_to(run.path))
-    save_checkpoint(run.checkpoint_path(0), model, spec, linearized, _origin(config, record))
+    save_checkpoint(run.checkpoint_path(0), model, spec, linearized,
+                    _origin(config, record, splits))
     run.add_record(record)
     return model, record, spec
 
 
-def _origin(config: ExperimentConfig, record: dict) -> dict:
-    """What a checkpoint keeps about where it came from, so `depthcut entropy` can find the data."""
-    return {"dataset": config.dataset, "data_root": config.data_root, "record": record}
+def _origin(config: ExperimentConfig, record: dict, splits: DataSplits | None = None) -> dict:
+    """What a checkpoint keeps about where it came from: the data (for `depthcut entropy`),
+    its record, and the training loader's epoch counter (to resume batch for batch)."""
+    origin = {"dataset": config.dataset, "data_root": config.data_root, "record": record}
+    if splits is not None:
+        origin["loader_epoch"] = splits.train.epoch
+    return origin
+
+
+@dataclass
+class Stages:
+    """What a method loop gets from the run: stages already done (when resuming), the callback
+    that records each new stage, and epoch-level snapshots for its training calls."""
+
+    history: list[dict]
+    on_stage: Callable[[dict, nn.Module], None]
+    snapshots: Callable[[str], object]
 
 
 def run_easier(
-    config: ExperimentConfig, method: EasierConfig, out: str | Path, *, overwrite: bool = False
+    config: ExperimentConfig, method: EasierConfig, out: str | Path, *, overwrite: bool = False,
+    resume: bool = False,
 ) -> EasierResult:
     """Train (or load) the dense model, run EASIER, write records, checkpoints and summary."""
 
-    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> EasierResult:
-        return easier(model, splits, method, dense_record=dense, on_stage=on_stage,
-                      progress=config.progress)
+    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> EasierResult:
+        return easier(model, splits, method, dense_record=dense, history=stages.history,
+                      on_stage=stages.on_stage, progress=config.progress,
+                      snapshots=stages.snapshots)
 
     def check(prepared: Prepared) -> None:
         sites = len(find_sites(prepared.dense_model or prepared.spec.build()))
@@ -173,27 +200,30 @@ def run_easier(
                              "sites left to linearize")
 
     rule = f"delta {method.delta} top-1 points (validation split)"
-    return _run_method(config, "easier", method, run, rule, out, overwrite, check)
+    return _run_method(config, "easier", method, run, rule, out, overwrite, check, resume)
 
 
 def run_layer_folding(
     config: ExperimentConfig, method: LayerFoldingConfig, out: str | Path, *,
-    overwrite: bool = False,
+    overwrite: bool = False, resume: bool = False,
 ) -> LayerFoldingResult:
     """Train (or load) the dense model, run the Layer Folding baseline, write the run."""
 
-    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> LayerFoldingResult:
-        return layer_folding(model, splits, method, dense_record=dense, on_stage=on_stage,
-                             progress=config.progress)
+    def run(model: nn.Module, splits: DataSplits, dense: dict,
+            stages: Stages) -> LayerFoldingResult:
+        return layer_folding(model, splits, method, dense_record=dense, history=stages.history,
+                             on_stage=stages.on_stage, progress=config.progress,
+                             snapshots=stages.snapshots)
 
     rule = (f"linearize the {method.k} sites with slope closest to 1" if method.k is not None
             else f"linearize sites with slope >= {method.threshold}")
-    return _run_method(config, "layer_folding", method, run, rule, out, overwrite)
+    return _run_method(config, "layer_folding", method, run, rule, out, overwrite,
+                       resume=resume)
 
 
 def run_dense_longer(
     config: ExperimentConfig, finetune: TrainConfig, chunks: int, out: str | Path, *,
-    overwrite: bool = False,
+    overwrite: bool = False, resume: bool = False,
 ):
     """The fair-compute reference: keep training the dense model in `chunks` runs of the
     methods' finetune schedule, recording test top-1 after each (no site removed)."""
@@ -202,12 +232,14 @@ def run_dense_longer(
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
 
-    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> EasierResult:
-        records, total = [dense], dense.get("total_epochs", 0)
-        for chunk in range(1, chunks + 1):
+    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> EasierResult:
+        records = [dense, *stages.history]
+        total = records[-1].get("total_epochs", 0)
+        for chunk in range(records[-1]["stage"] + 1, chunks + 1):
             start = time.perf_counter()
             fit = train(model, splits.train, finetune, progress=config.progress,
-                        desc=f"dense chunk {chunk}")
+                        desc=f"dense chunk {chunk}",
+                        checkpointing=stages.snapshots(f"dense chunk {chunk}"))
             total += finetune.epochs
             val = evaluate(model, splits.val) if splits.val is not None else None
             record = {
@@ -221,13 +253,13 @@ def run_dense_longer(
                 "seconds": time.perf_counter() - start,
             }
             records.append(record)
-            on_stage(record, model)
+            stages.on_stage(record, model)
         return EasierResult(records=records, answer=records[-1],
                             stop_reason=f"{chunks} chunks trained", model=model)
 
     settings = {"finetune": dataclasses.asdict(finetune), "chunks": chunks}
     return _run_method(config, "dense_longer", settings, run,
-                       "none (reference: no site removed)", out, overwrite)
+                       "none (reference: no site removed)", out, overwrite, resume=resume)
 
 
 PRUNING_METHODS = ("nepenthe", "egp", "imp")
@@ -291,7 +323,7 @@ def _dense_epochs(run_dir: Path) -> int:
 
 def run_pruning(
     config: ExperimentConfig, method_name: str, method: PruningConfig, out: str | Path, *,
-    overwrite: bool = False,
+    overwrite: bool = False, resume: bool = False,
 ) -> PruningResult:
     """Train (or load) the dense model, run NEPENTHE, EGP or IMP rounds, write the run."""
     runners = {"nepenthe": nepenthe, "egp": egp, "imp": imp}
@@ -299,29 +331,41 @@ def run_pruning(
         raise ValueError(f"unknown pruning method {method_name!r}; choose one of "
                          f"{', '.join(PRUNING_METHODS)}")
 
-    def run(model: nn.Module, splits: DataSplits, dense: dict, on_stage) -> PruningResult:
+    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> PruningResult:
         return runners[method_name](model, splits, method, dense_record=dense,
-                                    on_round=on_stage, progress=config.progress)
+                                    history=stages.history, on_round=stages.on_stage,
+                                    progress=config.progress, snapshots=stages.snapshots)
 
     rule = method.describe("theta" if method_name == "nepenthe" else "delta")
-    return _run_method(config, method_name, method, run, rule, out, overwrite)
+    return _run_method(config, method_name, method, run, rule, out, overwrite, resume=resume)
 
 
 def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
-                out: str | Path, overwrite: bool, check=None):
+                out: str | Path, overwrite: bool, check=None, resume: bool = False):
     """What every method shares: run directory, dense stage 0, per-stage records and
     checkpoints, the folded answer, and the summary. Every input is checked (data, dense
-    checkpoint, `check(prepared)`) before anything is written."""
+    checkpoint, `check(prepared)`) before anything is written. With `resume`, the stages in
+    the run directory are kept and the method goes on from the last one (and from the last
+    finished epoch of the stage that was interrupted)."""
     run_start = time.perf_counter()
-    run_dir = RunDir(out, overwrite=overwrite)
+    run_dir = RunDir(out, overwrite=overwrite, resume=resume)
     settings = {"method": name, "experiment": config.to_dict(),
                 name: method if isinstance(method, dict) else dataclasses.asdict(method)}
     prepared = prepare(config)
     if check is not None:
         check(prepared)
     run_dir.start()
-    run_dir.write_config(settings)
-    model, dense, spec = dense_model(config, prepared, run_dir)
+    history = run_dir.records if resume else []
+    if not resume:
+        run_dir.write_config(settings)
+    if history:
+        model, info = load_checkpoint(run_dir.path / history[-1]["checkpoint"])
+        model = prepare_model(model, prepared.device, prepared.channels_last)
+        prepared.splits.train.epoch = info["extra"].get("loader_epoch", 0)
+        dense, spec = history[0], info["spec"]
+        run_start -= history[-1].get("elapsed_s", 0.0)
+    else:
+        model, dense, spec = dense_model(config, prepared, run_dir)
 
     def on_stage(record: dict, stage_model: nn.Module) -> None:
         record["parameters"] = count_parameters(stage_model)
@@ -329,13 +373,15 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
         record["checkpoint"] = str(run_dir.checkpoint_path(record["stage"])
                                    .relative_to(run_dir.path))
         save_checkpoint(run_dir.checkpoint_path(record["stage"]), stage_model, spec,
-                        record["linearized"], _origin(config, record),
+                        record["linearized"], _origin(config, record, prepared.splits),
                         silenced=record.get("silenced", ()))
         run_dir.add_record(record)
+        die_at("stage-end")
         if config.progress:
             print(stage_table([record], header=record["stage"] == 1), flush=True)
 
-    result = run(model, prepared.splits, dense, on_stage)
+    stages = Stages(history=history[1:], on_stage=on_stage, snapshots=run_dir.snapshot)
+    result = run(model, prepared.splits, dense, stages)
     answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
     folded_model, folded = fold_and_measure(answer_model, prepared.splits)
     folded["stage"] = result.answer["stage"]
@@ -344,6 +390,7 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
                 _origin(config, result.answer))
     write_json(run_dir.path / "folded_answer.json", folded)
     result.folded = folded
+    run_dir.finish()
     run_dir.write_summary(
         summary_markdown(
             result.records,
@@ -392,3 +439,35 @@ def fold_and_measure(model: nn.Module, splits: DataSplits, policy: str = "macs",
         "latency_ms_batch1_folded": latency["folded"],
         "merges_taken": sum(m.taken for m in report.merges),
     }
+
+
+def _train_config(values: dict) -> TrainConfig:
+    return TrainConfig(**{**values, "milestones": tuple(values.get("milestones", ()))})
+
+
+def resume_run(path: str | Path, *, progress: bool = True):
+    """Continue the interrupted run in `path` with the settings it was started with."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise RunDirError(f"nothing to resume in {path}: it holds no run (no config.json)")
+    settings = json.loads(config_path.read_text())
+    name = settings.get("method")
+    experiment = dict(settings["experiment"])
+    experiment["dense"] = _train_config(experiment["dense"])
+    experiment["progress"] = progress
+    config = ExperimentConfig(**experiment)
+    method = dict(settings[name])
+    if name == "easier":
+        method["finetune"] = _train_config(method["finetune"])
+        return run_easier(config, EasierConfig(**method), path, resume=True)
+    if name in PRUNING_METHODS:
+        method["finetune"] = _train_config(method["finetune"])
+        return run_pruning(config, name, PruningConfig(**method), path, resume=True)
+    if name == "layer_folding":
+        method["finetune"] = _train_config(method["finetune"])
+        method["slope_training"] = _train_config(method["slope_training"])
+        return run_layer_folding(config, LayerFoldingConfig(**method), path, resume=True)
+    if name == "dense_longer":
+        return run_dense_longer(config, _train_config(method["finetune"]), method["chunks"],
+                                path, resume=True)
+    raise RunDirError(f"{path} holds a run of unknown method {name!r}")

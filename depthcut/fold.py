@@ -571,14 +571,17 @@ class _Folder:
         replaces = [name for n in nodes if n.op == "call_module" for name in self.names(n)]
         batch = self.example.shape[0]
         record = Merge(rule, replaces, exact, macs_before * batch, macs_after * batch, True)
-        module = merged.to_module(self.example)
+        # The merged op reads `source`: it takes that tensor's dtype, not the model input's
+        # (token ids are int64, the activations the op sees are floating point).
+        like = self.example.new_empty(0, dtype=source.meta["tensor_meta"].dtype)
+        module = merged.to_module(like)
         if not always:
             if self.policy == "macs" and macs_after > macs_before:
                 record.taken, record.reason = False, (
                     f"would raise MACs {macs_before * batch:,} -> {macs_after * batch:,}")
             elif self.policy == "latency" and unmerged is not None:
-                x = torch.randn(batch, *_meta_shape(source)[1:], dtype=self.example.dtype,
-                                device=self.example.device)
+                x = torch.randn(batch, *_meta_shape(source)[1:], dtype=like.dtype,
+                                device=like.device)
                 record.seconds_before = median_seconds(lambda: unmerged(x))
                 record.seconds_after = median_seconds(lambda: module(x))
                 if record.seconds_after >= record.seconds_before:

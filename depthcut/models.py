@@ -106,8 +106,8 @@ class VGG16(nn.Module):
     """VGG-16 with BatchNorm, CIFAR variant: 13 conv3x3-BN-act sites + 2 classifier sites = 15.
 
     Five 2x2 max-pools take 32x32 to 1x1, so the classifier reads 512w features. Dropout after
-    each hidden classifier activation is available but off by default (`dropout=0`): the CIFAR
-    variants the papers train usually drop it, and a model without it folds to fewer ops.
+    each hidden classifier activation is optional (`dropout`, off by default); in eval mode it
+    is a no-op that `fold` drops.
     """
 
     def __init__(
@@ -198,8 +198,9 @@ class MobileNetV2(nn.Module):
     """MobileNetV2, CIFAR variant (stride-1 stem): 35 sites, ReLU6 by default.
 
     Sites: stem 1 + 17 blocks (the t = 1 block has only its depthwise site, the other 16 have
-    two) + the final 1x1 conv to 1280w = 35. Dropout 0.2 before the classifier as in the
-    common CIFAR code (a no-op in eval, and dropped by `fold`).
+    two) + the final 1x1 conv to 1280w = 35. The final conv scales with width (the EASIER
+    authors' code keeps 1280 for width < 1). Dropout 0.2 before the classifier as in that code
+    (a no-op in eval, and dropped by `fold`).
     """
 
     def __init__(
@@ -540,6 +541,16 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def default_activation(name: str) -> str | None:
+    """The activation an architecture uses when none is asked for (its constructor default)."""
+    import inspect
+
+    if name not in MODELS:
+        return None
+    parameter = inspect.signature(MODELS[name]).parameters.get("activation")
+    return None if parameter is None else parameter.default
 
 
 def build_model(name: str = "resnet18", **kwargs) -> nn.Module:

@@ -14,11 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from depthcut.faults import die_at
 from depthcut.models import ModelSpec
 from depthcut.sites import linearize, silence
+from depthcut.train import Checkpointing
 
 CHECKPOINT_FORMAT = "depthcut-checkpoint/1"
 RECORDS = "records.jsonl"
+SNAPSHOT = "resume.pt"  # the last finished epoch of the training call in progress
 
 
 class RunDirError(FileExistsError):
@@ -35,7 +38,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            handle.write(data[: len(data) // 2])
+            die_at(f"write:{path.name}")  # the resume tests kill a run half-way through a write
+            handle.write(data[len(data) // 2:])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -66,12 +71,24 @@ def write_json(path: Path, obj: Any) -> None:
 class RunDir:
     """A run's output folder: config.json, records.jsonl, checkpoints/, summary.md."""
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Check that `path` can take this run; nothing is written until `start()`."""
+    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+        """Check that `path` can take this run; nothing is written until `start()`.
+
+        With `resume`, the folder must hold a run (config.json); its records are kept.
+        """
         self.path = Path(path)
         self.overwrite = overwrite
+        self.resume = resume
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} exists and is not a directory")
+        if resume:
+            if overwrite:
+                raise RunDirError("choose one of --resume and --overwrite")
+            if not (self.path / "config.json").is_file():
+                raise RunDirError(f"nothing to resume in {self.path}: it holds no run "
+                                  "(no config.json)")
+            self.records = read_records(self.path) if (self.path / RECORDS).exists() else []
+            return
         if (self.path / RECORDS).exists() and not overwrite:
             raise RunDirError(
                 f"{self.path} already holds a run ({RECORDS} exists). Choose another --out, "
@@ -81,7 +98,12 @@ class RunDir:
 
     def start(self) -> None:
         """Create the folder (clearing an old run when overwriting), once inputs are checked."""
+        if self.resume:
+            for stale in self.path.rglob(".*.tmp"):  # a write the kill interrupted
+                stale.unlink()
+            return
         if self.overwrite:
+            (self.path / SNAPSHOT).unlink(missing_ok=True)
             for stale in (RECORDS, "summary.md", "config.json"):
                 (self.path / stale).unlink(missing_ok=True)
             for checkpoint in (self.path / "checkpoints").glob("*.pt"):
@@ -98,6 +120,28 @@ class RunDir:
 
     def checkpoint_path(self, stage: int) -> Path:
         return self.path / "checkpoints" / f"stage_{stage:02d}.pt"
+
+    def snapshot(self, name: str) -> Checkpointing:
+        """Epoch-level checkpointing for the training call `name` (one file, replaced
+        atomically after every epoch; a snapshot of another call is ignored)."""
+        path = self.path / SNAPSHOT
+
+        def save(state: dict) -> None:
+            buffer = io.BytesIO()
+            torch.save({"name": name, "state": state}, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
+
+        def load() -> dict | None:
+            if not path.is_file():
+                return None
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+            return payload["state"] if payload.get("name") == name else None
+
+        return Checkpointing(save=save, load=load)
+
+    def finish(self) -> None:
+        """The run is complete: the epoch snapshot is no longer needed."""
+        (self.path / SNAPSHOT).unlink(missing_ok=True)
 
     def write_summary(self, text: str) -> None:
         atomic_write_text(self.path / "summary.md", text)

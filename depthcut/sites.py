@@ -3,15 +3,24 @@
 A *site* is one rectifier activation module in the forward pass (METHODS section 1). Sites are
 the layers depthcut counts and removes, so every site must be its own module: a module shared by
 several places in the forward would mix their statistics and cannot be linearized at one place.
+
+Models that call activations as functions (`F.relu(x)`, `torch.relu(x)`, `x.relu()`, `F.gelu`,
+`F.silu`, `F.leaky_relu`, `F.relu6`, `F.hardtanh(x, 0, 6)`) have no module to hook or replace.
+`modularize(model)` traces such a model and returns a copy (a torch.fx GraphModule) in which
+every such call is its own activation module; `find_sites` refuses the original with a message
+naming the calls, so entropy, linearize and fold always agree on the same module names.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (
@@ -44,18 +53,167 @@ def is_rectifier(module: nn.Module) -> bool:
     return isinstance(module, RECTIFIER_TYPES)
 
 
-def _forward_order(model: nn.Module) -> list[str] | None:
-    """Module names in the order torch.fx traces their calls; None if the model is not traceable."""
+class _SiteTracer(torch.fx.Tracer):
+    """The default tracer, with `Zero` kept as one call (as `fold` traces it)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, Zero) or super().is_leaf_module(module, qualified_name)
+
+
+def _trace(model: nn.Module) -> tuple[torch.fx.Graph | None, Exception | None]:
     try:
-        graph = torch.fx.Tracer().trace(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure means "order unknown"
-        warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error}); "
-            "rectifier sites are listed in registration order instead of forward order.",
-            stacklevel=3,
+        return _SiteTracer().trace(model), None
+    except Exception as error:  # noqa: BLE001 - any tracing failure means "graph unknown"
+        return None, error
+
+
+@dataclass(frozen=True)
+class _Functional:
+    """How to read one functional rectifier call: its extra parameters and its module."""
+
+    kind: str  # stem of the module name modularize gives it
+    params: tuple[tuple[str, object], ...]  # (name, default) after the input tensor
+    build: Callable[..., nn.Module | None]  # None: this call is not a rectifier (hardtanh)
+
+
+def _hardtanh(min_val: float, max_val: float, inplace: bool) -> nn.Module | None:
+    return nn.ReLU6(inplace) if (min_val, max_val) == (0.0, 6.0) else None
+
+
+_INPLACE = (("inplace", False),)
+_FUNCTIONS: dict[Callable, _Functional] = {
+    F.relu: _Functional("relu", _INPLACE, nn.ReLU),
+    torch.relu: _Functional("relu", (), nn.ReLU),
+    torch.relu_: _Functional("relu", (), lambda: nn.ReLU(inplace=True)),
+    F.relu6: _Functional("relu6", _INPLACE, nn.ReLU6),
+    F.leaky_relu: _Functional("leaky_relu", (("negative_slope", 0.01), *_INPLACE), nn.LeakyReLU),
+    F.gelu: _Functional("gelu", (("approximate", "none"),), nn.GELU),
+    F.silu: _Functional("silu", _INPLACE, nn.SiLU),
+    F.hardtanh: _Functional(
+        "relu6", (("min_val", -1.0), ("max_val", 1.0), *_INPLACE), _hardtanh
+    ),
+}
+_METHODS: dict[str, _Functional] = {
+    "relu": _Functional("relu", (), nn.ReLU),
+    "relu_": _Functional("relu", (), lambda: nn.ReLU(inplace=True)),
+}
+FUNCTIONAL_RECTIFIERS = (
+    "F.relu, torch.relu, x.relu(), F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardtanh(x, 0, 6)"
+)
+# Nonlinearities that are not rectifier sites, named when a model has no site at all.
+_OTHER_NONLINEAR = {"tanh", "sigmoid", "hardtanh", "elu", "selu", "celu", "mish", "softplus",
+                    "hardswish", "hardsigmoid", "softsign", "logsigmoid", "tanhshrink"}
+
+
+@dataclass
+class _Call:
+    """One functional rectifier call in a traced graph, read and named."""
+
+    node: torch.fx.Node
+    name: str  # the qualified module name modularize gives it
+    module: nn.Module | None  # None: its arguments are computed in forward, cannot be a module
+    problem: str = ""
+
+
+def _spec_of(node: torch.fx.Node) -> _Functional | None:
+    if node.op == "call_function":
+        return _FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _METHODS.get(str(node.target))
+    return None
+
+
+def _input_of(node: torch.fx.Node) -> object:
+    """The tensor a functional call acts on (first argument, or `input=` / `self=`)."""
+    return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+
+
+def _read_call(node: torch.fx.Node, spec: _Functional) -> tuple[nn.Module | None, str]:
+    """(module or None, problem) for one call, its arguments bound to the signature."""
+    args, kwargs = list(node.args[1:]), dict(node.kwargs)
+    source = _input_of(node)
+    if not node.args:
+        kwargs.pop("input", None)
+        kwargs.pop("self", None)
+    names = [name for name, _ in spec.params]
+    if len(args) > len(names) or set(kwargs) - set(names):
+        return None, "unexpected arguments"
+    values = dict(zip(names, args, strict=False))
+    for name, default in spec.params:
+        values.setdefault(name, kwargs.get(name, default))
+    computed = [name for name, value in values.items() if isinstance(value, torch.fx.Node)]
+    if computed or not isinstance(source, torch.fx.Node):
+        return None, f"arguments computed in forward ({', '.join(computed) or 'input'})"
+    return spec.build(**values), ""
+
+
+def _owner(model: nn.Module, node: torch.fx.Node) -> str:
+    """Qualified name of the module whose forward made the call ("" for the model itself)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            continue
+        return path
+    return ""
+
+
+def _functional_calls(model: nn.Module, graph: torch.fx.Graph) -> list[_Call]:
+    """Every functional rectifier call in `graph`, named `<owner>.<kind>[_<n>]` uniquely."""
+    calls: list[_Call] = []
+    used: set[str] = set()
+    for node in graph.nodes:
+        spec = _spec_of(node)
+        if spec is None:
+            continue
+        module, problem = _read_call(node, spec)
+        if module is None and not problem:
+            continue  # e.g. hardtanh(x, -1, 1): not a rectifier
+        owner = _owner(model, node)
+        owner_module = model.get_submodule(owner)
+        stem, index = spec.kind, 0
+        while True:
+            attr = stem if index == 0 else f"{stem}_{index}"
+            name = f"{owner}.{attr}" if owner else attr
+            if name not in used and not hasattr(owner_module, attr):
+                break
+            index += 1
+        used.add(name)
+        calls.append(_Call(node, name, module, problem))
+    return calls
+
+
+def _other_nonlinearities(model: nn.Module, graph: torch.fx.Graph | None) -> list[str]:
+    found = {type(m).__name__ for m in model.modules()
+             if type(m).__module__ == nn.modules.activation.__name__
+             and not isinstance(m, nn.MultiheadAttention)}
+    for node in graph.nodes if graph is not None else ():
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.op in ("call_function", "call_method") and name.rstrip("_") in _OTHER_NONLINEAR:
+            found.add(f"{name}()")
+    return sorted(found)
+
+
+def _no_sites_error(model: nn.Module, graph: torch.fx.Graph | None,
+                    error: Exception | None) -> SiteError:
+    kinds = ", ".join(t.__name__ for t in RECTIFIER_TYPES)
+    if graph is None:
+        return SiteError(
+            f"{type(model).__name__} has no rectifier modules ({kinds}), and torch.fx could not "
+            f"trace it ({type(error).__name__}: {error}) to look for functional activations "
+            f"({FUNCTIONAL_RECTIFIERS}). Give each activation its own module (self.act1 = "
+            "nn.ReLU(), ...), or make forward() traceable and call "
+            "depthcut.sites.modularize(model)."
         )
-        return None
-    return [str(node.target) for node in graph.nodes if node.op == "call_module"]
+    others = _other_nonlinearities(model, graph)
+    seen = (f" It uses other nonlinearities ({', '.join(others)}), which are not rectifier "
+            "sites." if others else "")
+    return SiteError(
+        f"{type(model).__name__} has no rectifier sites: no modules of type {kinds} and no "
+        f"functional calls ({FUNCTIONAL_RECTIFIERS}) in its traced forward.{seen} depthcut "
+        "measures and removes rectifier activations only."
+    )
 
 
 def find_sites(model: nn.Module) -> list[str]:
@@ -64,17 +222,33 @@ def find_sites(model: nn.Module) -> list[str]:
     Forward order comes from a torch.fx trace; rectifier modules the trace never reaches (dead
     branches) follow in registration order. A rectifier module called at two places in one
     forward is refused, because its two places cannot be measured or linearized separately.
+    Functional rectifier calls (F.relu, x.relu(), ...) are refused too, naming each call: run
+    `modularize(model)` first, so every site is a module that hooks and `linearize` can reach.
+    An untraceable model falls back to registration order with a warning (functional calls
+    cannot be seen then).
     """
     registered = [name for name, module in model.named_modules() if is_rectifier(module)]
+    graph, error = _trace(model)
+    if graph is not None:
+        functional = _functional_calls(model, graph)
+        if functional:
+            names = ", ".join(call.name for call in functional)
+            raise SiteError(
+                f"{len(functional)} functional activation(s) found ({names}); call "
+                "depthcut.sites.modularize(model) first: it returns a traced copy in which each "
+                "is its own activation module under that name, so it can be measured, "
+                "linearized and folded."
+            )
     if not registered:
-        raise SiteError(
-            f"{type(model).__name__} has no rectifier sites: depthcut looks for modules of type "
-            f"{', '.join(t.__name__ for t in RECTIFIER_TYPES)}. Models that call activations as "
-            "functions (F.relu, torch.relu) need them as nn.Module instances."
+        raise _no_sites_error(model, graph, error)
+    if graph is None:
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({type(error).__name__}: {error}); "
+            "rectifier sites are listed in registration order instead of forward order.",
+            stacklevel=2,
         )
-    order = _forward_order(model)
-    if order is None:
         return registered
+    order = [str(node.target) for node in graph.nodes if node.op == "call_module"]
     rectifiers = set(registered)
     traced = [name for name in order if name in rectifiers]
     shared = sorted({name for name in traced if traced.count(name) > 1})
@@ -85,6 +259,52 @@ def find_sites(model: nn.Module) -> list[str]:
             "self.act2 = nn.ReLU()) so each site can be measured and linearized on its own."
         )
     return traced + [name for name in registered if name not in set(traced)]
+
+
+def modularize(model: nn.Module) -> torch.fx.GraphModule:
+    """A traced copy of `model` in which every functional rectifier call is its own module.
+
+    Each call of F.relu, torch.relu, x.relu(), F.relu6, F.leaky_relu, F.gelu, F.silu or
+    F.hardtanh(x, 0, 6) becomes a fresh nn.ReLU / ReLU6 / LeakyReLU / GELU / SiLU (keeping
+    negative_slope, approximate and inplace), registered next to the module whose forward made
+    the call: `F.relu` in `layer1.0`'s forward becomes site `layer1.0.relu` (then `relu_1`,
+    ...). The rest of the graph and all weights are kept (copied: `model` is not modified); the
+    result has only `forward`. Activation modules already present stay as they are. This lets
+    find_sites, measure_entropy, linearize, silence and fold, which name sites by module, work
+    on such models. Raises SiteError if the model cannot be traced or has no rectifier at all.
+    """
+    model = copy.deepcopy(model)
+    graph, error = _trace(model)
+    if graph is None:
+        raise SiteError(
+            f"modularize needs a torch.fx trace of {type(model).__name__} to find its functional "
+            f"activations, and tracing failed ({type(error).__name__}: {error}). Move "
+            "data-dependent Python control flow out of forward(), or replace the functional "
+            "calls by activation modules by hand (self.act1 = nn.ReLU(), ...)."
+        )
+    calls = _functional_calls(model, graph)
+    stuck = [f"{c.name} ({c.problem})" for c in calls if c.module is None]
+    if stuck:
+        raise SiteError(
+            f"cannot turn {', '.join(stuck)} into modules: pass constant arguments (e.g. "
+            "F.leaky_relu(x, 0.1)) or use an activation module for these calls."
+        )
+    gm = torch.fx.GraphModule(model, graph, type(model).__name__)
+    for call in calls:
+        gm.add_submodule(call.name, call.module)
+        # Read the input now: an earlier replacement may have rewired it.
+        with graph.inserting_before(call.node):
+            replacement = graph.call_module(call.name, (_input_of(call.node),))
+        replacement.meta = dict(call.node.meta)
+        call.node.replace_all_uses_with(replacement)
+        graph.erase_node(call.node)
+    for node in graph.nodes:
+        node.type = None  # string annotations (PEP 563) would make the module unpicklable
+    graph.lint()
+    gm.recompile()
+    if not any(is_rectifier(m) for m in gm.modules()):
+        raise _no_sites_error(model, graph, None)
+    return gm
 
 
 def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:

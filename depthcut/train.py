@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from depthcut.faults import die_at
+
 SCHEDULES = ("cosine", "multistep", "constant")
 
 
@@ -75,6 +77,19 @@ class TrainResult:
     seconds: float = 0.0
 
 
+@dataclass
+class Checkpointing:
+    """How `train` keeps an epoch-level snapshot so a killed run resumes mid-stage.
+
+    `save(state)` is called after every epoch with the model, optimizer, epochs done, the
+    training loader's epoch counter and the statistics so far; `load()` returns the last
+    such state for this training call, or None to start from scratch.
+    """
+
+    save: Callable[[dict], None]
+    load: Callable[[], dict | None]
+
+
 def seed_everything(seed: int) -> None:
     """Seed every generator a run touches, so a run is reproducible on one machine."""
     random.seed(seed)
@@ -131,6 +146,7 @@ def train(
     desc: str = "train",
     extra_loss: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.epochs` epochs; returns per-epoch statistics.
 
@@ -142,7 +158,16 @@ def train(
     steps_per_epoch = max(len(loader), 1)  # type: ignore[arg-type]
     result = TrainResult()
     start = time.perf_counter()
-    for epoch in range(config.epochs):
+    first_epoch = 0
+    state = checkpointing.load() if checkpointing is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch = state["epochs_done"]
+        result.epochs = [EpochStats(**stats) for stats in state["stats"]]
+        if hasattr(loader, "epoch"):
+            loader.epoch = state["loader_epoch"]
+    for epoch in range(first_epoch, config.epochs):
         model.train()
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -156,6 +181,7 @@ def train(
             total=steps_per_epoch,
         )
         for step, (inputs, targets) in enumerate(bar):
+            die_at("train-step")
             lr = config.lr * config.lr_factor(epoch + step / steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -189,6 +215,14 @@ def train(
         if val_loader is not None:
             stats.val_top1 = evaluate(model, val_loader)
         result.epochs.append(stats)
+        if checkpointing is not None:
+            checkpointing.save({
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epochs_done": epoch + 1,
+                "loader_epoch": getattr(loader, "epoch", None),
+                "stats": [asdict(e) for e in result.epochs],
+            })
         if progress:
             val = f", val top-1 {stats.val_top1:.2f}" if stats.val_top1 is not None else ""
             tqdm.write(

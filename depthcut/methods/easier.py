@@ -16,7 +16,7 @@ from torch import nn
 from depthcut.data import DataSplits
 from depthcut.entropy import measure_entropy
 from depthcut.sites import find_sites, linearize
-from depthcut.train import TrainConfig, evaluate, train
+from depthcut.train import Checkpointing, TrainConfig, evaluate, train
 
 
 @dataclass
@@ -67,24 +67,33 @@ def easier(
     config: EasierConfig,
     *,
     dense_record: dict,
+    history: Sequence[dict] = (),
     on_stage: Callable[[dict, nn.Module], None] | None = None,
     progress: bool = True,
+    snapshots: Callable[[str], Checkpointing] | None = None,
 ) -> EasierResult:
     """Run EASIER from a trained model whose metrics are `dense_record` (stage 0).
 
     `on_stage(record, model)` is called after every stage (the run directory uses it to write the
     record and checkpoint). Sites already linearized in the model are simply not found again.
+    To resume, pass the stages already done as `history` and the model of the last one;
+    `snapshots(name)` gives each finetune its epoch-level checkpointing.
     """
     if splits.val is None:
         raise ValueError("EASIER needs a validation split for its stop rule: use val_fraction > 0")
     dense_val = dense_record["val_top1"]
-    records = [dense_record]
-    linearized = list(dense_record.get("linearized", []))
+    records = [dense_record, *history]
+    last = records[-1]
+    linearized = list(last.get("linearized", []))
     sites_total = dense_record["sites_total"]
-    total_epochs = dense_record.get("total_epochs", 0)
+    total_epochs = last.get("total_epochs", 0)
     stop_reason = "no site left to linearize"
-    stage = dense_record["stage"]
-    while True:
+    stage = last["stage"]
+    if not last.get("within_delta", True):
+        stage = -1  # the run already ended on this stage: nothing left to do
+        stop_reason = (f"stage {last['stage']} lost {last['drop']:.2f} val top-1 points > "
+                       f"delta {config.delta}")
+    while stage >= 0:
         if config.max_stages is not None and stage - dense_record["stage"] >= config.max_stages:
             stop_reason = f"max_stages={config.max_stages} reached"
             break
@@ -102,7 +111,8 @@ def easier(
             break
         linearize(model, chosen)
         linearized += chosen
-        fit = train(model, splits.train, config.finetune, progress=progress, desc=f"stage {stage}")
+        fit = train(model, splits.train, config.finetune, progress=progress, desc=f"stage {stage}",
+                    checkpointing=snapshots(f"stage {stage}") if snapshots else None)
         total_epochs += config.finetune.epochs
         val_top1 = evaluate(model, splits.val)
         record = {

@@ -10,6 +10,7 @@ are linearized, the others get their original activation back, and the model is 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from depthcut.data import DataSplits
 from depthcut.sites import find_sites, linearize, replace_module
-from depthcut.train import TrainConfig, evaluate, train
+from depthcut.train import Checkpointing, TrainConfig, evaluate, train
 
 
 class SlopedActivation(nn.Module):
@@ -68,8 +69,17 @@ def choose_by_slope(alphas: dict[str, float], k: int | None, threshold: float) -
 
 
 def layer_folding(model: nn.Module, splits: DataSplits, config: LayerFoldingConfig, *,
-                  dense_record: dict, on_stage=None, progress: bool = True) -> LayerFoldingResult:
-    """Train slopes, linearize the most linear sites, restore the rest, finetune; one stage."""
+                  dense_record: dict, history: Sequence[dict] = (), on_stage=None,
+                  progress: bool = True,
+                  snapshots: Callable[[str], Checkpointing] | None = None) -> LayerFoldingResult:
+    """Train slopes, linearize the most linear sites, restore the rest, finetune; one stage.
+
+    With its stage in `history` (a resumed run that had finished it), nothing is redone.
+    """
+    rule = f"k={config.k}" if config.k is not None else f"alpha >= {config.threshold}"
+    if history:
+        return LayerFoldingResult(records=[dense_record, *history], answer=history[-1],
+                                  stop_reason=f"one stage ({rule})", model=model)
     start = time.perf_counter()
     sites = find_sites(model)
     if config.k is not None and config.k > len(sites):
@@ -90,13 +100,15 @@ def layer_folding(model: nn.Module, splits: DataSplits, config: LayerFoldingConf
                 alpha.clamp_(min=0.0)
 
     train(model, splits.train, config.slope_training, progress=progress, desc="slopes",
-          extra_loss=penalty, after_step=clip)
+          extra_loss=penalty, after_step=clip,
+          checkpointing=snapshots("slopes") if snapshots else None)
     alphas = {site: float(wrapper.alpha.detach()) for site, wrapper in wrappers.items()}
     chosen = choose_by_slope(alphas, config.k, config.threshold)
     for site in sites:
         replace_module(model, site, originals[site])
     linearize(model, chosen)
-    fit = train(model, splits.train, config.finetune, progress=progress, desc="finetune")
+    fit = train(model, splits.train, config.finetune, progress=progress, desc="finetune",
+                checkpointing=snapshots("finetune") if snapshots else None)
     linearized = list(dense_record.get("linearized", [])) + chosen
     val_top1 = evaluate(model, splits.val) if splits.val is not None else None
     epochs = config.slope_training.epochs + config.finetune.epochs
@@ -121,6 +133,5 @@ def layer_folding(model: nn.Module, splits: DataSplits, config: LayerFoldingConf
     }
     if on_stage is not None:
         on_stage(record, model)
-    rule = f"k={config.k}" if config.k is not None else f"alpha >= {config.threshold}"
     return LayerFoldingResult(records=[dense_record, record], answer=record,
                               stop_reason=f"one stage ({rule})", model=model)

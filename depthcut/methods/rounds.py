@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -20,7 +20,7 @@ from depthcut.entropy import SiteCounts, count_states, layer_entropies
 from depthcut.methods.easier import answer_stage
 from depthcut.pruning import causes_layer_collapse, sparsity, zero_entropy_sites
 from depthcut.sites import find_sites, linearize, silence
-from depthcut.train import TrainConfig, evaluate, train
+from depthcut.train import Checkpointing, TrainConfig, evaluate, train
 
 # A method's pruning step: prunes `model` in place, given the counts measured on it, and
 # returns how many weights it pruned per layer (or per group of layers).
@@ -84,31 +84,47 @@ def pruning_rounds(
     prune_step: PruneStep,
     rule: str,
     dense_record: dict,
+    history: Sequence[dict] = (),
     on_round: Callable[[dict, nn.Module], None] | None = None,
     progress: bool = True,
+    snapshots: Callable[[str], Checkpointing] | None = None,
 ) -> PruningResult:
-    """Run pruning rounds from a trained model whose metrics are `dense_record` (round 0)."""
+    """Run pruning rounds from a trained model whose metrics are `dense_record` (round 0).
+
+    To resume, pass the rounds already done as `history` and the model (with its masks) of
+    the last one; `snapshots(name)` gives each retraining its epoch-level checkpointing.
+    """
     if splits.val is None:
         raise ValueError(f"{method} needs a validation split for its stop rule: "
                          "use val_fraction > 0")
     dense_val = dense_record["val_top1"]
-    records = [dense_record]
-    linearized = list(dense_record.get("linearized", []))
-    silenced = list(dense_record.get("silenced", []))
+    records = [dense_record, *history]
+    last = records[-1]
+    linearized = list(last.get("linearized", []))
+    silenced = list(last.get("silenced", []))
     sites_total = dense_record["sites_total"]
-    total_epochs = dense_record.get("total_epochs", 0)
-    example = next(iter(splits.test))[0][:4]
-    counts = count_states(model, splits.train_eval, find_sites(model), mode=config.entropy_mode,
-                          progress=progress)
+    total_epochs = last.get("total_epochs", 0)
     stop_reason = f"rounds={config.rounds} done"
-    stage = dense_record["stage"]
-    while config.rounds is None or stage - dense_record["stage"] < config.rounds:
+    stage = last["stage"]
+    finished = not last.get("within_delta", True) or bool(last.get("layer_collapse"))
+    if finished:
+        stop_reason = (f"round {stage} ended the run (layer collapse or the stop rule: "
+                       f"{config.describe(rule)})")
+    left = find_sites(model) if len(linearized) + len(silenced) < sites_total else []
+    if not left and not finished:
+        finished, stop_reason = True, "every site removed"
+    example = next(iter(splits.test))[0][:4]
+    counts = {} if finished else count_states(model, splits.train_eval, left,
+                                              mode=config.entropy_mode, progress=progress)
+    while not finished and (config.rounds is None
+                            or stage - dense_record["stage"] < config.rounds):
         stage += 1
         start = time.perf_counter()
         entropy_before = layer_entropies(counts)
         pruned = prune_step(model, counts)
         fit = train(model, splits.train, config.finetune, progress=progress,
-                    desc=f"round {stage}")
+                    desc=f"round {stage}",
+                    checkpointing=snapshots(f"round {stage}") if snapshots else None)
         total_epochs += config.finetune.epochs
         removed = len(linearized) + len(silenced)
         remaining = find_sites(model) if removed < sites_total else []

@@ -1,0 +1,87 @@
+"""A run killed with SIGKILL anywhere and resumed ends with the same records and weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from depthcut.run import read_records
+from tests.test_cli import write_fake_cifar10
+
+TIMING = {"seconds", "elapsed_s"}
+
+
+def depthcut(*args: str, die_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DEPTHCUT_DIE_AT", None)
+    if die_at:
+        env["DEPTHCUT_DIE_AT"] = die_at
+    return subprocess.run([sys.executable, "-m", "depthcut", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_args(root: Path, out: Path) -> list[str]:
+    # 144 training images, batch 32: 4 steps per epoch; dense 2 epochs, 2 stages of 2 epochs.
+    return ["easier", "--dataset", "cifar10", "--data-root", str(root), "--width", "0.0625",
+            "--epochs", "2", "--finetune-epochs", "2", "--max-stages", "2", "--delta", "100",
+            "--batch-size", "32", "--device", "cpu", "--out", str(out), "--no-progress"]
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: torch.load(p, weights_only=True)["state_dict"]
+            for p in sorted((run / "checkpoints").glob("stage_*.pt"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = write_fake_cifar10(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("ref") / "run"
+    done = depthcut(*run_args(root, out))
+    assert done.returncode == 0, done.stderr
+    return root, out
+
+
+KILL_POINTS = [
+    "train-step:6",  # dense training, second epoch
+    "train-step:14",  # stage 1 finetune, second epoch
+    "entropy-batch:2",  # counting states for stage 2
+    "stage-end:1",  # between stage 1 and stage 2
+    "write:stage_01.pt:1",  # half-way through writing stage 1's checkpoint
+    "write:resume.pt:3",  # half-way through an epoch snapshot
+]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_killed_run_resumes_to_the_same_result(point, reference, tmp_path):
+    root, ref = reference
+    out = tmp_path / "run"
+    killed = depthcut(*run_args(root, out), die_at=point)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert not (out / "summary.md").exists()
+    resumed = depthcut("easier", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert without_timing(read_records(out)) == without_timing(read_records(ref))
+    got, expected = weights(out), weights(ref)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        for key, tensor in expected[name].items():
+            assert torch.equal(got[name][key], tensor), (point, name, key)
+    assert not (out / "resume.pt").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_resume_refuses_a_folder_without_a_run(tmp_path, capsys):
+    from depthcut.cli import main
+
+    assert main(["easier", "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
