@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -623,7 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "report": cmd_report}
     if getattr(args, "resume", None) is not None:
         handlers[args.command] = cmd_resume
+    from depthcut import distributed
+
     try:
+        if distributed.init_from_env() and not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone reports
         return handlers[args.command](args)
     except USER_ERRORS as error:
         print(f"depthcut {args.command}: error: {error}", file=sys.stderr)
@@ -631,6 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("depthcut: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from depthcut import distributed
+
 DATASETS: tuple[str, ...] = ("cifar10", "cifar10-jpeg", "fashion-mnist")
 
 CIFAR10_CLASSES = [
@@ -698,6 +700,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         channels_last: bool = False,
         seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(
@@ -725,6 +728,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.channels_last = channels_last
         self.seed = seed
+        self.shard = shard  # (rank, world size): this process reads every world-th sample
         self.epoch = 0  # advanced by each __iter__ call; settable to resume a run
         shape = (1, channels, 1, 1)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
@@ -733,7 +737,8 @@ class BatchLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self.images)
+        rank, world = self.shard
+        return len(range(rank, len(self.images), world))
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -747,7 +752,12 @@ class BatchLoader:
         order = None
         if self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed)
-            order = torch.randperm(self.num_samples, generator=generator).to(self.device)
+            order = torch.randperm(len(self.images), generator=generator).to(self.device)
+        rank, world = self.shard
+        if world > 1:  # every rank draws the same permutation and keeps its own slice
+            if order is None:
+                order = torch.arange(len(self.images), device=self.device)
+            order = order[rank::world]
         if self.augment:
             self._augment_generator.manual_seed(epoch_seed + _AUGMENT_SEED_OFFSET)
         return self._batches(order)
@@ -811,12 +821,16 @@ def make_splits(
     # One device copy of the training subset, shared by the training and train-eval loaders.
     train_images = dataset.train_images[train_idx].to(device)
     train_labels = dataset.train_labels[train_idx].to(device)
+    # Under torch.distributed each rank trains and counts entropy on its shard (batch_size is
+    # per process); validation and test run whole on every rank.
+    shard = (distributed.rank(), distributed.world_size())
     train = BatchLoader(
         train_images, train_labels, batch_size=batch_size, shuffle=True, augment=True,
         crop_padding=dataset.crop_padding, flip=dataset.flip,
-        drop_last=len(train_idx) >= batch_size, seed=seed, **norm,
+        drop_last=len(train_idx) >= batch_size * shard[1], seed=seed, shard=shard, **norm,
     )
-    train_eval = BatchLoader(train_images, train_labels, batch_size=eval_batch_size, **norm)
+    train_eval = BatchLoader(train_images, train_labels, batch_size=eval_batch_size,
+                             shard=shard, **norm)
     val = None
     if len(val_idx):
         val = BatchLoader(

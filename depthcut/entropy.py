@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from depthcut.distributed import all_reduce_sum, world_size
 from depthcut.faults import die_at
 from depthcut.sites import SiteError, find_sites
 
@@ -172,7 +173,29 @@ def count_states(
             module.training = flag
         for buffer, value in saved:
             buffer.copy_(value)
+    if world_size() > 1:
+        _sum_over_ranks(list(counters.values()), device)
     return {name: counter.counts() for name, counter in counters.items()}
+
+
+def _sum_over_ranks(counters: list[_SignCounter], device: torch.device) -> None:
+    """Add every rank's counts (each rank counted its shard), so all ranks see the totals.
+
+    A site may be reached on some ranks only: the neuron counts are agreed on first (max), and
+    ranks that never reached it contribute zeros.
+    """
+    sizes = torch.tensor([0 if c.signed_sum is None else c.signed_sum.numel() for c in counters],
+                         dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+    for counter, size in zip(counters, sizes.tolist(), strict=True):
+        if size == 0:
+            continue
+        if counter.signed_sum is None:
+            counter.signed_sum = torch.zeros(size, dtype=torch.float64, device=device)
+            counter.nonzero = torch.zeros(size, dtype=torch.float64, device=device)
+        both = torch.stack([counter.signed_sum, counter.nonzero])
+        all_reduce_sum(both)
+        counter.signed_sum, counter.nonzero = both[0].clone(), both[1].clone()
 
 
 def layer_entropies(counts: dict[str, SiteCounts | None]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from depthcut import distributed
 from depthcut.data import DataSplits, load_dataset, make_splits
 from depthcut.faults import die_at
 from depthcut.fold import fold, median_seconds
@@ -382,6 +383,7 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
 
     stages = Stages(history=history[1:], on_stage=on_stage, snapshots=run_dir.snapshot)
     result = run(model, prepared.splits, dense, stages)
+    distributed.barrier()  # rank 0 has written every checkpoint
     answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
     folded_model, folded = fold_and_measure(answer_model, prepared.splits)
     folded["stage"] = result.answer["stage"]

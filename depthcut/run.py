@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from depthcut.distributed import is_main
 from depthcut.faults import die_at
 from depthcut.models import ModelSpec
 from depthcut.sites import linearize, silence
@@ -65,6 +66,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    if not is_main():
+        return
     atomic_write_text(path, json.dumps(_json_safe(obj), indent=2) + "\n")
 
 
@@ -98,6 +101,8 @@ class RunDir:
 
     def start(self) -> None:
         """Create the folder (clearing an old run when overwriting), once inputs are checked."""
+        if not is_main():  # under torch.distributed only rank 0 writes
+            return
         if self.resume:
             for stale in self.path.rglob(".*.tmp"):  # a write the kill interrupted
                 stale.unlink()
@@ -111,12 +116,14 @@ class RunDir:
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def write_config(self, config: dict) -> None:
-        write_json(self.path / "config.json", config)
+        if is_main():
+            write_json(self.path / "config.json", config)
 
     def add_record(self, record: dict) -> None:
         self.records.append(_json_safe(record))
-        lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        atomic_write_text(self.path / RECORDS, lines)
+        if is_main():
+            lines = "".join(json.dumps(r) + "\n" for r in self.records)
+            atomic_write_text(self.path / RECORDS, lines)
 
     def checkpoint_path(self, stage: int) -> Path:
         return self.path / "checkpoints" / f"stage_{stage:02d}.pt"
@@ -127,6 +134,8 @@ class RunDir:
         path = self.path / SNAPSHOT
 
         def save(state: dict) -> None:
+            if not is_main():
+                return
             buffer = io.BytesIO()
             torch.save({"name": name, "state": state}, buffer)
             atomic_write_bytes(path, buffer.getvalue())
@@ -141,10 +150,12 @@ class RunDir:
 
     def finish(self) -> None:
         """The run is complete: the epoch snapshot is no longer needed."""
-        (self.path / SNAPSHOT).unlink(missing_ok=True)
+        if is_main():
+            (self.path / SNAPSHOT).unlink(missing_ok=True)
 
     def write_summary(self, text: str) -> None:
-        atomic_write_text(self.path / "summary.md", text)
+        if is_main():
+            atomic_write_text(self.path / "summary.md", text)
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
@@ -162,6 +173,8 @@ def save_checkpoint(
 ) -> None:
     """Everything needed to rebuild the model: its spec, the linearized and silenced sites, and
     the weights (a pruned module's state holds weight_orig and its weight_mask)."""
+    if not is_main():
+        return
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -208,6 +221,8 @@ FOLDED_FORMAT = "depthcut-folded/1"
 
 def save_folded(path: str | Path, module: nn.Module, extra: dict | None = None) -> None:
     """Save a folded model (a torch.fx GraphModule: its code and weights) with its report."""
+    if not is_main():
+        return
     report = getattr(module, "fold_report", None)
     payload = {
         "format": FOLDED_FORMAT,

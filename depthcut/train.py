@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from depthcut.distributed import is_main, world_size
 from depthcut.faults import die_at
 
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -167,6 +168,12 @@ def train(
         result.epochs = [EpochStats(**stats) for stats in state["stats"]]
         if hasattr(loader, "epoch"):
             loader.epoch = state["loader_epoch"]
+    # Under torch.distributed the forward goes through DDP, which averages gradients over ranks
+    # (and keeps buffers such as pruning masks equal to rank 0's).
+    net: nn.Module = model
+    if world_size() > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+    progress = progress and is_main()
     for epoch in range(first_epoch, config.epochs):
         model.train()
         epoch_start = time.perf_counter()
@@ -186,7 +193,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
-            outputs = model(inputs)
+            outputs = net(inputs)
             loss = F.cross_entropy(outputs, targets, label_smoothing=config.label_smoothing)
             if extra_loss is not None:
                 loss = loss + extra_loss()
@@ -215,7 +222,7 @@ def train(
         if val_loader is not None:
             stats.val_top1 = evaluate(model, val_loader)
         result.epochs.append(stats)
-        if checkpointing is not None:
+        if checkpointing is not None and is_main():
             checkpointing.save({
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
