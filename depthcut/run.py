@@ -65,6 +65,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """torch.save, written to a temporary file and renamed (never half a checkpoint)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _load_payload(path: str | Path, what: str, weights_only: bool) -> tuple[Path, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist or is not a file")
+    try:
+        return path, torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(
+            f"{path} is not a readable {what} ({type(error).__name__}: {error})") from error
+
+
 def write_json(path: Path, obj: Any) -> None:
     if not is_main():
         return
@@ -136,9 +154,7 @@ class RunDir:
         def save(state: dict) -> None:
             if not is_main():
                 return
-            buffer = io.BytesIO()
-            torch.save({"name": name, "state": state}, buffer)
-            atomic_write_bytes(path, buffer.getvalue())
+            atomic_torch_save(path, {"name": name, "state": state})
 
         def load() -> dict | None:
             if not path.is_file():
@@ -184,21 +200,12 @@ def save_checkpoint(
         "state_dict": state,
         "extra": extra or {},
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_torch_save(Path(path), payload)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, checkpoint info)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+    path, payload = _load_payload(path, "checkpoint", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
     from depthcut.pruning import apply_masks, masks_from_state_dict
@@ -230,9 +237,7 @@ def save_folded(path: str | Path, module: nn.Module, extra: dict | None = None) 
         "report": report.to_dict() if report is not None else None,
         "extra": extra or {},
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_torch_save(Path(path), payload)
 
 
 def load_folded(path: str | Path) -> tuple[nn.Module, dict]:
@@ -241,13 +246,7 @@ def load_folded(path: str | Path) -> tuple[nn.Module, dict]:
     A folded model is stored as a pickled GraphModule, so loading it runs pickle: load only
     files you made or trust (the same rule as torch.load with weights_only=False).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"folded model {path} does not exist or is not a file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{path} is not a readable folded model ({error})") from error
+    path, payload = _load_payload(path, "folded model", weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != FOLDED_FORMAT:
         raise CheckpointError(
             f"{path} is not a folded depthcut model (format {FOLDED_FORMAT}); "

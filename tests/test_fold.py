@@ -14,21 +14,13 @@ from torch import nn
 from depthcut.fold import FoldError, add_parallel, affine_of, compose, fold
 from depthcut.models import build_model
 from depthcut.sites import find_sites, linearize, silence
+from tests.helpers import one_thread, randomize_batchnorm  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXACT = 1e-5
 
 
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics, so folding them is really tested."""
-    for module in model.modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            with torch.no_grad():
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.5)
-    return model.eval()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

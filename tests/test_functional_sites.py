@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,17 +14,13 @@ from torch import nn
 from depthcut.entropy import count_states, measure_entropy
 from depthcut.fold import fold
 from depthcut.sites import SiteError, find_sites, linearize, modularize, silence
+from tests.helpers import one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXACT = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on shared cores: one intra-op thread is far faster than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Block(nn.Module):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,6 +25,9 @@ from depthcut.models import (
     count_parameters,
 )
 from depthcut.sites import find_sites, linearize
+from tests.helpers import one_thread, randomize_batchnorm  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXACT = 1e-5
 
@@ -43,26 +45,8 @@ DEFAULT_KIND = {"resnet18": nn.ReLU, "vgg16": nn.ReLU, "mobilenetv2": nn.ReLU6,
                 "swin-t": nn.GELU, "transformer": nn.GELU}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on shared cores: one intra-op thread is far faster than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine terms, so a fold of them is really tested."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            with torch.no_grad():
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.5)
-    return model.eval()
 
 
 def example(name: str, batch: int, generator: torch.Generator) -> torch.Tensor:
