@@ -107,7 +107,9 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                        help="base settings: quick (minutes on CPU) or paper (EASIER Table 4)")
     group.add_argument("--config", type=Path, help="JSON file of settings (keys = option names)")
-    group.add_argument("--model", choices=sorted(MODELS), default=S)
+    group.add_argument("--model", default=S, metavar="MODEL",
+                       help=f"{', '.join(sorted(MODELS))}, or torchvision:NAME / timm:NAME "
+                       "(optional packages; random init, stem adapted to 32x32)")
     group.add_argument("--width", type=float, default=S, help="width multiplier")
     group.add_argument("--activation", choices=sorted(ACTIVATIONS), default=S,
                        help="default: the architecture's own")

@@ -353,6 +353,7 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
     settings = {"method": name, "experiment": config.to_dict(),
                 name: method if isinstance(method, dict) else dataclasses.asdict(method)}
     prepared = prepare(config)
+    find_sites(prepared.dense_model or prepared.spec.build())  # model errors before any write
     if check is not None:
         check(prepared)
     run_dir.start()

@@ -527,8 +527,13 @@ class ModelSpec:
     activation: str | None = None
 
     def build(self) -> nn.Module:
+        from depthcut.external import build_external, is_external
+
+        if is_external(self.name):
+            return build_external(self.name, self.num_classes, self.in_channels)
         if self.name not in MODELS:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
+            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}, "
+                             "or torchvision:NAME / timm:NAME when those are installed")
         if not self.width > 0:
             raise ValueError(f"width multiplier must be positive, got {self.width}")
         chosen = {} if self.activation is None else {"activation": self.activation}

@@ -122,3 +122,22 @@ def test_disk_full_while_writing_a_checkpoint(world, capsys, monkeypatch):
     run = world["base"] / "full"
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
     assert not (run / "config.json").exists()
+
+
+def test_unknown_model_for_a_pruning_method_writes_nothing(world, capsys):
+    args = nepenthe(world, "--model", "resnet999")
+    assert main(args) == 2
+    assert "unknown model 'resnet999'" in capsys.readouterr().err
+    assert not (world["base"] / "out").exists()
+
+
+def test_external_model_without_its_package_is_a_clear_error(world, capsys):
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent or broken: both are "cannot import"
+        assert main(easier(world, "--model", "torchvision:resnet18")) == 2
+        err = capsys.readouterr().err
+        assert "needs the optional package torchvision" in err
+        assert not (world["base"] / "out").exists()
+    else:
+        pytest.skip("torchvision is importable here")
