@@ -75,6 +75,7 @@ DEFAULTS: dict = {
     "gamma": 0.1,
     "warmup_epochs": 0.0,
     "dense_checkpoint": None,
+    "amp": False,
     "delta": 1.0,
     "k": 1,
     "entropy_mode": "eval",
@@ -124,6 +125,8 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=S)
     group.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S)
+    group.add_argument("--amp", action="store_true", default=S,
+                       help="bf16 autocast for training, evaluation and entropy counting")
     group.add_argument("--dense-checkpoint", default=S,
                        help="start from this trained checkpoint instead of training a dense model")
     train = parser.add_argument_group("training")
@@ -375,6 +378,7 @@ def experiment_config(settings: dict, progress: bool):
         channels_last=settings["channels_last"],
         dense=_train_config(settings, settings["epochs"], settings["lr"]),
         dense_checkpoint=settings["dense_checkpoint"],
+        amp=settings["amp"],
         progress=progress,
     )
 

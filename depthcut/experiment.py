@@ -65,6 +65,7 @@ class ExperimentConfig:
     channels_last: bool | None = None  # None: on for CPU, where it is measurably faster
     dense: TrainConfig = field(default_factory=TrainConfig)
     dense_checkpoint: str | None = None  # start from this trained model instead of training
+    amp: bool = False  # bf16 autocast for training, evaluation and entropy counting alike
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -367,7 +368,8 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
         dense, spec = history[0], info["spec"]
         run_start -= history[-1].get("elapsed_s", 0.0)
     else:
-        model, dense, spec = dense_model(config, prepared, run_dir)
+        with _autocast(config, prepared):
+            model, dense, spec = dense_model(config, prepared, run_dir)
 
     def on_stage(record: dict, stage_model: nn.Module) -> None:
         record["parameters"] = count_parameters(stage_model)
@@ -383,7 +385,8 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
             print(stage_table([record], header=record["stage"] == 1), flush=True)
 
     stages = Stages(history=history[1:], on_stage=on_stage, snapshots=run_dir.snapshot)
-    result = run(model, prepared.splits, dense, stages)
+    with _autocast(config, prepared):
+        result = run(model, prepared.splits, dense, stages)
     distributed.barrier()  # rank 0 has written every checkpoint
     answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
     folded_model, folded = fold_and_measure(answer_model, prepared.splits)
@@ -407,6 +410,12 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
         )
     )
     return result
+
+
+def _autocast(config: ExperimentConfig, prepared: Prepared) -> torch.autocast:
+    """bf16 autocast around a method when asked: training, evaluation and entropy counting then
+    all see the same (bf16-computed) pre-activations. Folding and its checks stay float32."""
+    return torch.autocast(prepared.device.type, dtype=torch.bfloat16, enabled=config.amp)
 
 
 def fold_and_measure(model: nn.Module, splits: DataSplits, policy: str = "macs",

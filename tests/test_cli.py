@@ -181,3 +181,15 @@ def test_fold_exports_onnx_checked_by_onnxruntime(finished_run, tmp_path, capsys
                  str(target), "--samples", "8", "--export", "onnx", "--no-progress"]) == 0
     assert "checked with onnxruntime" in capsys.readouterr().out
     assert target.with_suffix(".onnx").stat().st_size > 0
+
+
+def test_bf16_autocast_run(tmp_path):
+    root = write_fake_cifar10(tmp_path / "data")
+    out = tmp_path / "amp"
+    assert main(["easier", "--dataset", "cifar10", "--data-root", str(root), "--width", "0.0625",
+                 "--epochs", "1", "--finetune-epochs", "1", "--max-stages", "1", "--amp",
+                 "--batch-size", "32", "--device", "cpu", "--out", str(out),
+                 "--no-progress"]) == 0
+    records = read_records(out)
+    assert json.loads((out / "config.json").read_text())["experiment"]["amp"] is True
+    assert len(records) == 2 and len(records[1]["entropy"]) == 17
