@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from depthcut.reports import markdown_table
-from depthcut.run import atomic_write_text, read_records, write_json
+from depthcut.run import answer_stage, atomic_write_text, read_records, write_json
 
 STAGE_COSTS = "stage_costs.json"
 LABELS = {
@@ -49,8 +49,7 @@ class Run:
 
     @property
     def answer(self) -> dict:
-        acceptable = [r for r in self.records if r.get("within_delta", True)]
-        return acceptable[-1]
+        return answer_stage(self.records)
 
     def experiment(self, key: str):
         value = self.config.get("experiment", {}).get(key)

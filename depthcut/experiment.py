@@ -21,7 +21,7 @@ from depthcut import distributed
 from depthcut.data import DataSplits, load_dataset, make_splits
 from depthcut.faults import die_at
 from depthcut.fold import fold, median_seconds
-from depthcut.methods.easier import EasierConfig, EasierResult, easier
+from depthcut.methods.easier import EasierConfig, EasierResult, MethodResult, easier
 from depthcut.methods.imp import imp
 from depthcut.methods.layer_folding import LayerFoldingConfig, LayerFoldingResult, layer_folding
 from depthcut.methods.nepenthe import egp, nepenthe
@@ -123,7 +123,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
 
 def dense_model(
     config: ExperimentConfig, prepared: Prepared, run: RunDir
-) -> tuple[nn.Module, dict, ModelSpec]:  # noqa: D401
+) -> tuple[nn.Module, dict, ModelSpec]:
     """Train the dense model (or load `dense_checkpoint`), evaluate it and record it as stage 0."""
     splits = prepared.splits
     start = time.perf_counter()
@@ -229,12 +229,10 @@ def run_dense_longer(
 ):
     """The fair-compute reference: keep training the dense model in `chunks` runs of the
     methods' finetune schedule, recording test top-1 after each (no site removed)."""
-    from depthcut.methods.easier import EasierResult
-
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
 
-    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> EasierResult:
+    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> MethodResult:
         records = [dense, *stages.history]
         total = records[-1].get("total_epochs", 0)
         for chunk in range(records[-1]["stage"] + 1, chunks + 1):
@@ -256,7 +254,7 @@ def run_dense_longer(
             }
             records.append(record)
             stages.on_stage(record, model)
-        return EasierResult(records=records, answer=records[-1],
+        return MethodResult(records=records, answer=records[-1],
                             stop_reason=f"{chunks} chunks trained", model=model)
 
     settings = {"finetune": dataclasses.asdict(finetune), "chunks": chunks}

@@ -40,8 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from depthcut.sites import Zero
 
 POLICIES = ("macs", "all", "latency")
-_ADDS = (operator.add, operator.iadd, torch.add)
-_PASS_THROUGH = (nn.Identity, nn.Dropout)
+ADDS = (operator.add, operator.iadd, torch.add)  # calls that add two tensors
+PASS_THROUGH = (nn.Identity, nn.Dropout)  # no-ops in eval mode
 
 
 class FoldError(ValueError):
@@ -360,7 +360,7 @@ def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
 def count_ops(gm: torch.fx.GraphModule) -> int:
     """Operator calls in the graph, not counting no-ops (Identity, eval Dropout)."""
     return sum(1 for n in gm.graph.nodes if _is_op_node(n)
-               and not isinstance(_module(gm, n), _PASS_THROUGH))
+               and not isinstance(_module(gm, n), PASS_THROUGH))
 
 
 def longest_linear_path(gm: torch.fx.GraphModule) -> int:
@@ -438,7 +438,7 @@ class _Folder:
     # rules -------------------------------------------------------------------------------
     def drop_pass_through(self) -> None:
         for node in list(self.gm.graph.nodes):
-            if isinstance(_module(self.gm, node), _PASS_THROUGH) and _input_of(node) is not None:
+            if isinstance(_module(self.gm, node), PASS_THROUGH) and _input_of(node) is not None:
                 node.replace_all_uses_with(node.args[0])
                 self.gm.graph.erase_node(node)
 
@@ -491,7 +491,7 @@ class _Folder:
                           macs_before, lambda x: module_b(module_a(x)))
 
     def try_parallel(self, node: torch.fx.Node) -> bool:
-        if node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
+        if node.target not in ADDS or len(node.args) != 2 or node.kwargs:
             return False
         left, right = node.args
         if not all(isinstance(arg, torch.fx.Node) for arg in (left, right)):
@@ -533,7 +533,7 @@ class _Folder:
         return False
 
     def try_bias(self, node: torch.fx.Node) -> bool:
-        if node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
+        if node.target not in ADDS or len(node.args) != 2 or node.kwargs:
             return False
         for op_node, other in (node.args, reversed(node.args)):
             if not (isinstance(other, torch.fx.Node) and other.op == "get_attr"

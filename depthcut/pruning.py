@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -23,13 +22,11 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from depthcut.entropy import SiteCounts
-from depthcut.fold import FoldError, fold, trace
+from depthcut.fold import ADDS, PASS_THROUGH, FoldError, fold, trace
 from depthcut.sites import SiteError, find_sites, silence
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
-_PASS_THROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout)
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 
 
@@ -177,10 +174,10 @@ def _feeding_ops(gm: torch.fx.GraphModule, site: torch.fx.Node) -> list[torch.fx
             module = gm.get_submodule(str(node.target))
             if isinstance(module, PRUNABLE_TYPES):
                 found.append(node)
-            elif isinstance(module, _NORM_TYPES + _PASS_THROUGH_TYPES) and node.args:
+            elif isinstance(module, _NORM_TYPES + PASS_THROUGH) and node.args:
                 if isinstance(node.args[0], torch.fx.Node):
                     stack.append(node.args[0])
-        elif (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        elif (node.op == "call_function" and node.target in ADDS) or (
             node.op == "call_method" and node.target in _ADD_METHODS
         ):
             stack.extend(node.all_input_nodes)

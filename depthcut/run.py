@@ -174,6 +174,11 @@ class RunDir:
             atomic_write_text(self.path / "summary.md", text)
 
 
+def answer_stage(records: Sequence[dict]) -> dict:
+    """The answer of a run: its last stage within the method's stop rule (stage 0 always is)."""
+    return [r for r in records if r.get("within_delta", True)][-1]
+
+
 def read_records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / RECORDS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -20,7 +20,7 @@ from depthcut.fold import count_macs
 from depthcut.methods.easier import EasierConfig
 from depthcut.models import build_model, count_parameters, default_activation
 from depthcut.reports import markdown_table
-from depthcut.run import read_records
+from depthcut.run import answer_stage, read_records
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig
 
@@ -39,7 +39,7 @@ def run(name: str, width: float, activation: str | None, args, out: Path, *, sub
                           finetune=TrainConfig(epochs=1, lr=0.01, weight_decay=5e-4))
     if (out / "summary.md").is_file():  # finished before: read it instead of training again
         records = read_records(out)
-        answer = [r for r in records if r["within_delta"]][-1]
+        answer = answer_stage(records)
         return {"dense": records[0], "answer": answer, "minutes": records[-1]["elapsed_s"] / 60}
     start = time.perf_counter()
     result = run_easier(config, method, out, overwrite=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from depthcut.cli import main
-from tests.test_cli import write_fake_cifar10
+from tests.helpers import write_fake_cifar10
 
 TINY = ["--width", "0.0625", "--epochs", "1", "--finetune-epochs", "1", "--max-stages", "1",
         "--batch-size", "32", "--device", "cpu", "--no-progress"]

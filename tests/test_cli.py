@@ -1,36 +1,15 @@
 """A short end-to-end CLI run on a tiny CIFAR-10-format dataset, and the CLI's clear errors."""
 
 import json
-import pickle
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from depthcut.cli import main
 from depthcut.run import load_checkpoint, read_records
-
-
-def write_fake_cifar10(root: Path, train: int = 160, test: int = 60) -> Path:
-    """torchvision's pickle layout with random pixels, so the real loader path is exercised."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    per_batch = train // 5
-    for index in range(1, 6):
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist()}
-        (folder / f"data_batch_{index}").write_bytes(pickle.dumps(batch))
-    batch = {b"data": rng.integers(0, 256, (test, 3072), dtype=np.uint8),
-             b"labels": rng.integers(0, 10, test).tolist()}
-    (folder / "test_batch").write_bytes(pickle.dumps(batch))
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-             b"ship", b"truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
-    return root
+from tests.helpers import write_fake_cifar10
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from depthcut.cli import main
 from depthcut.run import read_records
-from tests.test_cli import write_fake_cifar10
+from tests.helpers import write_fake_cifar10
 
 
 @pytest.fixture(scope="module")

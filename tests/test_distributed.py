@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from depthcut.run import read_records
-from tests.test_cli import write_fake_cifar10
+from tests.helpers import write_fake_cifar10
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):

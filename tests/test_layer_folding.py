@@ -9,7 +9,7 @@ from torch import nn
 from depthcut.cli import main
 from depthcut.methods.layer_folding import LayerFoldingConfig, SlopedActivation, choose_by_slope
 from depthcut.run import load_checkpoint, read_records
-from tests.test_cli import write_fake_cifar10
+from tests.helpers import write_fake_cifar10
 
 
 def test_sloped_activation_interpolates_between_relu_and_identity():

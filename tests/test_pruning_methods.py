@@ -12,7 +12,7 @@ from depthcut.cli import main
 from depthcut.methods.rounds import PruningConfig
 from depthcut.pruning import is_pruned, nonzero_count
 from depthcut.run import load_checkpoint, read_records
-from tests.test_cli import write_fake_cifar10
+from tests.helpers import write_fake_cifar10
 
 
 @pytest.fixture(scope="module")

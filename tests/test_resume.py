@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from depthcut.run import read_records
-from tests.test_cli import write_fake_cifar10
+from tests.helpers import write_fake_cifar10
 
 TIMING = {"seconds", "elapsed_s"}
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from depthcut.data import DataSplits
 from depthcut.entropy import measure_entropy
+from depthcut.run import answer_stage
 from depthcut.sites import find_sites, linearize
 from depthcut.train import Checkpointing, TrainConfig, evaluate, train
 
@@ -47,18 +48,18 @@ def within_delta(dense_top1: float, top1: float, delta: float) -> bool:
     return dense_top1 - top1 <= delta
 
 
-def answer_stage(records: Sequence[dict]) -> dict:
-    """The last stage whose validation top-1 is within delta of the dense model."""
-    return [r for r in records if r["within_delta"]][-1]
-
-
 @dataclass
-class EasierResult:
+class MethodResult:
+    """What every method returns (EASIER, the pruning rounds, Layer Folding, dense longer)."""
+
     records: list[dict]
     answer: dict
     stop_reason: str
     model: nn.Module  # the model of the last stage run (not necessarily the answer)
-    folded: dict | None = None  # the answer stage folded and measured (set by run_easier)
+    folded: dict | None = None  # the answer stage folded and measured (set by the run)
+
+
+EasierResult = MethodResult
 
 
 def easier(

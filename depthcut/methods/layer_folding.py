@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from depthcut.data import DataSplits
+from depthcut.methods.easier import MethodResult
 from depthcut.sites import find_sites, linearize, replace_module
 from depthcut.train import Checkpointing, TrainConfig, evaluate, train
 
@@ -51,13 +52,7 @@ class LayerFoldingConfig:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
 
 
-@dataclass
-class LayerFoldingResult:
-    records: list[dict]
-    answer: dict
-    stop_reason: str
-    model: nn.Module
-    folded: dict | None = None
+LayerFoldingResult = MethodResult
 
 
 def choose_by_slope(alphas: dict[str, float], k: int | None, threshold: float) -> list[str]:

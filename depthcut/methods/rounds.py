@@ -17,8 +17,9 @@ from torch import nn
 
 from depthcut.data import DataSplits
 from depthcut.entropy import SiteCounts, count_states, layer_entropies
-from depthcut.methods.easier import answer_stage
+from depthcut.methods.easier import MethodResult
 from depthcut.pruning import causes_layer_collapse, sparsity, zero_entropy_sites
+from depthcut.run import answer_stage
 from depthcut.sites import find_sites, linearize, silence
 from depthcut.train import Checkpointing, TrainConfig, evaluate, train
 
@@ -66,13 +67,7 @@ class PruningConfig:
         return f"delta {self.delta} top-1 points (validation split)"
 
 
-@dataclass
-class PruningResult:
-    records: list[dict]
-    answer: dict
-    stop_reason: str
-    model: nn.Module  # the model of the last round run (not necessarily the answer)
-    folded: dict | None = None
+PruningResult = MethodResult
 
 
 def pruning_rounds(
