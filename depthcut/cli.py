@@ -30,6 +30,7 @@ PRESETS: dict[str, dict] = {
         "lr": 0.1,
         "schedule": "cosine",
         "weight_decay": 5e-4,
+        "decay_norm_and_bias": False,  # no weight decay on BatchNorm weights and biases
         "nesterov": True,
         "finetune_epochs": 3,
         "finetune_lr": 0.02,
@@ -38,16 +39,18 @@ PRESETS: dict[str, dict] = {
         "slope_epochs": 3,
         "slope_lr": 0.02,
     },
-    # EASIER Table 4 (CIFAR-10, ResNet-18): full width, 160 epochs per stage, lr 0.1,
-    # milestones 80/120, gamma 0.1, weight decay 1e-4, momentum 0.9; every site may go.
+    # EASIER Table 4 (CIFAR-10): full width, 160 epochs per stage, lr per architecture
+    # (PAPER_LR), milestones 80/120, gamma 0.1, momentum 0.9, weight decay 1e-4 on every
+    # parameter as in the authors' code; every site may go.
     "paper": {
         "width": 1.0,
         "epochs": 160,
-        "lr": 0.1,
+        "lr": None,  # PAPER_LR of the model
         "schedule": "multistep",
         "milestones": [80, 120],
         "gamma": 0.1,
         "weight_decay": 1e-4,
+        "decay_norm_and_bias": True,
         "nesterov": False,
         "finetune_epochs": 160,
         "finetune_lr": None,  # same as lr
@@ -57,6 +60,11 @@ PRESETS: dict[str, dict] = {
         "slope_lr": None,  # same as lr
     },
 }
+
+# EASIER Table 4 learning rates. Table 4 gives none for the sequence transformer or for
+# torchvision:/timm: models: they get PAPER_LR_OTHER (the ResNet-18 value).
+PAPER_LR: dict[str, float] = {"resnet18": 0.1, "mobilenetv2": 0.1, "vgg16": 0.01, "swin-t": 0.001}
+PAPER_LR_OTHER = 0.1
 
 DEFAULTS: dict = {
     "model": "resnet18",
@@ -69,7 +77,8 @@ DEFAULTS: dict = {
     "batch_size": 128,
     "seed": 0,
     "device": "auto",
-    "channels_last": None,
+    "channels_last": "auto",
+    "decay_norm_and_bias": False,
     "momentum": 0.9,
     "milestones": [80, 120],
     "gamma": 0.1,
@@ -79,6 +88,8 @@ DEFAULTS: dict = {
     "delta": 1.0,
     "k": 1,
     "entropy_mode": "eval",
+    "entropy_variant": "paper",
+    "reallocate": "fixed",
     "zeta": 0.5,
     "temperature": 1.0,
     "theta": 0.99,
@@ -124,21 +135,34 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=S)
     group.add_argument("--seed", type=int, default=S)
     group.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=S)
+    group.add_argument("--channels-last", choices=("on", "off", "auto"), default=S,
+                       help="memory format of images and convolutions: on, off, or auto "
+                       "(default): depthcut picks per model, contiguous when a strided 1x1 "
+                       "convolution has few input channels (a oneDNN bug on some CPUs)")
+    group.add_argument("--no-channels-last", dest="channels_last", action="store_const",
+                       const="off", default=S, help="same as --channels-last off")
     group.add_argument("--amp", action="store_true", default=S,
                        help="bf16 autocast for training, evaluation and entropy counting")
     group.add_argument("--dense-checkpoint", default=S,
                        help="start from this trained checkpoint instead of training a dense model")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=S, help="dense training epochs")
-    train.add_argument("--lr", type=float, default=S, help="dense learning rate")
+    train.add_argument("--lr", type=float, default=S,
+                       help="dense learning rate (quick: 0.1; paper: Table 4 per model: 0.1 "
+                       "ResNet-18 and MobileNetV2, 0.01 VGG-16, 0.001 Swin-T; 0.1 for models "
+                       "Table 4 does not list)")
     train.add_argument("--schedule", choices=SCHEDULES, default=S)
     train.add_argument("--milestones", type=int, nargs="*", default=S,
                        help="multistep schedule: epochs at which lr is multiplied by gamma")
     train.add_argument("--gamma", type=float, default=S)
     train.add_argument("--momentum", type=float, default=S)
     train.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S)
-    train.add_argument("--weight-decay", type=float, default=S)
+    train.add_argument("--weight-decay", type=float, default=S,
+                       help="quick: 5e-4; paper: 1e-4")
+    train.add_argument("--decay-norm-bias", dest="decay_norm_and_bias",
+                       action=argparse.BooleanOptionalAction, default=S,
+                       help="weight decay also on BatchNorm/LayerNorm weights and biases "
+                       "(paper preset: on, as the authors' code; quick: off)")
     train.add_argument("--warmup-epochs", type=float, default=S)
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, help="run directory (required unless --resume)")
@@ -147,6 +171,9 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
                      help="continue an interrupted run with its own settings (other options "
                      "are ignored) from its last finished epoch")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--print-config", action="store_true",
+                     help="print the resolved settings (preset, then --config, then flags) as "
+                     "JSON and exit, without loading data or training; --out not needed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_options(easier)
     group = easier.add_argument_group("EASIER")
     _easier_options(group)
+    _entropy_variant_option(group)
     _finetune_options(group)
 
     for name, text in (("nepenthe", "NEPENTHE: entropy-guided pruning until theta"),
@@ -168,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         _experiment_options(command)
         group = command.add_argument_group(name.upper())
         _pruning_options(group, name)
+        _entropy_variant_option(group)
         if name != "nepenthe":
             group.add_argument("--delta", type=float, default=argparse.SUPPRESS,
                                help="answer: last round within delta val top-1 points "
@@ -188,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: all but easier-k2)")
     compare.add_argument("--no-fair-reference", action="store_true",
                          help="skip training the dense model as long as each method")
-    _easier_options(compare.add_argument_group("EASIER (delta also serves EGP and IMP)"))
+    group = compare.add_argument_group("EASIER (delta also serves EGP and IMP)")
+    _easier_options(group)
+    _entropy_variant_option(group)
     _pruning_options(compare.add_argument_group("NEPENTHE, EGP, IMP"), "nepenthe")
     _folding_options(compare.add_argument_group("Layer Folding"), "--lf-k")
     _finetune_options(compare.add_argument_group("finetuning (every method)"))
@@ -241,7 +272,18 @@ def _finetune_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--finetune-lr", type=float, default=S,
                        help="retraining learning rate (default: preset; paper: same as --lr)")
     group.add_argument("--entropy-mode", choices=("eval", "train"), default=S,
-                       help="model mode while counting (train = the EASIER authors' code)")
+                       help="model mode while counting: eval (default) or train (BatchNorm "
+                       "batch statistics)")
+
+
+def _entropy_variant_option(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--entropy-variant", choices=("paper", "easier-code", "egp-code"),
+                       default=argparse.SUPPRESS,
+                       help="how site entropy is counted: paper = the METHODS definition "
+                       "(default); easier-code = the EASIER authors' counting rule (z >= 0 is "
+                       "ON, per-batch entropies averaged, train mode on augmented batches); "
+                       "egp-code = the EGP code's rule (average only over non-constant "
+                       "channels per batch). IMP chooses by magnitude but still records it")
 
 
 def _easier_options(group: argparse._ArgumentGroup) -> None:
@@ -278,6 +320,11 @@ def _pruning_options(group: argparse._ArgumentGroup, name: str) -> None:
     if name == "nepenthe":
         group.add_argument("--theta", type=float, default=S,
                            help="stop when val top-1 < theta x dense val top-1 (default 0.99)")
+    if name != "imp":
+        group.add_argument("--reallocate", choices=("fixed", "recompute"), default=S,
+                           help="when a capped layer's share is re-allocated: fixed = keep "
+                           "the first step's irrelevances (default); recompute = recompute "
+                           "them over the layers still uncapped (the EGP code)")
     group.add_argument("--rounds", type=int, default=S,
                        help="at most this many rounds (quick preset: 5; paper: no limit)")
 
@@ -333,11 +380,18 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                 f"{', '.join(sorted(settings))}"
             )
         settings.update(loaded)
-    if args.out is None:
+    if args.out is None and not getattr(args, "print_config", False):
         raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
     skip = {"command", "preset", "config", "out", "overwrite", "no_progress",
-            "no_fair_reference", "resume"}
+            "no_fair_reference", "resume", "print_config"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip})
+    # Older config files wrote channels_last as true / false / null.
+    legacy = {True: "on", False: "off", None: "auto"}
+    if not isinstance(settings["channels_last"], str):
+        settings["channels_last"] = legacy.get(settings["channels_last"],
+                                               settings["channels_last"])
+    if settings["lr"] is None:  # the paper preset: Table 4's rate for this architecture
+        settings["lr"] = PAPER_LR.get(settings["model"], PAPER_LR_OTHER)
     for key in ("finetune_lr", "slope_lr"):
         if settings[key] is None:
             settings[key] = settings["lr"]
@@ -357,6 +411,7 @@ def _train_config(settings: dict, epochs: int, lr: float):
         milestones=tuple(settings["milestones"]),
         gamma=settings["gamma"],
         warmup_epochs=settings["warmup_epochs"],
+        decay_norm_and_bias=settings["decay_norm_and_bias"],
     )
 
 
@@ -392,6 +447,7 @@ def _easier_config(settings: dict):
         max_stages=settings["max_stages"],
         finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
         entropy_mode=settings["entropy_mode"],
+        entropy_variant=settings["entropy_variant"],
     )
 
 
@@ -406,6 +462,8 @@ def _pruning_config(settings: dict):
         rounds=settings["rounds"],
         finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
         entropy_mode=settings["entropy_mode"],
+        entropy_variant=settings["entropy_variant"],
+        reallocate=settings["reallocate"],
     )
 
 
@@ -419,6 +477,30 @@ def _folding_config(settings: dict):
         slope_training=_train_config(settings, settings["slope_epochs"], settings["slope_lr"]),
         finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
     )
+
+
+def cmd_print_config(args: argparse.Namespace) -> int:
+    """Print the resolved settings as JSON (a valid --config file) and exit; no data, no run.
+
+    The method configs are built too, so a bad value is reported here as it would be by a run.
+    With --resume, print the run's own saved config.json instead.
+    """
+    if getattr(args, "resume", None) is not None:
+        path = args.resume / "config.json"
+        if not path.is_file():
+            raise RunDirError(f"{args.resume} holds no config.json: not a depthcut run")
+        print(path.read_text().rstrip())
+        return 0
+    settings = resolve_settings(args)
+    experiment_config(settings, progress=False)
+    builders = {"easier": (_easier_config,), "nepenthe": (_pruning_config,),
+                "egp": (_pruning_config,), "imp": (_pruning_config,),
+                "layer-folding": (_folding_config,),
+                "compare": (_easier_config, _pruning_config, _folding_config)}
+    for build in builders[args.command]:
+        build(settings)
+    print(json.dumps(settings, indent=2, sort_keys=True, default=str))
+    return 0
 
 
 def cmd_easier(args: argparse.Namespace) -> int:
@@ -630,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "report": cmd_report}
     if getattr(args, "resume", None) is not None:
         handlers[args.command] = cmd_resume
+    if getattr(args, "print_config", False):
+        handlers[args.command] = cmd_print_config
     from depthcut import distributed
 
     try:

@@ -4,6 +4,15 @@ For every neuron (channel) of every rectifier site we count how often its pre-ac
 positive (ON) or negative (OFF) over a dataset; exact zeros are not counted. Counts are streamed
 batch by batch, so memory is O(neurons) whatever the dataset size, and are turned into entropies
 once at the end.
+
+That is the papers' definition (variant "paper", the default). The authors' code computes
+something else; those counting rules are offered under their own names, so that a result says
+which one it used (see `count_states`):
+- "easier-code": z >= 0 is ON (zeros count ON); per batch, p = fraction ON over the batch's
+  samples and positions, layer entropy = mean neuron entropy; result = mean over batches.
+- "egp-code": z > 0 is ON (zeros count OFF); per batch, mean neuron entropy over the "mixed"
+  channels only (0 < p < 1), 0 for a batch with none; result = mean over batches, every batch
+  weighing the same (EGP's code divides the sum by the number of batches).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from depthcut.sites import SiteError, find_sites
 
 # A float32 sum of +-1/0 values is exact while it stays below 2**24 in magnitude.
 _FLOAT32_EXACT = 2**24
+
+ENTROPY_VARIANTS = ("paper", "easier-code", "egp-code")
 
 
 @dataclass
@@ -51,6 +62,24 @@ class SiteCounts:
         return self.n_on == 0
 
 
+@dataclass
+class BatchAveragedCounts(SiteCounts):
+    """Counts of a code variant ("easier-code", "egp-code"), whose layer entropy is a mean of
+    per-batch layer entropies and so cannot be recomputed from the totals.
+
+    n_on / n_off are totals under the variant's rule for zeros (easier-code: z >= 0 is ON;
+    egp-code: z > 0 is ON), so always_on / always_off and zero-entropy checks still apply;
+    `neuron_entropy()` is the pooled per-neuron entropy of those totals.
+    """
+
+    variant: str = "easier-code"
+    entropy_sum: float = 0.0  # sum over batches of the batch's layer entropy
+    batches: int = 0  # batches in which the site ran
+
+    def layer_entropy(self) -> float:
+        return self.entropy_sum / self.batches if self.batches else math.nan
+
+
 def neuron_entropy(n_on: torch.Tensor, n_off: torch.Tensor) -> torch.Tensor:
     """Binary entropy in bits of each neuron's ON/OFF frequencies; 0 for a neuron never counted."""
     total = (n_on + n_off).to(torch.float64)
@@ -63,9 +92,24 @@ def neuron_entropy(n_on: torch.Tensor, n_off: torch.Tensor) -> torch.Tensor:
     return -(plogp(p_on) + plogp(p_off))
 
 
-def _channel_dim(z: torch.Tensor) -> int:
-    """Neuron axis: dim 1 of (N, C, H, W) maps, the last dim of (N, C) and (N, T, C) tensors."""
-    return 1 if z.dim() >= 4 else z.dim() - 1
+def _channel_dim(z: torch.Tensor, override: int | None = None, name: str = "") -> int:
+    """Neuron axis: dim 1 of (N, C, H, W) maps, the last dim of (N, C) and (N, T, C) tensors.
+
+    A 3-D tensor can be (N, T, C) tokens or a Conv1d (N, C, L) map; only the caller knows, so
+    `override` (the caller's channel_dim) picks the axis; the batch axis 0 cannot be it.
+    """
+    if override is None:
+        return 1 if z.dim() >= 4 else z.dim() - 1
+    if isinstance(override, bool) or not isinstance(override, int):
+        raise ValueError(f"channel_dim must be an int, got {override!r} for site {name!r}")
+    dim = override + z.dim() if override < 0 else override
+    if not 1 <= dim < z.dim():
+        raise ValueError(
+            f"channel_dim={override} does not fit site {name!r}: its input has shape "
+            f"{tuple(z.shape)}; the channel axis must be one of dims 1..{z.dim() - 1} "
+            "(dim 0 is the batch)"
+        )
+    return dim
 
 
 def _inputs(batches: Iterable) -> Iterator[torch.Tensor]:
@@ -84,10 +128,17 @@ def _inputs(batches: Iterable) -> Iterator[torch.Tensor]:
 class _SignCounter:
     """Forward pre-hook that adds one site's sign counts, read before the op can run in place."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, variant: str = "paper", channel_dim: int | None = None) -> None:
         self.name = name
+        self.variant = variant
+        self.channel_dim = channel_dim
         self.signed_sum: torch.Tensor | None = None  # sum of sign(z) = n_on - n_off
         self.nonzero: torch.Tensor | None = None  # sum of |sign(z)| = n_on + n_off
+        # Code variants: float64 totals (exact to 2**53) and the sum of per-batch entropies.
+        self.on: torch.Tensor | None = None
+        self.off: torch.Tensor | None = None
+        self.entropy_sum: torch.Tensor | None = None
+        self.batches: torch.Tensor | None = None
         self.called = False
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
@@ -97,9 +148,12 @@ class _SignCounter:
             )
         self.called = True
         z = args[0].detach()
-        dim = _channel_dim(z)
+        dim = _channel_dim(z, self.channel_dim, self.name)
         dims = [d for d in range(z.dim()) if d != dim]
         per_neuron = z.numel() // max(z.shape[dim], 1)
+        if self.variant != "paper":
+            self._add_batch(z, dims, per_neuron)
+            return
         dtype = torch.float32 if per_neuron < _FLOAT32_EXACT else torch.float64
         signs = torch.sign(z).to(dtype)
         signed = signs.sum(dim=dims).to(torch.float64)
@@ -110,7 +164,46 @@ class _SignCounter:
             self.signed_sum += signed
             self.nonzero += nonzero
 
+    def _add_batch(self, z: torch.Tensor, dims: list[int], per_neuron: int) -> None:
+        """One comparison and one sum per site; the batch entropy stays on the device."""
+        if self.variant == "easier-code":
+            off = (z < 0).sum(dim=dims).to(torch.float64)  # zeros count ON
+            on = per_neuron - off
+        else:  # egp-code: heaviside(z, 0), zeros count OFF
+            on = (z > 0).sum(dim=dims).to(torch.float64)
+            off = per_neuron - on
+        entropy = neuron_entropy(on, off)
+        if self.variant == "easier-code":
+            batch_h = entropy.mean()
+        else:
+            mixed = (on > 0) & (off > 0)
+            batch_h = (entropy * mixed).sum() / mixed.sum().clamp(min=1)
+        if self.on is None:
+            self.on, self.off = on, off
+            self.entropy_sum = batch_h
+            self.batches = torch.ones((), dtype=torch.float64, device=on.device)
+        else:
+            self.on += on
+            self.off += off
+            self.entropy_sum += batch_h
+            self.batches += 1
+
+    def size(self) -> int:
+        """Neurons counted so far on this rank; 0 if the site never ran."""
+        tensor = self.signed_sum if self.variant == "paper" else self.on
+        return 0 if tensor is None else int(tensor.numel())
+
     def counts(self) -> SiteCounts | None:
+        if self.variant != "paper":
+            if self.on is None:
+                return None
+            return BatchAveragedCounts(
+                n_on=self.on.round().to(torch.int64).cpu(),
+                n_off=self.off.round().to(torch.int64).cpu(),
+                variant=self.variant,
+                entropy_sum=float(self.entropy_sum),
+                batches=int(self.batches),
+            )
         if self.signed_sum is None:
             return None
         n_on = ((self.nonzero + self.signed_sum) / 2).round().to(torch.int64).cpu()

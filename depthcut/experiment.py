@@ -20,6 +20,7 @@ from torch import nn
 from depthcut import distributed
 from depthcut.data import DataSplits, load_dataset, make_splits
 from depthcut.faults import die_at
+from depthcut.memory_format import MemoryFormat, choose_memory_format
 from depthcut.fold import fold, median_seconds
 from depthcut.methods.easier import EasierConfig, EasierResult, MethodResult, easier
 from depthcut.methods.imp import imp
@@ -62,7 +63,9 @@ class ExperimentConfig:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"
-    channels_last: bool | None = None  # None: on for CPU, where it is measurably faster
+    # "auto": channels_last on CPU unless a strided 1x1 conv has < 16 input channels (a oneDNN
+    # bug, see memory_format); "on"/"off" force it. Old configs' None/True/False are accepted.
+    channels_last: str | bool | None = "auto"
     dense: TrainConfig = field(default_factory=TrainConfig)
     dense_checkpoint: str | None = None  # start from this trained model instead of training
     amp: bool = False  # bf16 autocast for training, evaluation and entropy counting alike
@@ -78,25 +81,16 @@ class Prepared:
     spec: ModelSpec
     device: torch.device
     channels_last: bool = False
+    memory_format: MemoryFormat | None = None  # the choice and its reason (config.json)
     dense_model: nn.Module | None = None  # loaded from config.dense_checkpoint, checked
     dense_info: dict | None = None
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
-    """Load the dataset and build its splits on the chosen device."""
+    """Load the dataset, check the dense checkpoint, choose the memory format, build the splits."""
     device = resolve_device(config.device)
-    channels_last = device.type == "cpu" if config.channels_last is None else config.channels_last
     dataset = load_dataset(
         config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
-    )
-    splits = make_splits(
-        dataset,
-        val_fraction=config.val_fraction,
-        train_subset=config.train_subset,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        device=device,
-        channels_last=channels_last,
     )
     spec = ModelSpec(
         name=config.model,
@@ -105,9 +99,9 @@ def prepare(config: ExperimentConfig) -> Prepared:
         width=config.width,
         activation=config.activation or default_activation(config.model),
     )
-    prepared = Prepared(splits=splits, spec=spec, device=device, channels_last=channels_last)
+    dense, info = None, None
     if config.dense_checkpoint:
-        model, info = load_checkpoint(config.dense_checkpoint)
+        dense, info = load_checkpoint(config.dense_checkpoint)
         mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(spec, key)})"
                       for key in ("name", "num_classes", "in_channels", "width", "activation")
                       if getattr(info["spec"], key) != getattr(spec, key)]
@@ -117,8 +111,20 @@ def prepare(config: ExperimentConfig) -> Prepared:
                 f"and data: {'; '.join(mismatched)}. Pass matching --model/--width/--activation "
                 "or another checkpoint."
             )
-        prepared.dense_model, prepared.dense_info = model, info
-    return prepared
+    memory_format = choose_memory_format(dense if dense is not None else spec.build(), device,
+                                         config.channels_last)
+    splits = make_splits(
+        dataset,
+        val_fraction=config.val_fraction,
+        train_subset=config.train_subset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=device,
+        channels_last=memory_format.channels_last,
+    )
+    return Prepared(splits=splits, spec=spec, device=device,
+                    channels_last=memory_format.channels_last, memory_format=memory_format,
+                    dense_model=dense, dense_info=info)
 
 
 def dense_model(
@@ -355,6 +361,7 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
     find_sites(prepared.dense_model or prepared.spec.build())  # model errors before any write
     if check is not None:
         check(prepared)
+    settings["memory_format"] = prepared.memory_format.to_dict()
     run_dir.start()
     history = run_dir.records if resume else []
     if not resume:

@@ -38,6 +38,9 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    # False: no weight decay on 1-D parameters (BatchNorm/LayerNorm weights and biases), as is
+    # usual for SGD. True: weight decay on every parameter, as the EASIER authors' code does.
+    decay_norm_and_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -119,14 +122,19 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD; no weight decay on BatchNorm/bias parameters (1-D tensors), as is usual for SGD."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    """SGD. Weight decay on every parameter when `config.decay_norm_and_bias` (one group);
+    otherwise none on BatchNorm/bias parameters (1-D tensors), as is usual for SGD."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.decay_norm_and_bias:
+        groups = [{"params": trainable, "weight_decay": config.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in trainable if p.dim() > 1],
+             "weight_decay": config.weight_decay},
+            {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
+        ]
     return torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+        groups,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0,
