@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from depthcut.data import DATASETS, DatasetNotFoundError
+from depthcut.entropy import ENTROPY_VARIANTS
 from depthcut.export import ExportError
 from depthcut.fold import POLICIES, FoldError
 from depthcut.models import ACTIVATIONS, MODELS
+from depthcut.pruning import REALLOCATE
 from depthcut.run import CheckpointError, RunDirError
 from depthcut.sites import SiteError
 from depthcut.train import SCHEDULES
@@ -137,8 +139,9 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1, ...")
     group.add_argument("--channels-last", choices=("on", "off", "auto"), default=S,
                        help="memory format of images and convolutions: on, off, or auto "
-                       "(default): depthcut picks per model, contiguous when a strided 1x1 "
-                       "convolution has few input channels (a oneDNN bug on some CPUs)")
+                       "(default): depthcut picks per model: channels_last on CPU, but "
+                       "contiguous when a strided 1x1 convolution has fewer than 16 input "
+                       "channels (a oneDNN bug on some CPUs); contiguous on GPU")
     group.add_argument("--no-channels-last", dest="channels_last", action="store_const",
                        const="off", default=S, help="same as --channels-last off")
     group.add_argument("--amp", action="store_true", default=S,
@@ -277,7 +280,7 @@ def _finetune_options(group: argparse._ArgumentGroup) -> None:
 
 
 def _entropy_variant_option(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--entropy-variant", choices=("paper", "easier-code", "egp-code"),
+    group.add_argument("--entropy-variant", choices=ENTROPY_VARIANTS,
                        default=argparse.SUPPRESS,
                        help="how site entropy is counted: paper = the METHODS definition "
                        "(default); easier-code = the EASIER authors' counting rule (z >= 0 is "
@@ -321,7 +324,7 @@ def _pruning_options(group: argparse._ArgumentGroup, name: str) -> None:
         group.add_argument("--theta", type=float, default=S,
                            help="stop when val top-1 < theta x dense val top-1 (default 0.99)")
     if name != "imp":
-        group.add_argument("--reallocate", choices=("fixed", "recompute"), default=S,
+        group.add_argument("--reallocate", choices=REALLOCATE, default=S,
                            help="when a capped layer's share is re-allocated: fixed = keep "
                            "the first step's irrelevances (default); recompute = recompute "
                            "them over the layers still uncapped (the EGP code)")

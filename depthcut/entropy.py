@@ -18,7 +18,7 @@ which one it used (see `count_states`):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -228,23 +228,41 @@ def count_states(
     mode: str = "eval",
     max_batches: int | None = None,
     progress: bool = False,
+    variant: str = "paper",
+    channel_dim: int | Mapping[str, int] | None = None,
 ) -> dict[str, SiteCounts | None]:
     """Per-neuron ON/OFF counts for each site; None for a site the forward never reached.
 
-    The model runs in eval() mode by default (`mode="train"` reproduces the EASIER authors'
-    variant); hooks are removed and every submodule's train/eval flag and buffer (BatchNorm
-    running statistics) are restored afterwards.
+    `mode`: the model runs in eval() mode by default; "train" uses BatchNorm batch statistics.
+    Hooks are removed and every submodule's train/eval flag and buffer (BatchNorm running
+    statistics) are restored afterwards.
+
+    `variant` picks the counting rule (module docstring); `mode` and `batches` stay the
+    caller's. "paper" gives `SiteCounts`; the code variants give `BatchAveragedCounts`, whose
+    `layer_entropy()` is the variant's. "easier-code" is the EASIER authors' counting rule; their
+    code counts in train() mode on augmented training batches during the last training epoch,
+    while the weights still change; here the weights are frozen and the batches are one extra
+    pass over whatever the caller passes (pass mode="train" and augmented batches to be closest).
+
+    `channel_dim`: the neuron axis of 3-D inputs, which are taken as (N, T, C) tokens by default
+    (last dim); pass 1 for Conv1d (N, C, L) maps. An int applies to every site, a mapping
+    {site: dim} to the sites it names; an axis a site's input does not have raises ValueError.
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    if variant not in ENTROPY_VARIANTS:
+        raise ValueError(
+            f"variant must be one of {', '.join(map(repr, ENTROPY_VARIANTS))}, got {variant!r}"
+        )
     names = list(sites) if sites is not None else find_sites(model)
     modules = dict(model.named_modules())
     missing = [name for name in names if name not in modules]
     if missing:
         raise SiteError(f"no such site in the model: {', '.join(missing)}")
+    dims = _channel_dims(channel_dim, names)
     device = _model_device(model)
     flags = {module: module.training for module in model.modules()}
-    counters = {name: _SignCounter(name) for name in names}
+    counters = {name: _SignCounter(name, variant, dims.get(name)) for name in names}
     handles = [modules[name].register_forward_pre_hook(counters[name]) for name in names]
     # Train-mode forwards update BatchNorm running statistics: keep them to put them back.
     saved = [(b, b.clone()) for b in model.buffers()] if mode == "train" else []
@@ -271,17 +289,41 @@ def count_states(
     return {name: counter.counts() for name, counter in counters.items()}
 
 
+def _channel_dims(
+    channel_dim: int | Mapping[str, int] | None, names: list[str]
+) -> dict[str, int]:
+    """The caller's channel axis per site (absent: the default rule)."""
+    if channel_dim is None:
+        return {}
+    if isinstance(channel_dim, Mapping):
+        unknown = [name for name in channel_dim if name not in names]
+        if unknown:
+            raise ValueError(
+                f"channel_dim names sites that are not counted: {', '.join(map(repr, unknown))}"
+            )
+        dims = dict(channel_dim)
+    else:
+        dims = dict.fromkeys(names, channel_dim)
+    for name, dim in dims.items():
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"channel_dim must be an int, got {dim!r} for site {name!r}")
+    return dims
+
+
 def _sum_over_ranks(counters: list[_SignCounter], device: torch.device) -> None:
     """Add every rank's counts (each rank counted its shard), so all ranks see the totals.
 
     A site may be reached on some ranks only: the neuron counts are agreed on first (max), and
-    ranks that never reached it contribute zeros.
+    ranks that never reached it contribute zeros. Code variants also add their per-batch
+    entropy sums and batch counts, so the result is the mean over all ranks' batches.
     """
-    sizes = torch.tensor([0 if c.signed_sum is None else c.signed_sum.numel() for c in counters],
-                         dtype=torch.int64, device=device)
+    sizes = torch.tensor([c.size() for c in counters], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
     for counter, size in zip(counters, sizes.tolist(), strict=True):
         if size == 0:
+            continue
+        if counter.variant != "paper":
+            _sum_batch_averaged(counter, size, device)
             continue
         if counter.signed_sum is None:
             counter.signed_sum = torch.zeros(size, dtype=torch.float64, device=device)
@@ -291,8 +333,19 @@ def _sum_over_ranks(counters: list[_SignCounter], device: torch.device) -> None:
         counter.signed_sum, counter.nonzero = both[0].clone(), both[1].clone()
 
 
+def _sum_batch_averaged(counter: _SignCounter, size: int, device: torch.device) -> None:
+    if counter.on is None:
+        flat = torch.zeros(2 * size + 2, dtype=torch.float64, device=device)
+    else:
+        flat = torch.cat([counter.on, counter.off, counter.entropy_sum.view(1),
+                          counter.batches.view(1)])
+    all_reduce_sum(flat)
+    counter.on, counter.off = flat[:size].clone(), flat[size : 2 * size].clone()
+    counter.entropy_sum, counter.batches = flat[2 * size].clone(), flat[2 * size + 1].clone()
+
+
 def layer_entropies(counts: dict[str, SiteCounts | None]) -> dict[str, float]:
-    """Layer entropy per site; NaN for a site that was never reached (no evidence either way)."""
+    """Layer entropy per site (the counting variant's); NaN for a site that was never reached."""
     return {
         name: (c.layer_entropy() if c is not None and c.neurons else math.nan)
         for name, c in counts.items()

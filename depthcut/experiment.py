@@ -20,8 +20,8 @@ from torch import nn
 from depthcut import distributed
 from depthcut.data import DataSplits, load_dataset, make_splits
 from depthcut.faults import die_at
-from depthcut.memory_format import MemoryFormat, choose_memory_format
 from depthcut.fold import fold, median_seconds
+from depthcut.memory_format import MemoryFormat, choose_memory_format
 from depthcut.methods.easier import EasierConfig, EasierResult, MethodResult, easier
 from depthcut.methods.imp import imp
 from depthcut.methods.layer_folding import LayerFoldingConfig, LayerFoldingResult, layer_folding

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from depthcut.sites import Zero
+from depthcut.sites import STAND_IN_TYPES, ChannelScale, Zero
 
 POLICIES = ("macs", "all", "latency")
 ADDS = (operator.add, operator.iadd, torch.add)  # calls that add two tensors
@@ -171,6 +171,15 @@ def affine_of(module: nn.Module, input_rank: int) -> Affine | None:
         bias = (module.bias.detach().to(f64) if module.bias is not None
                 else weight.new_zeros(weight.shape[0]))
         return Affine("linear", weight.clone(), bias.clone())
+    if isinstance(module, ChannelScale):
+        scale = module.scale.detach().to(f64)
+        dim = module.channel_dim(input_rank)
+        if input_rank == 4 and dim == 1:
+            return Affine("conv", scale.view(-1, 1, 1, 1), scale.new_zeros(scale.numel()),
+                          groups=scale.numel())
+        if input_rank >= 2 and dim == input_rank - 1:
+            return Affine("linear", torch.diag(scale), scale.new_zeros(scale.numel()))
+        return None
     if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
         if module.training or module.running_mean is None:
             return None
@@ -332,7 +341,8 @@ def _timing(merge: Merge) -> str:
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, Zero) or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, STAND_IN_TYPES)
+                or super().is_leaf_module(module, qualified_name))
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:

@@ -28,6 +28,7 @@ from depthcut.sites import SiteError, find_sites, silence
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 _ADD_METHODS = ("add", "add_")
+REALLOCATE = ("fixed", "recompute")  # pruning_budget: keep or recompute I after capping
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,6 +52,7 @@ def pruning_budget(
     nonzero: Sequence[int],
     zeta: float = 0.5,
     temperature: float = 1.0,
+    reallocate: str = "fixed",
 ) -> list[int]:
     """How many weights to prune in each layer this round (METHODS section 4).
 
@@ -62,11 +64,12 @@ def pruning_budget(
 
     I_l = sum_P(H_k m_k) / (H_l m_l); B = zeta * sum_P nnz_k; n_l = B softmax(I / T)_l. A layer
     whose share exceeds nnz_l is pruned entirely and the rest of B is re-allocated over the
-    others with the *same* irrelevance values (not recomputed without the capped layers):
-    recomputing would rescale every I by a common factor and so silently change the softmax's
-    temperature. With fixed scores the shares stay proportional to exp(I_l / T), re-allocation
-    only raises the others' shares, and capping all over-cap layers at once gives the same result
-    as capping them one by one.
+    others. `reallocate="fixed"` (default) keeps the *same* irrelevance values: recomputing
+    would rescale every I by a common factor and so silently change the softmax's temperature;
+    with fixed scores the shares stay proportional to exp(I_l / T), re-allocation only raises
+    the others' shares, and capping all over-cap layers at once gives the same result as capping
+    them one by one. `reallocate="recompute"` is the EGP authors' code: I is recomputed over the
+    layers still uncapped (sum over them only) before each re-allocation.
 
     Rounding: each share is floored, then the missing units (so that the total is floor(B), or
     every layer's nnz when all are capped) go one each to the largest fractional parts, ties to
@@ -84,6 +87,8 @@ def pruning_budget(
                          f"got {zeta}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if reallocate not in REALLOCATE:
+        raise ValueError(f"reallocate must be one of {', '.join(REALLOCATE)}, got {reallocate!r}")
     h = [_check_number("entropy", i, v, allow_nan=True) for i, v in enumerate(entropy)]
     m = [_check_number("mean_abs_weight", i, v) for i, v in enumerate(mean_abs_weight)]
     counts: list[int] = []
@@ -102,11 +107,12 @@ def pruning_budget(
     if not active:
         return result
 
-    weight_sum = sum(h[i] * m[i] for i in active)
-    # H m can underflow to 0 for tiny (positive) inputs: that layer is infinitely irrelevant.
-    irrelevance = {
-        i: weight_sum / (h[i] * m[i]) if h[i] * m[i] > 0 else math.inf for i in active
-    }
+    def irrelevance_over(layers: list[int]) -> dict[int, float]:
+        weight_sum = sum(h[i] * m[i] for i in layers)
+        # H m can underflow to 0 for tiny (positive) inputs: that layer is infinitely irrelevant.
+        return {i: weight_sum / (h[i] * m[i]) if h[i] * m[i] > 0 else math.inf for i in layers}
+
+    irrelevance = irrelevance_over(active)
     total = sum(counts[i] for i in active)
     budget = zeta * total
     target = min(math.floor(budget + 1e-12 * max(1.0, budget)), total)
@@ -131,6 +137,8 @@ def pruning_budget(
             result[i] = counts[i]
             remaining = max(0.0, remaining - counts[i])
         active = [i for i in active if i not in capped]
+        if reallocate == "recompute" and active:
+            irrelevance = irrelevance_over(active)
 
     for i, share in shares.items():
         result[i] = min(math.floor(share), counts[i])
@@ -160,8 +168,10 @@ def pruning_budget(
 # Which layers feed which site
 
 
-def _feeding_ops(gm: torch.fx.GraphModule, site: torch.fx.Node) -> list[torch.fx.Node]:
-    """Conv/linear nodes reaching the site's input through BN, identity and residual adds."""
+def _feeding_ops(gm: torch.fx.GraphModule, site: torch.fx.Node,
+                 stop_at: set[str]) -> list[torch.fx.Node]:
+    """Conv/linear nodes reaching the site's input through BN, identity and residual adds (but
+    not through a removed site in `stop_at`, whose Identity belongs to no one's pre-activation)."""
     found: list[torch.fx.Node] = []
     seen: set[torch.fx.Node] = set()
     stack = [arg for arg in site.args[:1] if isinstance(arg, torch.fx.Node)]
@@ -171,6 +181,8 @@ def _feeding_ops(gm: torch.fx.GraphModule, site: torch.fx.Node) -> list[torch.fx
             continue
         seen.add(node)
         if node.op == "call_module":
+            if str(node.target) in stop_at:
+                continue
             module = gm.get_submodule(str(node.target))
             if isinstance(module, PRUNABLE_TYPES):
                 found.append(node)
@@ -184,18 +196,22 @@ def _feeding_ops(gm: torch.fx.GraphModule, site: torch.fx.Node) -> list[torch.fx
     return found
 
 
-def prunable_layers(model: nn.Module, example_input: Tensor | None = None) -> dict[str, list[str]]:
+def prunable_layers(model: nn.Module, example_input: Tensor | None = None,
+                    removed: Iterable[str] = ()) -> dict[str, list[str]]:
     """For each rectifier site, the conv/linear modules whose output is its pre-activation.
 
     Found from the torch.fx graph (the tracing `fold` uses), not from module names: walking back
     from the site's input through BatchNorm, Identity/Dropout and residual adds (every argument
     of an add), collecting conv/linear modules and stopping at anything else (another site,
-    pooling, the input). Names come in graph order; a site the trace never reaches, or one fed by
-    no linear op, maps to []. A conv/linear feeding two sites has no single entropy to be judged
-    by, so it is refused with `SiteError`. `example_input` is accepted for symmetry with
+    pooling, the input) and at the `removed` sites (linearized ones are Identity modules: without
+    the stop, a ResNet's layer1.1.act2 would claim layer1.0.conv2 once layer1.0.act2 is gone).
+    Names come in graph order; a site the trace never reaches, or one fed by no linear op, maps
+    to []. A conv/linear feeding two sites has no single entropy to be judged by, so it is
+    refused with `SiteError`. `example_input` is accepted for symmetry with
     `causes_layer_collapse`; the walk is structural and does not run the model.
     """
     sites = find_sites(model)
+    stop_at = set(removed)
     gm = trace(model)
     position = {node: index for index, node in enumerate(gm.graph.nodes)}
     site_nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
@@ -207,7 +223,7 @@ def prunable_layers(model: nn.Module, example_input: Tensor | None = None) -> di
             layers[site] = []
             continue
         names: list[str] = []
-        for op in sorted(_feeding_ops(gm, node), key=position.__getitem__):
+        for op in sorted(_feeding_ops(gm, node, stop_at), key=position.__getitem__):
             name = str(op.target)
             if name in names:
                 continue

@@ -17,7 +17,7 @@ from torch import nn
 from depthcut.distributed import is_main
 from depthcut.faults import die_at
 from depthcut.models import ModelSpec
-from depthcut.sites import linearize, silence
+from depthcut.sites import ChannelScale, linearize, scale_sites, silence
 from depthcut.train import Checkpointing
 
 CHECKPOINT_FORMAT = "depthcut-checkpoint/1"
@@ -192,8 +192,9 @@ def save_checkpoint(
     extra: dict | None = None,
     silenced: Sequence[str] = (),
 ) -> None:
-    """Everything needed to rebuild the model: its spec, the linearized and silenced sites, and
-    the weights (a pruned module's state holds weight_orig and its weight_mask)."""
+    """Everything needed to rebuild the model: its spec, the linearized, silenced and scaled
+    (ChannelScale) sites, and the weights (a pruned module's state holds weight_orig and its
+    weight_mask; a ChannelScale's state holds its scale)."""
     if not is_main():
         return
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -202,6 +203,8 @@ def save_checkpoint(
         "model": spec.to_dict(),
         "linearized": list(linearized),
         "silenced": list(silenced),
+        "scaled": {name: module.dim for name, module in model.named_modules()
+                   if isinstance(module, ChannelScale)},
         "state_dict": state,
         "extra": extra or {},
     }
@@ -217,10 +220,13 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
 
     spec = ModelSpec(**payload["model"])
     model = silence(linearize(spec.build(), payload["linearized"]), payload.get("silenced", []))
+    scaled = payload.get("scaled", {})
     try:
+        scale_sites(model, {name: payload["state_dict"][f"{name}.scale"] for name in scaled},
+                    scaled)
         apply_masks(model, masks_from_state_dict(payload["state_dict"]))
         model.load_state_dict(payload["state_dict"])
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path} does not fit model {spec}: {error}") from error
     model.eval()
     info = {k: v for k, v in payload.items() if k != "state_dict"}

@@ -38,8 +38,13 @@ class SiteError(ValueError):
 
 
 # Kinds whose output is exactly zero for every negative input: an always-OFF site of these kinds
-# outputs zeros and its branch can be removed. LeakyReLU/PReLU/GELU/SiLU leak below zero.
+# outputs zeros and its branch can be removed. LeakyReLU/PReLU leak linearly below zero.
 ZERO_BELOW_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+# GELU and SiLU are curved on both sides and tend to 0 below zero (GELU >= -0.17, SiLU >= -0.28):
+# like EASIER's identity for an always-ON GELU, zero for an always-OFF one is a linear surrogate,
+# not what the site computes. depthcut accepts it because every removal is followed by an
+# evaluation that the method's stop rule judges.
+ZERO_SURROGATE_TYPES: tuple[type[nn.Module], ...] = (nn.GELU, nn.SiLU)
 
 
 class Zero(nn.Module):
@@ -49,15 +54,44 @@ class Zero(nn.Module):
         return torch.zeros_like(x)
 
 
+def default_channel_dim(rank: int) -> int:
+    """Neuron axis: dim 1 of (N, C, H, W) maps, the last dim of (N, C) and (N, T, C) tensors."""
+    return 1 if rank >= 4 else rank - 1
+
+
+class ChannelScale(nn.Module):
+    """y = x * scale per channel: what a zero-entropy site computes on the data it was measured
+    on (1 for an always-ON neuron, the negative-side slope for an always-OFF one). `fold`
+    merges it into a neighbouring linear op like a BatchNorm."""
+
+    def __init__(self, scale: torch.Tensor, dim: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().float())
+        self.dim = dim  # None: `default_channel_dim` of the input's rank
+
+    def channel_dim(self, rank: int) -> int:
+        return default_channel_dim(rank) if self.dim is None else self.dim % rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim(x.dim())] = -1
+        return x * self.scale.to(x.dtype).view(shape)
+
+
+# Modules that stand in for removed sites: torch.fx keeps each as one call (fold reads them).
+STAND_IN_TYPES: tuple[type[nn.Module], ...] = (Zero, ChannelScale)
+
+
 def is_rectifier(module: nn.Module) -> bool:
     return isinstance(module, RECTIFIER_TYPES)
 
 
 class _SiteTracer(torch.fx.Tracer):
-    """The default tracer, with `Zero` kept as one call (as `fold` traces it)."""
+    """The default tracer, with stand-ins (`Zero`, `ChannelScale`) kept as one call each."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, Zero) or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, STAND_IN_TYPES)
+                or super().is_leaf_module(module, qualified_name))
 
 
 def _trace(model: nn.Module) -> tuple[torch.fx.Graph | None, Exception | None]:
@@ -347,17 +381,71 @@ def linearize(model: nn.Module, site_names: Iterable[str]) -> nn.Module:
 def silence(model: nn.Module, site_names: Iterable[str]) -> nn.Module:
     """Replace always-OFF sites by `Zero`, in place, so `fold` can remove their branches.
 
-    Only ReLU and ReLU6 output exactly zero when OFF; other kinds are refused (an always-OFF
-    LeakyReLU is linear with its negative slope, not zero).
+    ReLU and ReLU6 output exactly zero when OFF; GELU and SiLU get zero as their linear
+    surrogate (see ZERO_SURROGATE_TYPES). LeakyReLU/PReLU are refused: when OFF they are linear
+    with their negative slope, not zero (`freeze` gives them a `ChannelScale`).
     """
     names = list(site_names)
     _check_sites(model, names, "silence")
-    leaky = [n for n in names if not isinstance(model.get_submodule(n), ZERO_BELOW_TYPES)]
+    zero_kinds = ZERO_BELOW_TYPES + ZERO_SURROGATE_TYPES
+    leaky = [n for n in names if not isinstance(model.get_submodule(n), zero_kinds)]
     if leaky:
         raise SiteError(
-            f"cannot silence {', '.join(leaky)}: only ReLU/ReLU6 output exactly zero when OFF; "
-            "an always-OFF site of another kind is not zero (linearize it or leave it)."
+            f"cannot silence {', '.join(leaky)}: only ReLU/ReLU6 (exactly) and GELU/SiLU (as a "
+            "surrogate) output zero when OFF; an always-OFF LeakyReLU/PReLU is linear with its "
+            "negative slope (use `freeze`, which keeps that slope)."
         )
     for name in names:
         replace_module(model, name, Zero())
+    return model
+
+
+def off_slope(module: nn.Module, channels: int) -> torch.Tensor:
+    """Per-channel slope a rectifier applies to negative inputs, as a linear map: 0 for
+    ReLU/ReLU6 (and the GELU/SiLU surrogate), negative_slope for LeakyReLU, PReLU's weight."""
+    if isinstance(module, nn.LeakyReLU):
+        return torch.full((channels,), float(module.negative_slope))
+    if isinstance(module, nn.PReLU):
+        weight = module.weight.detach().float().cpu()
+        return weight.expand(channels).clone() if weight.numel() == 1 else weight.clone()
+    return torch.zeros(channels)
+
+
+def frozen_form(module: nn.Module, always_on: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """What a zero-entropy site becomes, given which neurons are always ON (the others always
+    OFF): ("on", ...) Identity, ("off", ...) Zero, or ("scale", s) a ChannelScale by s."""
+    always_on = always_on.bool().cpu()
+    scale = torch.where(always_on, 1.0, off_slope(module, always_on.numel()))
+    if bool(always_on.all()):
+        return "on", scale
+    if not bool(scale.any()):
+        return "off", scale
+    return "scale", scale
+
+
+def freeze(model: nn.Module, always_on: dict[str, torch.Tensor],
+           dims: dict[str, int | None] | None = None) -> dict[str, str]:
+    """Replace each zero-entropy site by the linear map it computes on the measured data, in
+    place: Identity (every neuron ON), Zero (every neuron's output 0), else a ChannelScale.
+    `always_on[site]` holds one bool per neuron; `dims[site]` the channel axis of a ChannelScale
+    (None: the default rule). Returns each site's form: "on", "off" or "scale"."""
+    names = list(always_on)
+    _check_sites(model, names, "freeze")
+    forms: dict[str, str] = {}
+    for name in names:
+        form, scale = frozen_form(model.get_submodule(name), always_on[name])
+        stand_in = {"on": nn.Identity, "off": Zero}.get(form)
+        replace_module(model, name, stand_in() if stand_in else
+                       ChannelScale(scale, (dims or {}).get(name)))
+        forms[name] = form
+    return forms
+
+
+def scale_sites(model: nn.Module, scales: dict[str, torch.Tensor],
+                dims: dict[str, int | None] | None = None) -> nn.Module:
+    """Put ChannelScale modules with these scales at these sites (rebuilding a checkpoint)."""
+    names = list(scales)
+    _check_sites(model, names, "scale")
+    for name in names:
+        replace_module(model, name, ChannelScale(scales[name], (dims or {}).get(name)))
     return model

@@ -40,7 +40,7 @@ def test_stop_rule_and_answer():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"delta": -0.5}, "delta"), ({"delta": math.inf}, "delta"), ({"k": 0}, "k"),
-     ({"max_stages": 0}, "max_stages")],
+     ({"max_stages": 0}, "max_stages"), ({"entropy_variant": "bogus"}, "entropy_variant")],
 )
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -161,3 +161,35 @@ def test_k_sites_per_stage_and_max_stages():
     remaining = find_sites(result.model)
     assert not set(chosen) & set(remaining)
     assert set(measure_entropy(result.model, splits.train_eval)) == set(remaining)
+
+
+@pytest.mark.parametrize("variant", ["paper", "easier-code", "egp-code"])
+def test_entropy_variant_data_and_mode(monkeypatch, variant):
+    """paper / egp-code count on the unaugmented split as before; easier-code counts in train()
+    mode on a replay of the training loader's last epoch without advancing its epoch counter."""
+    splits = tiny_splits()
+    splits.train.epoch = 3
+    seen = []
+    real = easier_module.measure_entropy
+
+    def spy(model, batches, sites, **kwargs):
+        seen.append((batches, kwargs))
+        return real(model, batches, sites, **kwargs)
+
+    monkeypatch.setattr(easier_module, "measure_entropy", spy)
+    model = TinyNet()
+    config = EasierConfig(delta=100.0, max_stages=1, finetune=TrainConfig(epochs=0),
+                          entropy_variant=variant)
+    easier(model, splits, config, dense_record=dense_record(model, splits), progress=False)
+    (batches, kwargs), = seen
+    assert kwargs["variant"] == variant
+    assert splits.train.epoch == 3
+    if variant == "easier-code":
+        assert kwargs["mode"] == "train"
+        # The replay started at epoch 2 (the last one served) and advanced only itself.
+        assert batches is not splits.train and batches.augment and batches.epoch == 3
+        expected = [x for x, _ in easier_module.replay_last_epoch(splits.train)]
+        splits.train.epoch = 2
+        assert all(torch.equal(a, b) for (a, _), b in zip(splits.train, expected, strict=True))
+    else:
+        assert batches is splits.train_eval and kwargs["mode"] == "eval"

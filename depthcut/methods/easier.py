@@ -6,6 +6,7 @@ dense model's; the answer is the last stage within delta.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from depthcut.data import DataSplits
-from depthcut.entropy import measure_entropy
+from depthcut.entropy import ENTROPY_VARIANTS, measure_entropy
 from depthcut.run import answer_stage
 from depthcut.sites import find_sites, linearize
 from depthcut.train import Checkpointing, TrainConfig, evaluate, train
@@ -26,7 +27,10 @@ class EasierConfig:
     k: int = 1  # sites linearized per stage (EASIER k-x)
     max_stages: int | None = None  # stop after this many stages even within delta
     finetune: TrainConfig = field(default_factory=TrainConfig)
-    entropy_mode: str = "eval"
+    entropy_mode: str = "eval"  # ignored by "easier-code", which counts in train() mode
+    # Counting rule (depthcut.entropy): "paper" on the unaugmented training split; "easier-code"
+    # counts on a replay of the augmented training loader's last epoch; "egp-code" as "paper".
+    entropy_variant: str = "paper"
 
     def __post_init__(self) -> None:
         if not (self.delta >= 0 and math.isfinite(self.delta)):
@@ -35,6 +39,36 @@ class EasierConfig:
             raise ValueError(f"k (sites per stage) must be >= 1, got {self.k}")
         if self.max_stages is not None and self.max_stages < 1:
             raise ValueError(f"max_stages must be >= 1, got {self.max_stages}")
+        if self.entropy_variant not in ENTROPY_VARIANTS:
+            raise ValueError(
+                f"entropy_variant must be one of {', '.join(map(repr, ENTROPY_VARIANTS))}, "
+                f"got {self.entropy_variant!r}"
+            )
+
+
+def replay_last_epoch(loader):
+    """A shallow copy of the training loader that yields its last epoch's batches again.
+
+    The copy's epoch counter is `loader.epoch - 1` (0 if none was run): the same shuffle and
+    augmentation as the last epoch the loader served (the previous finetune's, or the dense
+    training's), while `loader.epoch`, which the next finetune and a resumed run start from, is
+    not advanced. BatchLoader reseeds its augmentation generator at
+    every iter(), so sharing it with the copy changes nothing for training. A loader without an
+    epoch counter is returned as it is.
+    """
+    if not hasattr(loader, "epoch"):
+        return loader
+    replay = copy.copy(loader)
+    replay.epoch = max(loader.epoch - 1, 0)
+    return replay
+
+
+def entropy_batches_and_mode(splits: DataSplits, config: EasierConfig):
+    """Where and how a stage counts: the augmented training batches in train() mode for
+    "easier-code" (the authors' setting, weights frozen here), else the unaugmented split."""
+    if config.entropy_variant == "easier-code":
+        return replay_last_epoch(splits.train), "train"
+    return splits.train_eval, config.entropy_mode
 
 
 def choose_sites(entropies: dict[str, float], k: int) -> list[str]:
@@ -103,8 +137,10 @@ def easier(
             break
         stage += 1
         start = time.perf_counter()
+        batches, mode = entropy_batches_and_mode(splits, config)
         entropies = measure_entropy(
-            model, splits.train_eval, remaining, mode=config.entropy_mode, progress=progress
+            model, batches, remaining, mode=mode, progress=progress,
+            variant=config.entropy_variant,
         )
         chosen = choose_sites(entropies, config.k)
         if not chosen:

@@ -8,6 +8,8 @@ of rounds, and its answer is the last round within delta.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from depthcut.data import DataSplits
@@ -18,7 +20,7 @@ from depthcut.pruning import pruning_budget as allocate
 
 
 def entropy_guided_step(layers: dict[str, list[str]], zeta: float,
-                        temperature: float) -> PruneStep:
+                        temperature: float, reallocate: str = "fixed") -> PruneStep:
     """A round's pruning: the budget per site (over its feeding layers), smallest |w| first."""
 
     def step(model: nn.Module, counts: dict[str, SiteCounts | None]) -> dict[str, int]:
@@ -30,7 +32,8 @@ def entropy_guided_step(layers: dict[str, list[str]], zeta: float,
             sum(mean_abs_nonzero(m) * nonzero_count(m) for m in group) / n if n else 0.0
             for group, n in zip(groups, nonzero, strict=True)
         ]
-        budget = allocate([entropies[s] for s in sites], mean_abs, nonzero, zeta, temperature)
+        budget = allocate([entropies[s] for s in sites], mean_abs, nonzero, zeta, temperature,
+                          reallocate)
         for group, n in zip(groups, budget, strict=True):
             prune_group(group, n)
         return dict(zip(sites, budget, strict=True))
@@ -40,9 +43,23 @@ def entropy_guided_step(layers: dict[str, list[str]], zeta: float,
 
 def _run(method: str, rule: str, model: nn.Module, splits: DataSplits, config: PruningConfig,
          example: Tensor | None, **kwargs) -> PruningResult:
-    step = entropy_guided_step(prunable_layers(model, example), config.zeta, config.temperature)
+    layers = site_layers(model, kwargs["dense_record"], kwargs.get("history", ()), example)
+    step = entropy_guided_step(layers, config.zeta, config.temperature, config.reallocate)
     return pruning_rounds(model, splits, config, method=method, prune_step=step, rule=rule,
-                          **kwargs)
+                          prunable=layers, **kwargs)
+
+
+def site_layers(model: nn.Module, dense_record: dict, history: Sequence[dict],
+                example: Tensor | None = None) -> dict[str, list[str]]:
+    """The site -> feeding layers grouping of the run: read from its first round when resuming
+    (so a resumed run prunes exactly like an uninterrupted one), else found on the model with the
+    sites already removed (linearized, silenced, scaled) as walls."""
+    for record in history:
+        if "prunable_layers" in record:
+            return record["prunable_layers"]
+    last = history[-1] if history else dense_record
+    removed = [*last.get("linearized", []), *last.get("silenced", []), *last.get("scaled", [])]
+    return prunable_layers(model, example, removed=removed)
 
 
 def nepenthe(model: nn.Module, splits: DataSplits, config: PruningConfig, *,

@@ -1,9 +1,12 @@
 """The pruning-round loop shared by NEPENTHE, EGP and IMP (METHODS section 4).
 
 Each round: prune (the method's step), retrain with the masks, count neuron states, remove the
-sites that reached zero entropy (always ON: linearize; always OFF: silence, which `fold` turns
-into a removed branch), evaluate, record. A site that is always OFF with no skip around it
-would cut the network (layer collapse): it is not silenced, and the run stops saying so.
+sites that reached zero entropy, evaluate, record. A zero-entropy site is replaced by the linear
+map it computes on the measured data (`sites.freeze`): Identity when every neuron is always ON
+("linearized"), `Zero` when every neuron's output is zero ("silenced": `fold` removes the branch),
+else a per-channel `ChannelScale` ("scaled": 0/1 per neuron, or LeakyReLU/PReLU's slope where
+OFF). All three count as removed sites. A silenced site with no skip around it would cut the
+network (layer collapse): it is kept, and the run stops saying so.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from depthcut.data import DataSplits
-from depthcut.entropy import SiteCounts, count_states, layer_entropies
-from depthcut.methods.easier import MethodResult
-from depthcut.pruning import causes_layer_collapse, sparsity, zero_entropy_sites
+from depthcut.entropy import ENTROPY_VARIANTS, SiteCounts, count_states, layer_entropies
+from depthcut.methods.easier import MethodResult, entropy_batches_and_mode
+from depthcut.pruning import REALLOCATE, causes_layer_collapse, sparsity, zero_entropy_sites
 from depthcut.run import answer_stage
-from depthcut.sites import find_sites, linearize, silence
+from depthcut.sites import ZERO_SURROGATE_TYPES, find_sites, freeze, frozen_form
 from depthcut.train import Checkpointing, TrainConfig, evaluate, train
 
 # A method's pruning step: prunes `model` in place, given the counts measured on it, and
@@ -37,7 +40,9 @@ class PruningConfig:
     rounds: int | None = 5  # at most this many rounds (None: until the stop rule)
     finetune: TrainConfig = field(default_factory=TrainConfig)
     entropy_mode: str = "eval"
-    remove_zero_entropy: bool = True  # linearize / silence sites that reached H = 0
+    remove_zero_entropy: bool = True  # replace sites that reached H = 0 by their linear map
+    reallocate: str = "fixed"  # budget of capped layers: "fixed" irrelevances or "recompute"
+    entropy_variant: str = "paper"  # counting rule (depthcut.entropy.ENTROPY_VARIANTS)
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +55,11 @@ class PruningConfig:
             (self.delta >= 0 and math.isfinite(self.delta),
              f"delta must be a finite number >= 0 (top-1 points), got {self.delta}"),
             (self.rounds is None or self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
+            (self.entropy_variant in ENTROPY_VARIANTS,
+             f"entropy_variant must be one of {', '.join(ENTROPY_VARIANTS)}, got "
+             f"{self.entropy_variant!r}"),
+            (self.reallocate in REALLOCATE, f"reallocate must be one of {', '.join(REALLOCATE)}, "
+                                            f"got {self.reallocate!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,6 +89,7 @@ def pruning_rounds(
     prune_step: PruneStep,
     rule: str,
     dense_record: dict,
+    prunable: dict[str, list[str]] | None = None,
     history: Sequence[dict] = (),
     on_round: Callable[[dict, nn.Module], None] | None = None,
     progress: bool = True,
@@ -88,6 +99,7 @@ def pruning_rounds(
 
     To resume, pass the rounds already done as `history` and the model (with its masks) of
     the last one; `snapshots(name)` gives each retraining its epoch-level checkpointing.
+    `prunable` (the site -> layers grouping the step prunes by) is kept in every round record.
     """
     if splits.val is None:
         raise ValueError(f"{method} needs a validation split for its stop rule: "
@@ -97,6 +109,8 @@ def pruning_rounds(
     last = records[-1]
     linearized = list(last.get("linearized", []))
     silenced = list(last.get("silenced", []))
+    scaled = list(last.get("scaled", []))
+    surrogates = list(last.get("surrogates", []))
     sites_total = dense_record["sites_total"]
     total_epochs = last.get("total_epochs", 0)
     stop_reason = f"rounds={config.rounds} done"
@@ -105,12 +119,17 @@ def pruning_rounds(
     if finished:
         stop_reason = (f"round {stage} ended the run (layer collapse or the stop rule: "
                        f"{config.describe(rule)})")
-    left = find_sites(model) if len(linearized) + len(silenced) < sites_total else []
+    left = find_sites(model) if len(linearized) + len(silenced) + len(scaled) < sites_total else []
     if not left and not finished:
         finished, stop_reason = True, "every site removed"
     example = next(iter(splits.test))[0][:4]
-    counts = {} if finished else count_states(model, splits.train_eval, left,
-                                              mode=config.entropy_mode, progress=progress)
+
+    def count(sites: list[str]) -> dict[str, SiteCounts | None]:
+        batches, mode = entropy_batches_and_mode(splits, config)
+        return count_states(model, batches, sites, mode=mode, progress=progress,
+                            variant=config.entropy_variant)
+
+    counts = {} if finished else count(left)
     while not finished and (config.rounds is None
                             or stage - dense_record["stage"] < config.rounds):
         stage += 1
@@ -121,25 +140,27 @@ def pruning_rounds(
                     desc=f"round {stage}",
                     checkpointing=snapshots(f"round {stage}") if snapshots else None)
         total_epochs += config.finetune.epochs
-        removed = len(linearized) + len(silenced)
+        removed = len(linearized) + len(silenced) + len(scaled)
         remaining = find_sites(model) if removed < sites_total else []
-        counts = count_states(model, splits.train_eval, remaining, mode=config.entropy_mode,
-                              progress=progress)
+        counts = count(remaining)
         zero = zero_entropy_sites(counts)
         chosen, collapse = [], []
         if config.remove_zero_entropy:
-            on = [site for site, kind in zero.items() if kind == "on"]
-            off = [site for site, kind in zero.items() if kind == "off"]
+            forms = {site: frozen_form(model.get_submodule(site), counts[site].always_on())[0]
+                     for site in zero}
+            off = [site for site, form in forms.items() if form == "off"]
             collapse = [site for site in off
                         if causes_layer_collapse(model, [*silenced, site], example)]
             off = [site for site in off if site not in collapse]
             if off and causes_layer_collapse(model, [*silenced, *off], example):
                 collapse, off = collapse + off, []  # only together do they cut every path
-            linearize(model, on)
-            silence(model, off)
-            linearized += on
-            silenced += off
-            chosen = on + off
+            chosen = [site for site in zero if forms[site] != "off" or site in off]
+            surrogates += [site for site in chosen
+                           if isinstance(model.get_submodule(site), ZERO_SURROGATE_TYPES)]
+            freeze(model, {site: counts[site].always_on() for site in chosen})
+            linearized += [site for site in chosen if forms[site] == "on"]
+            silenced += [site for site in chosen if forms[site] == "off"]
+            scaled += [site for site in chosen if forms[site] == "scale"]
             counts = {site: c for site, c in counts.items() if site not in set(chosen)}
         val_top1 = evaluate(model, splits.val)
         shares = sparsity(model)
@@ -147,9 +168,11 @@ def pruning_rounds(
             "method": method,
             "stage": stage,
             "sites_total": sites_total,
-            "sites_linearized": len(linearized) + len(silenced),
+            "sites_linearized": len(linearized) + len(silenced) + len(scaled),
             "linearized": list(linearized),
             "silenced": list(silenced),
+            "scaled": list(scaled),
+            "surrogates": list(surrogates),
             "chosen": chosen,
             "zero_entropy": zero,
             "layer_collapse": collapse,
@@ -167,6 +190,8 @@ def pruning_rounds(
             "train_loss": fit.epochs[-1].loss if fit.epochs else None,
             "seconds": time.perf_counter() - start,
         }
+        if prunable is not None:
+            record["prunable_layers"] = prunable
         records.append(record)
         if on_round is not None:
             on_round(record, model)
@@ -180,7 +205,7 @@ def pruning_rounds(
         if not record["within_delta"]:
             stop_reason = f"round {stage} broke the stop rule ({config.describe(rule)})"
             break
-        if not remaining or len(linearized) + len(silenced) >= sites_total:
+        if not remaining or len(linearized) + len(silenced) + len(scaled) >= sites_total:
             stop_reason = "every site removed"
             break
     return PruningResult(records=records, answer=answer_stage(records), stop_reason=stop_reason,
