@@ -69,7 +69,8 @@ def outputs(model: nn.Module, splits: DataSplits) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_round_loop_replaces_zero_entropy_sites_of_every_kind(kind, one_thread):
+@pytest.mark.usefixtures("one_thread")
+def test_round_loop_replaces_zero_entropy_sites_of_every_kind(kind):
     torch.manual_seed(0)
     splits = tiny_splits()
     model = TwoSites(KINDS[kind])
