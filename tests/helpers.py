@@ -1,15 +1,114 @@
-"""Helpers shared by several test files."""
+"""Helpers shared by several test files.
+
+Randomized tests take the `seed` fixture (import `seed_fixture` from here to get it): a fresh
+seed each run, or the one in the environment variable DEPTHCUT_TEST_SEED, so that a failure can
+be replayed. The seed is printed (pytest shows it with a failure's captured output, or for every
+test with `-rA`) and is part of every failure message: "seed 123: replay with
+DEPTHCUT_TEST_SEED=123". Replay one test with
+`DEPTHCUT_TEST_SEED=123 python -m pytest tests/test_fold.py::test_name`. The fixture also seeds
+torch's global generator for the test (restored afterwards), so models initialized from it are
+replayed too.
+"""
 
 from __future__ import annotations
 
+import copy
+import os
 import pickle
+import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+SEED_VARIABLE = "DEPTHCUT_TEST_SEED"
+
+
+@dataclass(frozen=True)
+class Seed:
+    """One test's seed; str() says how to replay it."""
+
+    value: int
+
+    def __str__(self) -> str:
+        return f"seed {self.value}: replay with {SEED_VARIABLE}={self.value}"
+
+    def random(self) -> random.Random:
+        return random.Random(self.value)
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.value)
+
+
+def draw_seed() -> Seed:
+    """$DEPTHCUT_TEST_SEED if set, else a fresh random seed."""
+    text = os.environ.get(SEED_VARIABLE, "").strip()
+    return Seed(int(text) if text else random.SystemRandom().randrange(2**31))
+
+
+@pytest.fixture(name="seed")
+def seed_fixture() -> Iterator[Seed]:
+    """A replayable seed (see the module docstring); torch's global generator is seeded with it
+    for the duration of the test."""
+    drawn = draw_seed()
+    print(f"random test {drawn}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(drawn.value)
+        yield drawn
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, context: object = "", *,
+                   rel: float = 1e-5) -> None:
+    """`actual` equals `expected` elementwise to within `rel` of expected's largest magnitude
+    (float32 rounding of a float64 merge), via torch.testing.assert_close; `context` (a Seed,
+    a trial, ...) is appended to the failure message."""
+    scale = float(expected.abs().max()) or 1.0
+
+    def message(text: str) -> str:
+        return f"{text}\n{context}"
+
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale, msg=message)
+
+
+def relative_deviation(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def border_reference(model: nn.Module, merges: list) -> nn.Module | None:
+    """A copy of `model` computing what fold's border-approximate merges compute, layer by layer.
+
+    A merged conv A∘B reads the zero-padded input of A with padding p_A + p_B s_A: where B read
+    zero padding, the merge reads A evaluated beyond the border of A's output (its bias and the
+    edge pixels), and no zeros. In each chain of convolutions merged approximately (`merges`:
+    a FoldReport's), the first conv therefore gets the merged padding and the others none.
+    None when a chain also holds a parallel or bias merge (a skip or a constant would have to
+    be extended too).
+    """
+    reference = copy.deepcopy(model)
+    modules = dict(reference.named_modules())
+    order = {name: index for index, name in enumerate(modules)}
+    taken = [(m.rule, set(m.replaces), m.exact) for m in merges if m.taken]
+    chains = [(index, names) for index, (_, names, exact) in enumerate(taken) if not exact]
+    for index, chain in chains:
+        if any(chain < other for _, other in chains):
+            continue  # a later merge extended this chain
+        if any(rule != "sequential" and names <= chain for rule, names, _ in taken[:index]):
+            return None  # merged before, so inside the chain
+        convs = sorted((n for n in chain if isinstance(modules.get(n), nn.Conv2d)),
+                       key=order.__getitem__)
+        padding = (0, 0)
+        for name in reversed(convs):
+            conv = modules[name]
+            padding = tuple(p + s * t for p, s, t in zip(conv.padding, conv.stride, padding,
+                                                         strict=True))
+            conv.padding = (0, 0)
+        modules[convs[0]].padding = padding
+    return reference
 
 
 def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:

@@ -1,6 +1,10 @@
-"""Folding: every exact merge agrees with the unfolded model to float32 rounding.
+"""Folding: every exact merge agrees with the unfolded model to float32 rounding; a
+border-approximate one agrees in the interior, and everywhere with a model that evaluates the
+merged ops' padding the way the merge does (helpers.border_reference).
 
-Random stacks are drawn fresh each run (the seed is in every failure message).
+Outputs are compared with the unfolded model on fresh inputs, not with the fold's own report.
+Random stacks and models are drawn fresh each run; every test here takes the `seed` fixture
+(replay with DEPTHCUT_TEST_SEED=<seed>, see tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ from torch import nn
 from depthcut.fold import FoldError, add_parallel, affine_of, compose, fold
 from depthcut.models import build_model
 from depthcut.sites import find_sites, linearize, silence
-from tests.helpers import one_thread, randomize_batchnorm  # noqa: F401 (fixture)
+from tests.helpers import (  # noqa: F401 (fixtures)
+    Seed,
+    assert_matches,
+    border_reference,
+    one_thread,
+    randomize_batchnorm,
+    seed_fixture,
+)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-EXACT = 1e-5
-
-
+# `seed` seeds torch's global generator too: models built without a generator are replayable.
+pytestmark = pytest.mark.usefixtures("one_thread", "seed")
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -28,9 +36,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def rng() -> tuple[int, random.Random, torch.Generator]:
-    seed = random.SystemRandom().randrange(2**31)
-    return seed, random.Random(seed), torch.Generator().manual_seed(seed)
+def rng(seed: Seed) -> tuple[Seed, random.Random, torch.Generator]:
+    return seed, seed.random(), seed.generator()
 
 
 def random_conv(r: random.Random, c_in: int, *, allow_groups: bool = True) -> nn.Conv2d:
@@ -45,6 +52,17 @@ def random_conv(r: random.Random, c_in: int, *, allow_groups: bool = True) -> nn
                      groups=groups, bias=r.random() < 0.5)
 
 
+def assert_border_approximation(model: nn.Module, report, y: torch.Tensor, got: torch.Tensor,
+                                context: object) -> None:
+    """A border-approximate fold computes each merged chain's inner ops on the grid the merged
+    conv reads; a model doing that layer by layer gives the same output. (Not checked when an
+    approximate chain also holds a merged skip: that reference would need the skip extended.)"""
+    reference = border_reference(model, report.merges)
+    if reference is not None:
+        with torch.no_grad():
+            assert_matches(got, reference(y), context)
+
+
 def test_compose_matches_two_convs_exactly_or_in_the_interior(rng) -> None:
     seed, r, g = rng
     for trial in range(40):
@@ -57,16 +75,25 @@ def test_compose_matches_two_convs_exactly_or_in_the_interior(rng) -> None:
             expected = second(first(x))
             merged, exact = compose(affine_of(first, 4), affine_of(second, 4))
             got = merged.to_module(x)(x)
-        assert got.shape == expected.shape, (seed, trial)
+        context = (str(seed), trial, first, second)
+        assert got.shape == expected.shape, context
+        # B reading no zero padding, or zero padding that A maps to zero (unpadded, unbiased
+        # 1x1), leaves nothing to approximate: such a merge must be declared exact.
+        if second.padding == (0, 0) or (first.kernel_size == (1, 1) and first.padding == (0, 0)
+                                        and first.bias is None):
+            assert exact, context
         if exact:
-            assert relative_error(got, expected) < 1e-10, (seed, trial, first, second)
+            assert_matches(got, expected, context, rel=1e-10)
         else:
             # Only outputs that read B's zero padding may differ.
             border = -(-second.padding[0] // second.stride[0])
             inner = (slice(None), slice(None), slice(border, -border or None),
                      slice(border, -border or None))
-            assert relative_error(got[inner], expected[inner]) < 1e-10, (seed, trial)
-            assert second.padding != (0, 0)
+            assert_matches(got[inner], expected[inner], context, rel=1e-10)
+            # They do differ where A, evaluated one step beyond its output, gives its bias or
+            # reads an edge pixel (at stride 2 it may read only padding: exact for some sizes).
+            if first.bias is not None or first.stride == (1, 1):
+                assert relative_error(got, expected) > 1e-8, context
 
 
 def test_compose_declares_spatial_after_spatial_inexact() -> None:
@@ -89,7 +116,7 @@ def test_parallel_branches_merge_exactly(rng) -> None:
         x = torch.randn(2, c_in, 9, 9, generator=g, dtype=torch.float64)
         merged = add_parallel(affine_of(main, 4), affine_of(side, 4))
         with torch.no_grad():
-            assert relative_error(merged.to_module(x)(x), main(x) + side(x)) < 1e-10, seed
+            assert_matches(merged.to_module(x)(x), main(x) + side(x), seed, rel=1e-10)
 
 
 class Stack(nn.Module):
@@ -121,7 +148,7 @@ class Stack(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_random_stacks_fold_exactly_under_macs_policy(rng) -> None:
+def test_random_stacks_fold_under_macs_policy(rng) -> None:
     seed, r, g = rng
     for trial in range(6):
         residual = r.random() < 0.5
@@ -130,16 +157,24 @@ def test_random_stacks_fold_exactly_under_macs_policy(rng) -> None:
             for block in model.blocks:
                 block[3].padding = (block[3].kernel_size[0] // 2,) * 2
         sites = find_sites(model)
-        linearize(model, r.sample(sites, r.randrange(1, len(sites) + 1)))
+        chosen = r.sample(sites, r.randrange(1, len(sites) + 1))
+        linearize(model, chosen)
         x = torch.randn(3, 3, 12, 12, generator=g)
         folded = fold(model, x, "macs")
         report = folded.fold_report
-        assert report.macs_after <= report.macs_before, (seed, trial)
+        context = (str(seed), trial, residual, chosen, report.markdown())
+        assert report.macs_after <= report.macs_before, context
+        y = torch.randn(3, 3, 12, 12, generator=g)  # not the input the fold saw
         with torch.no_grad():
-            error = relative_error(folded(x), model(x))
+            got, expected = folded(y), model(y)
+            reported = relative_error(folded(x), model(x))
+        assert report.relative_error == pytest.approx(reported, rel=1e-3, abs=1e-7), context
         if report.exact:
-            assert error < EXACT, (seed, trial, report.markdown())
-        assert report.relative_error == pytest.approx(error, rel=0.5, abs=1e-7)
+            assert_matches(got, expected, context)
+        else:
+            assert any(m.taken and not m.exact and m.rule == "sequential"
+                       for m in report.merges), context
+            assert_border_approximation(model, report, y, got, context)
 
 
 def test_resnet18_with_random_sites_linearized(rng) -> None:
@@ -148,18 +183,89 @@ def test_resnet18_with_random_sites_linearized(rng) -> None:
     sites = find_sites(model)
     chosen = r.sample(sites, r.randrange(1, len(sites) + 1))
     linearize(model, chosen)
+    for site in sites:
+        kind = nn.Identity if site in chosen else nn.ReLU
+        assert type(model.get_submodule(site)) is kind, (str(seed), site)
     x = torch.randn(2, 3, 32, 32, generator=g)
-    before = [p.clone() for p in model.parameters()]
+    y = torch.randn(2, 3, 32, 32, generator=g)  # not the input the fold saw
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(y)
+    # A padded 3x3 (conv1, conv2) follows a linear op only inside a block whose act1 is
+    # linearized (conv1 -> conv2), or at the start of a block whose input has one user, which
+    # needs that block merged into one op, which needs its conv1 -> conv2 merged. The MACs policy
+    # declines that merge (25 c^2 against 18 c^2 multiply-adds per position, 98 against 54 in
+    # a stride-2 block): it folds exactly. "all" takes it: approximate iff an act1 is linear.
+    act1_blocks = sorted(site.removesuffix(".act1") for site in chosen if site.endswith(".act1"))
     for policy in ("macs", "all"):
         folded = fold(model, x, policy)
         report = folded.fold_report
+        context = (str(seed), chosen, policy, report.markdown())
         assert not folded.training
-        assert report.ops_after < report.ops_before
+        assert report.ops_after < report.ops_before, context
+        approximate = {name.rsplit(".", 1)[0] for m in report.merges
+                       if m.taken and not m.exact for name in m.replaces}
+        assert set(act1_blocks if policy == "all" else []) <= approximate, context
+        assert report.exact == (policy == "macs" or not act1_blocks), context
+        with torch.no_grad():
+            got = folded(y)
+            reported = relative_error(folded(x), model(x))
+        assert report.relative_error == pytest.approx(reported, rel=1e-3, abs=1e-7), context
         if report.exact:
-            assert report.relative_error < EXACT, (seed, chosen, policy)
-    after = list(model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "input modified"
-    assert model.layer1[0].act1.__class__ in (nn.ReLU, nn.Identity)
+            assert_matches(got, expected, context)
+        else:
+            assert_border_approximation(model, report, y, got, context)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in state.items()), "input modified"
+    with torch.no_grad():
+        assert torch.equal(model(y), expected), "input modified"
+
+
+def test_border_approximate_resnet18_fold_deviation_is_bounded(seed: Seed) -> None:
+    """A whole ResNet-18 with every act1 of layer1 and layer2 linearized, folded with every
+    3x3 -> 3x3 merge taken, on CIFAR-size inputs: how far the border approximation moves the
+    logits, and that the interior (everything a border pixel does not reach) is untouched.
+
+    The model is fixed (the bound below is calibrated on it); the images are drawn from the
+    test's seed."""
+    torch.manual_seed(0)  # the global generator is restored after the test (seed fixture)
+    model_generator = torch.Generator().manual_seed(0)
+    model = randomize_batchnorm(build_model("resnet18", width=0.25), model_generator)
+    sites = ["layer1.0.act1", "layer1.1.act1", "layer2.0.act1", "layer2.1.act1"]
+    linearize(model, sites)
+    folded = fold(model, torch.randn(4, 3, 32, 32, generator=model_generator), "all")
+    report = folded.fold_report
+    assert not report.exact, report.markdown()
+    assert sum(m.taken and not m.exact for m in report.merges) == len(sites), report.markdown()
+    g = seed.generator()
+    y = torch.randn(8, 3, 32, 32, generator=g)  # fresh images, not the fold's example
+    with torch.no_grad():
+        got, expected = folded(y), model(y)
+        deviation = relative_error(got, expected)
+        print(f"border-approximate fold: max|folded - unfolded| / max|unfolded| = {deviation:.3g}")
+        # The deviation is the border alone: a model that lets conv1 compute one pixel beyond
+        # its output's border where conv2 read zero padding matches the fold to float32
+        # rounding (measured ~1e-6 relative).
+        reference = border_reference(model, report.merges)
+        assert reference is not None, report.markdown()
+        assert_matches(got, reference(y), seed)
+    # Measured on this model over 300 batches of 8: 0.13 to 0.26, median 0.18. That is large
+    # because the maps are small (16x16 and 8x8: the one-pixel ring is 23% and 44% of them)
+    # and randomized BatchNorm shifts make conv1's values beyond the border large. (Over 100
+    # random models, one batch each: 0.07 to 0.52, median 0.14.) The bound is about twice the
+    # worst seen; the border effect cannot vanish (lower bound, 2.6x under the least seen).
+    assert 0.05 < deviation < 0.5, (deviation, str(seed))
+    # The same on layer1 alone, whose output is a map: each merge changes only the outer ring
+    # of its block's output, which layer1.1's 5x5 merged conv widens by 2: beyond 3 pixels from
+    # the border the fold equals the unfolded layer (and the ring does differ).
+    layer = model.layer1
+    folded_layer = fold(layer, torch.randn(2, 16, 16, 16, generator=g), "all")
+    assert not folded_layer.fold_report.exact
+    maps = torch.randn(4, 16, 16, 16, generator=g)
+    with torch.no_grad():
+        got, expected = folded_layer(maps), layer(maps)
+    assert_matches(got[..., 3:-3, 3:-3], expected[..., 3:-3, 3:-3], seed)
+    assert relative_error(got, expected) > 1e-3, str(seed)
 
 
 def test_fully_linear_basic_block_becomes_one_conv_under_all_policy() -> None:
@@ -172,6 +278,15 @@ def test_fully_linear_basic_block_becomes_one_conv_under_all_policy() -> None:
     assert len(convs) == 1 and convs[0].kernel_size == (5, 5)
     assert folded.fold_report.depth_after == 1 and folded.fold_report.depth_before == 2
     assert not folded.fold_report.exact
+    y = torch.randn(3, 8, 8, 8, generator=g)
+    with torch.no_grad():
+        got, expected = folded(y), block(y)
+        # conv2 pads by one pixel: only the outer ring of the output reads its zero padding.
+        assert_matches(got[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1])
+        assert relative_error(got, expected) > 1e-3  # and the ring really differs
+        reference = border_reference(block, folded.fold_report.merges)
+        assert reference is not None, folded.fold_report.markdown()
+        assert_matches(got, reference(y))
 
 
 class MLPBlock(nn.Module):
@@ -194,8 +309,9 @@ def test_linearized_transformer_mlp_folds_to_one_linear() -> None:
     assert len(linears) == 1
     assert folded.fold_report.macs_after < folded.fold_report.macs_before
     assert folded.fold_report.exact
+    y = torch.randn(3, 7, 8)
     with torch.no_grad():
-        assert relative_error(folded(x), model(x)) < EXACT
+        assert_matches(folded(y), model(y))
 
 
 class InvertedResidual(nn.Module):
@@ -224,8 +340,9 @@ def test_mobilenet_block_depthwise_with_pointwise() -> None:
     report = folded.fold_report
     assert report.exact  # depthwise then pointwise: B is 1x1, no padding: exact
     assert report.depth_after == report.depth_before - 1
+    y = torch.randn(3, 8, 6, 6, generator=g)
     with torch.no_grad():
-        assert relative_error(folded(x), model(x)) < EXACT
+        assert_matches(folded(y), model(y))
     # Under the MACs policy a dense 3x3 replacing depthwise + pointwise costs more: declined.
     cheap = fold(model, x, "macs").fold_report
     assert cheap.macs_after <= cheap.macs_before
@@ -243,7 +360,11 @@ def test_always_off_site_reduces_block_to_its_shortcut() -> None:
     names = " ".join(name for m in report.merges for name in m.replaces)
     assert "layer2.0.conv2" not in names
     assert not any("layer2.0.conv" in t for t in dict(folded.named_modules()))
-    assert report.relative_error < EXACT
+    # The dead branch is a per-channel constant (conv2 of zeros, then bn2): exactly foldable.
+    assert report.exact, report.markdown()
+    y = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert_matches(folded(y), model(y))
     assert report.ops_after < fold(build_model("resnet18", width=0.125), x).fold_report.ops_after
 
 
@@ -292,4 +413,7 @@ def test_latency_policy_times_each_merge_and_data_gives_agreement() -> None:
     assert timed and all(m.seconds_after is not None for m in timed)
     assert report.agreement == 100.0
     assert report.top1_folded == report.top1_unfolded
+    assert report.exact
+    with torch.no_grad():
+        assert_matches(folded(data[0][0]), model(data[0][0]))
     assert "Fold report (policy latency)" in report.markdown()

@@ -52,7 +52,9 @@ def test_linearize_replaces_only_the_named_sites():
     linearize(model, ["layer1.0.act1", "layer4.1.act2"])
     assert isinstance(model.layer1[0].act1, nn.Identity)
     assert isinstance(model.layer4[1].act2, nn.Identity)
-    assert len(find_sites(model)) == 15
+    kept = [s for s in resnet18_sites() if s not in ("layer1.0.act1", "layer4.1.act2")]
+    assert find_sites(model) == kept
+    assert all(isinstance(model.get_submodule(s), nn.ReLU) for s in kept)
     x = torch.randn(2, 3, 32, 32)
     features = model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(
         model.act(model.bn1(model.conv1(x))))))))
