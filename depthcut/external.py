@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from depthcut.graph import TraceError, trace_graph
 from depthcut.sites import SiteError, is_rectifier
 
 LIBRARIES = ("torchvision", "timm")
@@ -27,12 +28,14 @@ def is_external(name: str) -> bool:
 
 def unshare_activations(model: nn.Module) -> nn.Module:
     """A copy where a rectifier module called at k places becomes k modules (`relu`, `relu_2`,
-    ...); models without shared rectifiers are returned as they are."""
+    ...); models without shared rectifiers are returned as they are. Traced by `graph`'s
+    tracer, like every other graph read, so a stand-in site stays a module."""
     try:
-        graph = torch.fx.Tracer().trace(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure gets one clear message
+        graph = trace_graph(model)
+    except TraceError as error:
+        cause = error.cause
         raise SiteError(f"cannot trace {type(model).__name__} to split its shared activation "
-                        f"modules ({type(error).__name__}: {error})") from error
+                        f"modules ({type(cause).__name__}: {cause})") from cause
     calls: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and is_rectifier(model.get_submodule(node.target)):
@@ -46,8 +49,6 @@ def unshare_activations(model: nn.Module) -> nn.Module:
             name = f"{target}_{index}"
             gm.add_submodule(name, copy.deepcopy(gm.get_submodule(target)))
             node.target = name
-    for node in graph.nodes:
-        node.type = None
     gm.recompile()
     return gm
 

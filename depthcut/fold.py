@@ -1,35 +1,39 @@
 """Folding: merge the linear operators around linearized and dead sites (METHODS section 6).
 
 A linearized site (Identity) only makes a network faster once the convolutions on each side are
-merged into one. `fold` traces the model with torch.fx and rewrites the graph until no rule
-applies:
+merged into one. `fold` traces the model (`graph.trace`) and runs a short sequence of passes
+over one `FoldState` (`PASSES`, in order):
 
-- *identity*: Identity and eval-mode Dropout calls are dropped;
-- *dead branch*: everything computed only from an always-OFF site (`sites.Zero`) is a constant;
-  it is evaluated once and kept as a buffer (a residual block reduces to its shortcut plus a
-  per-channel bias). If the output no longer depends on the input, that is layer collapse and
-  `FoldError` says so;
-- *sequential*: op B reading only op A's output becomes one op (BatchNorm into conv/linear,
-  linear after linear, 1x1 with its neighbour, depthwise with pointwise, spatial after spatial:
-  kernel k1 + (k2 - 1) s1, stride s1 s2, padding p1 + p2 s1, bias b2 + sum(W2) b1);
-- *parallel*: op A(x) + op B(x) or A(x) + x becomes one op (RepVGG-style kernel embedding);
-- *bias*: adding a per-channel constant to an op's output goes into its bias.
+- `drop_no_ops`: Identity and eval-mode Dropout calls are dropped;
+- `remove_dead_branches`: everything computed only from an always-OFF site (`layers.Zero`) is
+  a constant; it is evaluated once and kept as a buffer (a residual block reduces to its
+  shortcut plus a per-channel bias). If the output no longer depends on the input, that is layer
+  collapse and `FoldError` says so;
+- `merge_per_channel`, then `merge_linear_ops`: rules rewrite one node at a time, first rule at
+  the first node in graph order, until none applies. *bias*: a per-channel constant added to an
+  op's output goes into its bias; *sequential*: op B reading only op A's output becomes one op
+  (BatchNorm into conv/linear, linear after linear, 1x1 with its neighbour, depthwise with
+  pointwise, spatial after spatial: kernel k1 + (k2 - 1) s1, stride s1 s2, padding p1 + p2 s1,
+  bias b2 + sum(W2) b1); *parallel*: op A(x) + op B(x) or A(x) + x becomes one op
+  (RepVGG-style kernel embedding). The first pass allows only per-channel sequential merges.
 
 Every linear op is first read as an `Affine` (conv or linear weight, bias, stride, padding,
 groups); merges are computed in float64. A merge is exact unless op B pads A's output with zeros
 that one convolution cannot reproduce (spatial after spatial, or after a 1x1 with a bias): those
-are border-approximate, and the report gives the measured deviation.
+are border-approximate, and the report gives the measured deviation. Each proposed merge is a
+`Merge` record; the policy, a callable `(Merge) -> bool` ("macs", "all" and "latency" are
+presets in `POLICIES`), decides whether it is taken. Folding a bias never costs: it is always
+taken.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import operator
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.fx
@@ -37,11 +41,21 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from depthcut.sites import STAND_IN_TYPES, ChannelScale, Zero
-
-POLICIES = ("macs", "all", "latency")
-ADDS = (operator.add, operator.iadd, torch.add)  # calls that add two tensors
-PASS_THROUGH = (nn.Identity, nn.Dropout)  # no-ops in eval mode
+from depthcut.graph import (
+    PASS_THROUGH,
+    TraceError,
+    count_ops,
+    depends_on_input,
+    input_of,
+    is_add,
+    is_op,
+    longest_linear_path,
+    module_of,
+    output_node,
+    trace,
+)
+from depthcut.layers import ChannelScale, Zero
+from depthcut.masks import clone_model, make_permanent
 
 
 class FoldError(ValueError):
@@ -255,7 +269,11 @@ def add_parallel(a: Affine, b: Affine) -> Affine | None:
 
 @dataclass
 class Merge:
-    """One merge considered: what it replaced, whether it was taken, and why."""
+    """One merge considered: what it replaced, whether it was taken, and why.
+
+    The policy sees it before `taken` is final; `unmerged`, `merged` and `make_input` let it run
+    both sides on an input of the real shape (they are cleared once it has decided).
+    """
 
     rule: str
     replaces: list[str]
@@ -266,6 +284,17 @@ class Merge:
     reason: str = ""
     seconds_before: float | None = None
     seconds_after: float | None = None
+    unmerged: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    merged: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    make_input: Callable[[], Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """The recorded fields (not the callables a policy may run)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                if f.name not in _POLICY_ONLY}
+
+
+_POLICY_ONLY = ("unmerged", "merged", "make_input")
 
 
 @dataclass
@@ -293,7 +322,10 @@ class FoldReport:
         return all(m.exact for m in self.merges if m.taken)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "exact": self.exact}
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                if f.name != "merges"}
+        data["merges"] = [m.to_dict() for m in self.merges]
+        return {f.name: data[f.name] for f in fields(self)} | {"exact": self.exact}
 
     def markdown(self) -> str:
         """The report as a Markdown table plus the list of merges."""
@@ -336,55 +368,7 @@ def _timing(merge: Merge) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Graph helpers
-
-
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, STAND_IN_TYPES)
-                or super().is_leaf_module(module, qualified_name))
-
-
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure gets one clear message
-        raise FoldError(
-            f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {error}). "
-            "Folding needs a traceable forward: move data-dependent Python control flow out "
-            "of forward(), or fold the traceable submodules one by one."
-        ) from error
-    for node in graph.nodes:
-        node.type = None  # string annotations (PEP 563) would make the module unpicklable
-    return torch.fx.GraphModule(model, graph, type(model).__name__)
-
-
-def _is_op_node(node: torch.fx.Node) -> bool:
-    return node.op in ("call_module", "call_function", "call_method")
-
-
-def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def count_ops(gm: torch.fx.GraphModule) -> int:
-    """Operator calls in the graph, not counting no-ops (Identity, eval Dropout)."""
-    return sum(1 for n in gm.graph.nodes if _is_op_node(n)
-               and not isinstance(_module(gm, n), PASS_THROUGH))
-
-
-def longest_linear_path(gm: torch.fx.GraphModule) -> int:
-    """Conv/linear ops on the longest input-to-output path."""
-    depth: dict[torch.fx.Node, int] = {}
-    for node in gm.graph.nodes:
-        before = max((depth[i] for i in node.all_input_nodes), default=0)
-        is_linear = isinstance(_module(gm, node), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-        is_linear = is_linear or node.target in (torch.conv2d, torch.nn.functional.conv2d,
-                                                 torch.nn.functional.linear)
-        depth[node] = before + int(is_linear)
-        if node.op == "output":
-            return depth[node]
-    return 0
+# Measures
 
 
 def count_macs(model: nn.Module, example_input: Tensor) -> int:
@@ -393,17 +377,6 @@ def count_macs(model: nn.Module, example_input: Tensor) -> int:
     with torch.no_grad(), counter:
         model(example_input)
     return counter.get_total_flops() // 2
-
-
-def _input_of(node: torch.fx.Node) -> torch.fx.Node | None:
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-        return None
-    arg = node.args[0]
-    return arg if isinstance(arg, torch.fx.Node) else None
-
-
-def _meta_shape(node: torch.fx.Node) -> torch.Size:
-    return node.meta["tensor_meta"].shape
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) -> float:
@@ -422,221 +395,347 @@ def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 3)
 
 
 # --------------------------------------------------------------------------------------------
-# The folding pass
+# Policies: which merges to take
 
 
-class _Folder:
-    def __init__(self, gm: torch.fx.GraphModule, example: Tensor, policy: str) -> None:
-        self.gm = gm
-        self.example = example
-        self.policy = policy
-        self.merges: list[Merge] = []
-        self.removed: list[str] = []
-        self.declined: set[tuple] = set()
-        self.made = 0
-        self.origin: dict[str, list[str]] = {}
+Policy = Callable[[Merge], bool]
 
-    # shapes ------------------------------------------------------------------------------
+
+def fewer_macs(merge: Merge) -> bool:
+    """Preset "macs": take a merge that needs no more multiply-adds than the ops it replaces."""
+    if merge.macs_after <= merge.macs_before:
+        return True
+    merge.reason = f"would raise MACs {merge.macs_before:,} -> {merge.macs_after:,}"
+    return False
+
+
+def every_merge(merge: Merge) -> bool:
+    """Preset "all": the shallowest graph, whatever a merge costs."""
+    return True
+
+
+def faster_here(merge: Merge) -> bool:
+    """Preset "latency": time both sides here at the fold's batch size; take the faster."""
+    unmerged, merged = merge.unmerged, merge.merged
+    if unmerged is None or merged is None or merge.make_input is None:
+        return True
+    x = merge.make_input()
+    merge.seconds_before = median_seconds(lambda: unmerged(x))
+    merge.seconds_after = median_seconds(lambda: merged(x))
+    if merge.seconds_after < merge.seconds_before:
+        return True
+    merge.reason = (f"slower here: {merge.seconds_before * 1e3:.3f} -> "
+                    f"{merge.seconds_after * 1e3:.3f} ms at batch {x.shape[0]}")
+    return False
+
+
+POLICIES: dict[str, Policy] = {"macs": fewer_macs, "all": every_merge, "latency": faster_here}
+
+
+def _resolve(policy: str | Policy) -> tuple[str, Policy]:
+    """(name for the report, callable) of a preset name or a user's callable."""
+    if isinstance(policy, str) and policy in POLICIES:
+        return policy, POLICIES[policy]
+    if callable(policy):
+        return getattr(policy, "__name__", type(policy).__name__), policy
+    raise FoldError(f"unknown fold policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Fold state and the one rewrite every merge goes through
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    try:
+        return trace(model)
+    except TraceError as error:
+        raise FoldError(
+            f"{error}. Folding needs a traceable forward: move data-dependent Python control "
+            "flow out of forward(), or fold the traceable submodules one by one."
+        ) from error.cause
+
+
+def _shape(node: torch.fx.Node) -> torch.Size:
+    return node.meta["tensor_meta"].shape
+
+
+@dataclass
+class FoldState:
+    """What the passes share: the graph being rewritten, the example, the policy, the record."""
+
+    gm: torch.fx.GraphModule
+    example: Tensor
+    policy: Policy
+    policy_name: str
+    merges: list[Merge] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    declined: set[tuple] = field(default_factory=set)  # never proposed twice
+    made: int = 0
+    origin: dict[str, list[str]] = field(default_factory=dict)  # folded module -> originals
+
     def propagate(self) -> None:
+        """Recompile and refresh every node's shape (the rules read them)."""
         self.gm.graph.lint()
         self.gm.recompile()
         ShapeProp(self.gm).propagate(self.example[:1])
 
+    def module(self, node: torch.fx.Node) -> nn.Module | None:
+        return module_of(self.gm, node)
+
+    def affine(self, node: torch.fx.Node, source: torch.fx.Node) -> Affine | None:
+        """The op `node` calls as an Affine, reading `source`."""
+        return affine_of(self.module(node), len(_shape(source)))
+
     def names(self, node: torch.fx.Node) -> list[str]:
         return self.origin.get(str(node.target), [str(node.target)])
 
-    # rules -------------------------------------------------------------------------------
-    def drop_pass_through(self) -> None:
-        for node in list(self.gm.graph.nodes):
-            if isinstance(_module(self.gm, node), PASS_THROUGH) and _input_of(node) is not None:
-                node.replace_all_uses_with(node.args[0])
-                self.gm.graph.erase_node(node)
 
-    def remove_dead_branches(self) -> None:
-        zeros = [n for n in self.gm.graph.nodes if isinstance(_module(self.gm, n), Zero)]
-        if not zeros:
-            return
-        self.removed = [str(n.target) for n in zeros]
-        depends: dict[torch.fx.Node, bool] = {}
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
-                depends[node] = True
-            elif isinstance(_module(self.gm, node), Zero) or node.op == "get_attr":
-                depends[node] = False
-            else:
-                depends[node] = any(depends[i] for i in node.all_input_nodes)
-        output = next(n for n in self.gm.graph.nodes if n.op == "output")
-        if not depends[output]:
-            raise FoldError(
-                f"layer collapse: with {', '.join(self.removed)} always OFF, no path from the "
-                "input reaches the output, so the network would return the same prediction for "
-                "every input. Keep at least one site on that path active."
-            )
-        boundary = [n for n in self.gm.graph.nodes if _is_op_node(n) and not depends[n]
-                    and any(depends[u] for u in n.users)]
-        values = _capture(self.gm, self.example[:1], boundary)
-        for index, node in enumerate(boundary):
-            name = f"folded_constant_{index}"
-            self.gm.register_buffer(name, values[node].detach().clone())
-            with self.gm.graph.inserting_before(node):
-                constant = self.gm.graph.get_attr(name)
-            node.replace_all_uses_with(constant)
-        self.gm.graph.eliminate_dead_code()
+@dataclass
+class _Candidate:
+    """A rewrite a rule found: one op computing `merged` on `source`, in place of `nodes`."""
 
-    def try_sequential(self, node: torch.fx.Node, diagonal_only: bool = False) -> bool:
-        first = _input_of(node)
-        if first is None or len(first.users) != 1 or _input_of(first) is None:
-            return False
-        a = affine_of(_module(self.gm, first), len(_meta_shape(first.args[0])))
-        b = affine_of(_module(self.gm, node), len(_meta_shape(first)))
-        if a is None or b is None or (diagonal_only and not (a.is_diagonal or b.is_diagonal)):
-            return False
-        result = compose(a, b)
-        if result is None:
-            return False
-        merged, exact = result
-        macs_before = a.macs(_meta_shape(first)) + b.macs(_meta_shape(node))
-        module_a, module_b = _module(self.gm, first), _module(self.gm, node)
-        return self.apply("sequential", [first, node], first.args[0], merged, exact,
-                          macs_before, lambda x: module_b(module_a(x)))
+    rule: str
+    nodes: list[torch.fx.Node]
+    source: torch.fx.Node
+    merged: Affine
+    exact: bool
+    macs_before: int  # per sample
+    unmerged: Callable[[Tensor], Tensor] | None = None  # the replaced ops, for timing
+    always: bool = False  # taken without asking the policy: it never costs anything
 
-    def try_parallel(self, node: torch.fx.Node) -> bool:
-        if node.target not in ADDS or len(node.args) != 2 or node.kwargs:
-            return False
-        left, right = node.args
-        if not all(isinstance(arg, torch.fx.Node) for arg in (left, right)):
-            return False
-        for op_node, other in ((left, right), (right, left)):
-            source = _input_of(op_node)
-            if source is None or len(op_node.users) != 1:
-                continue
-            a = affine_of(_module(self.gm, op_node), len(_meta_shape(source)))
-            if a is None:
-                continue
-            if other is source:
-                b = identity_affine(a.in_features, a.kind, a.weight)
-                if a.in_features != a.out_features or a.stride != (1, 1):
-                    continue
-                parts, modules = [op_node], [_module(self.gm, op_node)]
-            elif _input_of(other) is source and len(other.users) == 1:
-                b = affine_of(_module(self.gm, other), len(_meta_shape(source)))
-                parts, modules = [op_node, other], [_module(self.gm, op_node),
-                                                    _module(self.gm, other)]
-            else:
-                continue
-            if b is None:
-                continue
-            merged = add_parallel(a, b)
-            if merged is None:
-                continue
-            macs_before = a.macs(_meta_shape(op_node)) + (
-                b.macs(_meta_shape(other)) if len(parts) == 2 else 0)
-            if len(modules) == 2:
-                def unmerged(x, ma=modules[0], mb=modules[1]):
-                    return ma(x) + mb(x)
-            else:
-                def unmerged(x, ma=modules[0]):
-                    return ma(x) + x
-            if self.apply("parallel", [*parts, node], source, merged, True, macs_before,
-                          unmerged):
-                return True
-        return False
 
-    def try_bias(self, node: torch.fx.Node) -> bool:
-        if node.target not in ADDS or len(node.args) != 2 or node.kwargs:
-            return False
-        for op_node, other in (node.args, reversed(node.args)):
-            if not (isinstance(other, torch.fx.Node) and other.op == "get_attr"
-                    and isinstance(op_node, torch.fx.Node)):
-                continue
-            constant = getattr(self.gm, other.target)
-            source = _input_of(op_node)
-            if source is None or len(op_node.users) != 1:
-                continue
-            a = affine_of(_module(self.gm, op_node), len(_meta_shape(source)))
-            per_channel = _per_channel(constant, a.kind if a else "", _meta_shape(op_node))
-            if a is None or per_channel is None:
-                continue
-            a.bias = a.bias + per_channel.to(a.bias)
-            return self.apply("bias", [op_node, node], source, a, True,
-                              a.macs(_meta_shape(op_node)), None, always=True)
-        return False
-
-    def apply(self, rule: str, nodes: list[torch.fx.Node], source: torch.fx.Node,
-              merged: Affine, exact: bool, macs_before: int,
-              unmerged: Callable[[Tensor], Tensor] | None, always: bool = False) -> bool:
-        """Decide by the policy, then put one module for `merged` in place of `nodes`."""
-        key = (rule, *(str(n.target) if n.op == "call_module" else n.name for n in nodes))
-        if key in self.declined:
-            return False
-        last = nodes[-1]
-        out_shape = _meta_shape(last)
-        macs_after = merged.macs(out_shape)
-        if merged.kind == "conv":
-            h, w = _meta_shape(source)[2:]
-            expect = tuple((size + 2 * p - k) // s + 1 for size, p, k, s in
-                           zip((h, w), merged.padding, merged.kernel, merged.stride, strict=True))
-            if expect != tuple(out_shape[2:]):
-                return False
-        replaces = [name for n in nodes if n.op == "call_module" for name in self.names(n)]
-        batch = self.example.shape[0]
-        record = Merge(rule, replaces, exact, macs_before * batch, macs_after * batch, True)
-        # The merged op reads `source`: it takes that tensor's dtype, not the model input's
-        # (token ids are int64, the activations the op sees are floating point).
-        like = self.example.new_empty(0, dtype=source.meta["tensor_meta"].dtype)
-        module = merged.to_module(like)
-        if not always:
-            if self.policy == "macs" and macs_after > macs_before:
-                record.taken, record.reason = False, (
-                    f"would raise MACs {macs_before * batch:,} -> {macs_after * batch:,}")
-            elif self.policy == "latency" and unmerged is not None:
-                x = torch.randn(batch, *_meta_shape(source)[1:], dtype=like.dtype,
-                                device=like.device)
-                record.seconds_before = median_seconds(lambda: unmerged(x))
-                record.seconds_after = median_seconds(lambda: module(x))
-                if record.seconds_after >= record.seconds_before:
-                    record.taken, record.reason = False, (
-                        f"slower here: {record.seconds_before * 1e3:.3f} -> "
-                        f"{record.seconds_after * 1e3:.3f} ms at batch {batch}")
-        self.merges.append(record)
-        if not record.taken:
-            self.declined.add(key)
-            return False
-        name = f"folded_{self.made}"
-        self.made += 1
-        self.gm.add_submodule(name, module)
-        self.origin[name] = replaces
-        with self.gm.graph.inserting_after(last):
-            new = self.gm.graph.call_module(name, (source,))
-        last.replace_all_uses_with(new)
-        for node in reversed(nodes):
-            if not node.users:
-                self.gm.graph.erase_node(node)
-        self.propagate()
+def _fits(candidate: _Candidate) -> bool:
+    """Whether the merged op gives the replaced ops' output size from the source's size."""
+    merged, out_shape = candidate.merged, _shape(candidate.nodes[-1])
+    if merged.kind != "conv":
         return True
+    h, w = _shape(candidate.source)[2:]
+    expect = tuple((size + 2 * p - k) // s + 1 for size, p, k, s in
+                   zip((h, w), merged.padding, merged.kernel, merged.stride, strict=True))
+    return expect == tuple(out_shape[2:])
 
-    def run(self) -> torch.fx.GraphModule:
-        self.drop_pass_through()
-        self.remove_dead_branches()
-        self.propagate()
-        # Per-channel scales (BatchNorm) first: those merges never cost anything, and the
-        # cost of the others is then judged on the ops that really remain.
-        rules = [
-            lambda node: self.try_bias(node) or self.try_sequential(node, diagonal_only=True),
-            lambda node: (self.try_bias(node) or self.try_sequential(node)
-                          or self.try_parallel(node)),
-        ]
-        for rule in rules:
-            changed = True
-            while changed:
-                changed = False
-                for node in list(self.gm.graph.nodes):
-                    if rule(node):
-                        changed = True
-                        break
-        self.gm.delete_all_unused_submodules()
-        self.gm.recompile()
-        return self.gm
+
+def _decide(state: FoldState, merge: Merge, candidate: _Candidate, module: nn.Module,
+            like: Tensor) -> None:
+    """Ask the policy (with what it needs to time both sides), then drop the callables."""
+    shape, batch = _shape(candidate.source), state.example.shape[0]
+    merge.unmerged, merge.merged = candidate.unmerged, module
+    merge.make_input = lambda: torch.randn(batch, *shape[1:], dtype=like.dtype,
+                                           device=like.device)
+    merge.taken = bool(state.policy(merge))
+    if not merge.taken and not merge.reason:
+        merge.reason = f"declined by policy {state.policy_name}"
+    merge.unmerged = merge.merged = merge.make_input = None
+
+
+def _replace(state: FoldState, candidate: _Candidate, module: nn.Module,
+             replaces: list[str]) -> None:
+    """Put `module` (reading the source) in place of the candidate's nodes."""
+    graph, last = state.gm.graph, candidate.nodes[-1]
+    name = f"folded_{state.made}"
+    state.made += 1
+    state.gm.add_submodule(name, module)
+    state.origin[name] = replaces
+    with graph.inserting_after(last):
+        new = graph.call_module(name, (candidate.source,))
+    last.replace_all_uses_with(new)
+    for node in reversed(candidate.nodes):
+        if not node.users:
+            graph.erase_node(node)
+    state.propagate()
+
+
+def _apply(state: FoldState, candidate: _Candidate) -> bool:
+    """Record the merge, let the policy decide, and rewrite the graph if it is taken."""
+    nodes = candidate.nodes
+    key = (candidate.rule, *(str(n.target) if n.op == "call_module" else n.name for n in nodes))
+    if key in state.declined or not _fits(candidate):
+        return False
+    batch = state.example.shape[0]
+    replaces = [name for n in nodes if n.op == "call_module" for name in state.names(n)]
+    macs_after = candidate.merged.macs(_shape(nodes[-1]))
+    merge = Merge(candidate.rule, replaces, candidate.exact, candidate.macs_before * batch,
+                  macs_after * batch, True)
+    # The merged op reads `source`: it takes that tensor's dtype, not the model input's
+    # (token ids are int64, the activations the op sees are floating point).
+    like = state.example.new_empty(0, dtype=candidate.source.meta["tensor_meta"].dtype)
+    module = candidate.merged.to_module(like)
+    if not candidate.always:
+        _decide(state, merge, candidate, module, like)
+    state.merges.append(merge)
+    if not merge.taken:
+        state.declined.add(key)
+        return False
+    _replace(state, candidate, module, replaces)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: each looks at one node and proposes at most one rewrite
+
+
+def into_bias(state: FoldState, node: torch.fx.Node) -> bool:
+    """op(x) + constant, with a per-channel constant: the constant goes into op's bias."""
+    if not is_add(node, methods=False) or len(node.args) != 2 or node.kwargs:
+        return False
+    for op_node, other in (node.args, reversed(node.args)):
+        if not (isinstance(other, torch.fx.Node) and other.op == "get_attr"
+                and isinstance(op_node, torch.fx.Node)):
+            continue
+        constant = getattr(state.gm, other.target)
+        source = input_of(op_node)
+        if source is None or len(op_node.users) != 1:
+            continue
+        a = state.affine(op_node, source)
+        per_channel = _per_channel(constant, a.kind if a else "", _shape(op_node))
+        if a is None or per_channel is None:
+            continue
+        a.bias = a.bias + per_channel.to(a.bias)
+        return _apply(state, _Candidate("bias", [op_node, node], source, a, True,
+                                        a.macs(_shape(op_node)), always=True))
+    return False
+
+
+def sequential(state: FoldState, node: torch.fx.Node, diagonal_only: bool = False) -> bool:
+    """op B reading only op A's output: one op computing B(A(x))."""
+    first = input_of(node)
+    if first is None or len(first.users) != 1 or input_of(first) is None:
+        return False
+    a, b = state.affine(first, first.args[0]), state.affine(node, first)
+    if a is None or b is None or (diagonal_only and not (a.is_diagonal or b.is_diagonal)):
+        return False
+    result = compose(a, b)
+    if result is None:
+        return False
+    module_a, module_b = state.module(first), state.module(node)
+    return _apply(state, _Candidate(
+        "sequential", [first, node], first.args[0], *result,
+        a.macs(_shape(first)) + b.macs(_shape(node)), lambda x: module_b(module_a(x))))
+
+
+def per_channel_sequential(state: FoldState, node: torch.fx.Node) -> bool:
+    """A sequential merge with a per-channel scale (BatchNorm, ChannelScale): never costs."""
+    return sequential(state, node, diagonal_only=True)
+
+
+def parallel(state: FoldState, node: torch.fx.Node) -> bool:
+    """op A(x) + op B(x), or A(x) + x: one op (RepVGG-style kernel embedding)."""
+    if not is_add(node, methods=False) or len(node.args) != 2 or node.kwargs:
+        return False
+    left, right = node.args
+    if not all(isinstance(arg, torch.fx.Node) for arg in (left, right)):
+        return False
+    for op_node, other in ((left, right), (right, left)):
+        candidate = _parallel_candidate(state, node, op_node, other)
+        if candidate is not None and _apply(state, candidate):
+            return True
+    return False
+
+
+def _parallel_candidate(state: FoldState, add: torch.fx.Node, op_node: torch.fx.Node,
+                        other: torch.fx.Node) -> _Candidate | None:
+    source = input_of(op_node)
+    if source is None or len(op_node.users) != 1:
+        return None
+    a = state.affine(op_node, source)
+    if a is None:
+        return None
+    module_a = state.module(op_node)
+    if other is source:
+        if a.in_features != a.out_features or a.stride != (1, 1):
+            return None
+        b = identity_affine(a.in_features, a.kind, a.weight)
+        parts, macs_b = [op_node], 0
+
+        def unmerged(x: Tensor) -> Tensor:
+            return module_a(x) + x
+    elif input_of(other) is source and len(other.users) == 1:
+        b = state.affine(other, source)
+        if b is None:
+            return None
+        parts, macs_b, module_b = [op_node, other], b.macs(_shape(other)), state.module(other)
+
+        def unmerged(x: Tensor) -> Tensor:
+            return module_a(x) + module_b(x)
+    else:
+        return None
+    merged = add_parallel(a, b)
+    if merged is None:
+        return None
+    return _Candidate("parallel", [*parts, add], source, merged, True,
+                      a.macs(_shape(op_node)) + macs_b, unmerged)
+
+
+# --------------------------------------------------------------------------------------------
+# Passes, in order
+
+
+def drop_no_ops(state: FoldState) -> None:
+    """Identity and eval-mode Dropout calls go (a linearized site is an Identity)."""
+    for node in list(state.gm.graph.nodes):
+        if isinstance(state.module(node), PASS_THROUGH) and input_of(node) is not None:
+            node.replace_all_uses_with(node.args[0])
+            state.gm.graph.erase_node(node)
+
+
+def remove_dead_branches(state: FoldState) -> None:
+    """What only always-OFF sites (`Zero`) feed becomes a constant buffer; refuse collapse."""
+    gm = state.gm
+    zeros = [n for n in gm.graph.nodes if isinstance(state.module(n), Zero)]
+    if not zeros:
+        return
+    state.removed = [str(n.target) for n in zeros]
+    depends = depends_on_input(gm)
+    if not depends[output_node(gm)]:
+        raise FoldError(
+            f"layer collapse: with {', '.join(state.removed)} always OFF, no path from the "
+            "input reaches the output, so the network would return the same prediction for "
+            "every input. Keep at least one site on that path active."
+        )
+    boundary = [n for n in gm.graph.nodes if is_op(n) and not depends[n]
+                and any(depends[u] for u in n.users)]
+    values = _capture(gm, state.example[:1], boundary)
+    for index, node in enumerate(boundary):
+        name = f"folded_constant_{index}"
+        gm.register_buffer(name, values[node].detach().clone())
+        with gm.graph.inserting_before(node):
+            constant = gm.graph.get_attr(name)
+        node.replace_all_uses_with(constant)
+    gm.graph.eliminate_dead_code()
+
+
+def annotate_shapes(state: FoldState) -> None:
+    """Every node's output shape, which the merge rules read."""
+    state.propagate()
+
+
+def _rewrite(state: FoldState, rules: tuple[Callable[[FoldState, torch.fx.Node], bool], ...]
+             ) -> None:
+    """In graph order, the first rule that rewrites at a node; then from the start again."""
+    while any(rule(state, node) for node in list(state.gm.graph.nodes) for rule in rules):
+        pass
+
+
+def merge_per_channel(state: FoldState) -> None:
+    """Constants into biases, per-channel scales (BatchNorm) into their neighbours first: those
+    never cost anything, and the other merges' cost is then judged on the ops that remain."""
+    _rewrite(state, (into_bias, per_channel_sequential))
+
+
+def merge_linear_ops(state: FoldState) -> None:
+    """Constants into biases, sequential and parallel merges, as the policy allows."""
+    _rewrite(state, (into_bias, sequential, parallel))
+
+
+def clean_up(state: FoldState) -> None:
+    state.gm.delete_all_unused_submodules()
+    state.gm.recompile()
+
+
+PASSES: tuple[Callable[[FoldState], None], ...] = (
+    drop_no_ops, remove_dead_branches, annotate_shapes, merge_per_channel, merge_linear_ops,
+    clean_up,
+)
 
 
 def _per_channel(constant: Tensor, kind: str, shape: torch.Size) -> Tensor | None:
@@ -702,29 +801,29 @@ def compare_outputs(unfolded: nn.Module, folded: nn.Module,
     return result
 
 
-def fold(model: nn.Module, example_input: Tensor, policy: str = "macs",
+def fold(model: nn.Module, example_input: Tensor, policy: str | Policy = "macs",
          data: Iterable | None = None) -> torch.fx.GraphModule:
     """A new eval-mode module computing the same function as `model` with fewer operators.
 
     `model` is not modified. `policy` decides merges that change the work: "macs" (default)
     takes a merge only if it needs no more multiply-adds than the ops it replaces, "all" takes
-    every merge, "latency" times both on `example_input`'s batch size and device. The returned
+    every merge, "latency" times both on `example_input`'s batch size and device; or pass a
+    callable `(Merge) -> bool` (it may set `merge.reason` when it declines). The returned
     module carries `fold_report` (a FoldReport); with `data` (batches of inputs or
     (input, target) pairs) the report also gives top-1 agreement and top-1 of both models.
     """
-    if policy not in POLICIES:
-        raise FoldError(f"unknown fold policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    policy_name, decide = _resolve(policy)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise FoldError("example_input must be a batched tensor, e.g. one batch of test images")
-    from depthcut.pruning import clone_model, make_permanent  # pruning imports fold
-
     unfolded = make_permanent(clone_model(model)).eval()  # pruning masks baked into weights
-    gm = trace(copy.deepcopy(unfolded))
+    gm = _trace(copy.deepcopy(unfolded))
     with torch.no_grad():
         reference = unfolded(example_input)
     ops_before, depth_before = count_ops(gm), longest_linear_path(gm)
-    folder = _Folder(gm, example_input, policy)
-    folded = folder.run()
+    state = FoldState(gm, example_input, decide, policy_name)
+    for fold_pass in PASSES:
+        fold_pass(state)
+    folded = state.gm
     with torch.no_grad():
         output = folded(example_input)
     if output.shape != reference.shape:
@@ -733,7 +832,7 @@ def fold(model: nn.Module, example_input: Tensor, policy: str = "macs",
     diff = float((output - reference).abs().max())
     scale = float(reference.abs().max()) or 1.0
     report = FoldReport(
-        policy=policy,
+        policy=policy_name,
         ops_before=ops_before,
         ops_after=count_ops(folded),
         macs_before=count_macs(unfolded, example_input),
@@ -744,8 +843,8 @@ def fold(model: nn.Module, example_input: Tensor, policy: str = "macs",
         depth_after=longest_linear_path(folded),
         max_abs_diff=diff,
         relative_error=diff / scale,
-        merges=folder.merges,
-        removed_branches=folder.removed,
+        merges=state.merges,
+        removed_branches=state.removed,
     )
     if data is not None:
         compared = compare_outputs(unfolded, folded, data)

@@ -23,6 +23,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from depthcut.graph import TraceError, trace_graph
+from depthcut.layers import (  # noqa: F401 (re-exported: sites' stand-ins, named here)
+    STAND_IN_TYPES,
+    ChannelScale,
+    Zero,
+    default_channel_dim,
+)
+
 RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
@@ -47,58 +55,16 @@ ZERO_BELOW_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 ZERO_SURROGATE_TYPES: tuple[type[nn.Module], ...] = (nn.GELU, nn.SiLU)
 
 
-class Zero(nn.Module):
-    """Stands in for an always-OFF rectifier: outputs zeros shaped like its input."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
-
-
-def default_channel_dim(rank: int) -> int:
-    """Neuron axis: dim 1 of (N, C, H, W) maps, the last dim of (N, C) and (N, T, C) tensors."""
-    return 1 if rank >= 4 else rank - 1
-
-
-class ChannelScale(nn.Module):
-    """y = x * scale per channel: what a zero-entropy site computes on the data it was measured
-    on (1 for an always-ON neuron, the negative-side slope for an always-OFF one). `fold`
-    merges it into a neighbouring linear op like a BatchNorm."""
-
-    def __init__(self, scale: torch.Tensor, dim: int | None = None) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone().float())
-        self.dim = dim  # None: `default_channel_dim` of the input's rank
-
-    def channel_dim(self, rank: int) -> int:
-        return default_channel_dim(rank) if self.dim is None else self.dim % rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.channel_dim(x.dim())] = -1
-        return x * self.scale.to(x.dtype).view(shape)
-
-
-# Modules that stand in for removed sites: torch.fx keeps each as one call (fold reads them).
-STAND_IN_TYPES: tuple[type[nn.Module], ...] = (Zero, ChannelScale)
-
-
 def is_rectifier(module: nn.Module) -> bool:
     return isinstance(module, RECTIFIER_TYPES)
 
 
-class _SiteTracer(torch.fx.Tracer):
-    """The default tracer, with stand-ins (`Zero`, `ChannelScale`) kept as one call each."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, STAND_IN_TYPES)
-                or super().is_leaf_module(module, qualified_name))
-
-
 def _trace(model: nn.Module) -> tuple[torch.fx.Graph | None, Exception | None]:
+    """The graph, or None and what the tracer raised ("graph unknown" is not an error here)."""
     try:
-        return _SiteTracer().trace(model), None
-    except Exception as error:  # noqa: BLE001 - any tracing failure means "graph unknown"
-        return None, error
+        return trace_graph(model), None
+    except TraceError as error:
+        return None, error.cause
 
 
 @dataclass(frozen=True)
@@ -157,7 +123,7 @@ def _spec_of(node: torch.fx.Node) -> _Functional | None:
     return None
 
 
-def _input_of(node: torch.fx.Node) -> object:
+def _call_input(node: torch.fx.Node) -> object:
     """The tensor a functional call acts on (first argument, or `input=` / `self=`)."""
     return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
 
@@ -165,7 +131,7 @@ def _input_of(node: torch.fx.Node) -> object:
 def _read_call(node: torch.fx.Node, spec: _Functional) -> tuple[nn.Module | None, str]:
     """(module or None, problem) for one call, its arguments bound to the signature."""
     args, kwargs = list(node.args[1:]), dict(node.kwargs)
-    source = _input_of(node)
+    source = _call_input(node)
     if not node.args:
         kwargs.pop("input", None)
         kwargs.pop("self", None)
@@ -328,7 +294,7 @@ def modularize(model: nn.Module) -> torch.fx.GraphModule:
         gm.add_submodule(call.name, call.module)
         # Read the input now: an earlier replacement may have rewired it.
         with graph.inserting_before(call.node):
-            replacement = graph.call_module(call.name, (_input_of(call.node),))
+            replacement = graph.call_module(call.name, (_call_input(call.node),))
         replacement.meta = dict(call.node.meta)
         call.node.replace_all_uses_with(replacement)
         graph.erase_node(call.node)

@@ -9,13 +9,15 @@ Random stacks and models are drawn fresh each run; every test here takes the `se
 
 from __future__ import annotations
 
+import json
+import pickle
 import random
 
 import pytest
 import torch
 from torch import nn
 
-from depthcut.fold import FoldError, add_parallel, affine_of, compose, fold
+from depthcut.fold import POLICIES, FoldError, Merge, add_parallel, affine_of, compose, fold
 from depthcut.models import build_model
 from depthcut.sites import find_sites, linearize, silence
 from tests.helpers import (  # noqa: F401 (fixtures)
@@ -417,3 +419,60 @@ def test_latency_policy_times_each_merge_and_data_gives_agreement() -> None:
     with torch.no_grad():
         assert_matches(folded(data[0][0]), model(data[0][0]))
     assert "Fold report (policy latency)" in report.markdown()
+
+
+def linear_basic_block() -> tuple[nn.Module, torch.Tensor]:
+    """A ResNet basic block with both sites linearized: sequential and parallel merges."""
+    g = torch.Generator().manual_seed(4)
+    model = randomize_batchnorm(build_model("resnet18", width=0.125), g)
+    linearize(model, ["layer1.0.act1", "layer1.0.act2"])
+    return model.layer1[0], torch.randn(2, 8, 8, 8, generator=g)
+
+
+def test_user_policy_is_honoured_and_declines_are_recorded() -> None:
+    block, x = linear_basic_block()
+    seen: list[Merge] = []
+
+    def exact_only(merge: Merge) -> bool:
+        seen.append(merge)
+        return merge.exact
+
+    report = fold(block, x, exact_only).fold_report
+    assert report.policy == "exact_only" and seen
+    assert report.exact and any(m.taken for m in report.merges), report.markdown()
+    declined = [m for m in report.merges if not m.taken]
+    assert declined and all(not m.exact for m in declined)
+    assert all(m.reason == "declined by policy exact_only" for m in declined)
+    assert "declined by policy exact_only" in report.markdown()
+
+    report = fold(block, x, lambda merge: merge.rule != "parallel").fold_report
+    assert not any(m.taken and m.rule == "parallel" for m in report.merges)
+    assert any(not m.taken and m.rule == "parallel" and m.reason for m in report.merges)
+    y = torch.randn(3, 8, 8, 8)
+    folded = fold(block, x, lambda merge: merge.exact and merge.rule != "parallel")
+    with torch.no_grad():
+        assert_matches(folded(y), block(y))
+
+
+def test_presets_are_policy_callables() -> None:
+    block, x = linear_basic_block()
+    assert set(POLICIES) == {"macs", "all", "latency"} and all(map(callable, POLICIES.values()))
+    for name in ("macs", "all"):
+        by_name = fold(block, x, name).fold_report
+        by_callable = fold(block, x, POLICIES[name]).fold_report
+        assert by_name.policy == name
+        assert [m.to_dict() for m in by_name.merges] == [m.to_dict() for m in by_callable.merges]
+    with pytest.raises(FoldError, match="unknown fold policy"):
+        fold(block, x, policy=3)
+
+
+def test_report_keeps_no_policy_callables() -> None:
+    block, x = linear_basic_block()
+    report = fold(block, x, "latency").fold_report
+    assert all(m.unmerged is m.merged is m.make_input is None for m in report.merges)
+    record = report.to_dict()
+    assert list(record["merges"][0]) == ["rule", "replaces", "exact", "macs_before",
+                                         "macs_after", "taken", "reason", "seconds_before",
+                                         "seconds_after"]
+    json.dumps(record)
+    assert pickle.loads(pickle.dumps(report)).to_dict() == record

@@ -11,10 +11,8 @@ import torch
 from torch import nn
 
 from depthcut.entropy import SiteCounts
-from depthcut.models import build_model
-from depthcut.pruning import (
+from depthcut.masks import (
     apply_masks,
-    causes_layer_collapse,
     clone_model,
     effective_weight,
     global_magnitude_prune,
@@ -23,11 +21,15 @@ from depthcut.pruning import (
     masks_of,
     mean_abs_nonzero,
     nonzero_count,
-    prunable_layers,
     prune_group,
     prune_smallest,
-    pruning_budget,
     sparsity,
+)
+from depthcut.models import build_model
+from depthcut.pruning import (
+    causes_layer_collapse,
+    prunable_layers,
+    pruning_budget,
     zero_entropy_sites,
 )
 from depthcut.sites import SiteError
