@@ -1,28 +1,48 @@
-"""Command line: `depthcut easier|nepenthe|egp|imp|entropy|fold|heal ...`. Only parses and
-calls the API.
+"""Command line: `depthcut easier|nepenthe|egp|imp|layer-folding|compare|report|entropy|fold|heal
+...`. Parses arguments, calls the API (`depthcut.experiment`, `depthcut.workflows`,
+`depthcut.reports`) and prints.
 
 Settings are layered: a preset (`--preset quick`, the default, finishes in minutes on 2 CPU
 cores; `--preset paper` is the papers' recipe), then a JSON `--config` file, then explicit flags.
+Every setting is one flat key (an option name) mapped by `FIELDS` onto the config dataclasses,
+whose defaults are the CLI's defaults.
+
+Errors the user's input causes (`depthcut.errors.DepthcutError`) are printed as one paragraph
+with exit code 2; any other exception is a bug: a short message, the traceback in a file, exit
+code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import sys
+import tempfile
+import traceback
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from depthcut import experiment, reports, workflows
 from depthcut.data import DATASETS, DatasetNotFoundError
 from depthcut.entropy import ENTROPY_VARIANTS
+from depthcut.errors import ConfigError, DepthcutError
+from depthcut.experiment import COMPARABLE, ExperimentConfig
 from depthcut.export import ExportError
 from depthcut.fold import POLICIES, FoldError
+from depthcut.methods.easier import EasierConfig
+from depthcut.methods.layer_folding import LayerFoldingConfig
+from depthcut.methods.rounds import PruningConfig
 from depthcut.models import ACTIVATIONS, MODELS
 from depthcut.pruning import REALLOCATE
 from depthcut.run import CheckpointError, RunDirError
 from depthcut.sites import SiteError
-from depthcut.train import SCHEDULES
+from depthcut.train import SCHEDULES, TrainConfig
 
 PRESETS: dict[str, dict] = {
     # Minutes on a 2-core CPU: a narrow ResNet-18, short cosine training, short finetunes.
@@ -68,50 +88,212 @@ PRESETS: dict[str, dict] = {
 PAPER_LR: dict[str, float] = {"resnet18": 0.1, "mobilenetv2": 0.1, "vgg16": 0.01, "swin-t": 0.001}
 PAPER_LR_OTHER = 0.1
 
-DEFAULTS: dict = {
-    "model": "resnet18",
-    "activation": None,  # the architecture's own (ReLU; ReLU6 for MobileNetV2; GELU)
-    "dataset": "cifar10-jpeg",
-    "data_root": "../shared/data",
-    "cache_dir": None,
-    "val_fraction": 0.1,
-    "train_subset": None,
-    "batch_size": 128,
-    "seed": 0,
-    "device": "auto",
-    "channels_last": "auto",
-    "decay_norm_and_bias": False,
-    "momentum": 0.9,
-    "milestones": [80, 120],
-    "gamma": 0.1,
-    "warmup_epochs": 0.0,
-    "dense_checkpoint": None,
-    "amp": False,
-    "delta": 1.0,
-    "k": 1,
-    "entropy_mode": "eval",
-    "entropy_variant": "paper",
-    "reallocate": "fixed",
-    "zeta": 0.5,
-    "temperature": 1.0,
-    "theta": 0.99,
-    "lam": 0.25,
-    "threshold": 0.9,
-    "lf_k": None,
-    "methods": ["easier", "nepenthe", "egp", "imp", "layer-folding"],
+# Every flat setting (an option's name, a --config key, a preset key) and the config dataclass
+# fields it sets, as (dataclass, "field" or "train_field.field"). (TrainConfig, "field") sets
+# that field of every TrainConfig of a run: dense training, finetuning and slope training.
+# A setting's default is the default of its first field (tests check that the others agree).
+FIELDS: dict[str, tuple[tuple[type, str], ...]] = {
+    # data and model
+    "model": ((ExperimentConfig, "model"),),
+    "width": ((ExperimentConfig, "width"),),
+    "activation": ((ExperimentConfig, "activation"),),
+    "dataset": ((ExperimentConfig, "dataset"),),
+    "data_root": ((ExperimentConfig, "data_root"),),
+    "cache_dir": ((ExperimentConfig, "cache_dir"),),
+    "val_fraction": ((ExperimentConfig, "val_fraction"),),
+    "train_subset": ((ExperimentConfig, "train_subset"),),
+    "batch_size": ((ExperimentConfig, "batch_size"),),
+    "seed": ((ExperimentConfig, "seed"),),
+    "device": ((ExperimentConfig, "device"),),
+    "channels_last": ((ExperimentConfig, "channels_last"),),
+    "amp": ((ExperimentConfig, "amp"),),
+    "dense_checkpoint": ((ExperimentConfig, "dense_checkpoint"),),
+    # dense training; the optimizer and schedule settings serve every training of a run
+    "epochs": ((ExperimentConfig, "dense.epochs"),),
+    "lr": ((ExperimentConfig, "dense.lr"),),
+    "schedule": ((TrainConfig, "schedule"),),
+    "milestones": ((TrainConfig, "milestones"),),
+    "gamma": ((TrainConfig, "gamma"),),
+    "momentum": ((TrainConfig, "momentum"),),
+    "nesterov": ((TrainConfig, "nesterov"),),
+    "weight_decay": ((TrainConfig, "weight_decay"),),
+    "decay_norm_and_bias": ((TrainConfig, "decay_norm_and_bias"),),
+    "warmup_epochs": ((TrainConfig, "warmup_epochs"),),
+    # finetuning and entropy counting (every method that has them)
+    "finetune_epochs": ((EasierConfig, "finetune.epochs"), (PruningConfig, "finetune.epochs"),
+                        (LayerFoldingConfig, "finetune.epochs")),
+    "finetune_lr": ((EasierConfig, "finetune.lr"), (PruningConfig, "finetune.lr"),
+                    (LayerFoldingConfig, "finetune.lr")),
+    "entropy_mode": ((EasierConfig, "entropy_mode"), (PruningConfig, "entropy_mode")),
+    "entropy_variant": ((EasierConfig, "entropy_variant"), (PruningConfig, "entropy_variant")),
+    # EASIER (delta also serves EGP and IMP)
+    "delta": ((EasierConfig, "delta"), (PruningConfig, "delta")),
+    "k": ((EasierConfig, "k"),),
+    "max_stages": ((EasierConfig, "max_stages"),),
+    # NEPENTHE, EGP, IMP
+    "zeta": ((PruningConfig, "zeta"),),
+    "temperature": ((PruningConfig, "temperature"),),
+    "theta": ((PruningConfig, "theta"),),
+    "rounds": ((PruningConfig, "rounds"),),
+    "reallocate": ((PruningConfig, "reallocate"),),
+    # Layer Folding
+    "lf_k": ((LayerFoldingConfig, "k"),),
+    "threshold": ((LayerFoldingConfig, "threshold"),),
+    "lam": ((LayerFoldingConfig, "lam"),),
+    "slope_epochs": ((LayerFoldingConfig, "slope_training.epochs"),),
+    "slope_lr": ((LayerFoldingConfig, "slope_training.lr"),),
 }
 
-USER_ERRORS = (
+# The config dataclasses each method command builds (compare builds them all).
+METHOD_CONFIGS: dict[str, tuple[type, ...]] = {
+    "easier": (EasierConfig,),
+    "nepenthe": (PruningConfig,),
+    "egp": (PruningConfig,),
+    "imp": (PruningConfig,),
+    "layer-folding": (LayerFoldingConfig,),
+    "compare": (EasierConfig, PruningConfig, LayerFoldingConfig),
+}
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for item in dataclasses.fields(cls):
+        if item.name == name:
+            return item
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+def field_default(cls: type, path: str) -> Any:
+    """The default of `cls`'s field at `path` ("field" or "train_field.field")."""
+    head, _, rest = path.partition(".")
+    item = _field(cls, head)
+    if item.default is not dataclasses.MISSING:
+        value = item.default
+    else:
+        value = item.default_factory()
+    for name in rest.split(".") if rest else ():
+        value = getattr(value, name)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """A default as a --config file would hold it (tuples as JSON lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+DEFAULTS: dict = {key: _plain(field_default(*targets[0])) for key, targets in FIELDS.items()}
+# compare's methods are arguments of run_comparison, no dataclass field: all but easier-k2.
+DEFAULTS["methods"] = [m for m in COMPARABLE if m != "easier-k2"]
+
+
+def build_config(cls: type, settings: dict, **extra: Any) -> Any:
+    """A `cls` (ExperimentConfig, TrainConfig or a method's config) from flat settings, through
+    FIELDS; fields no setting names keep their dataclass defaults; `extra` sets fields of `cls`
+    directly."""
+    values: dict[str, Any] = {}
+    trainings = [f.name for f in dataclasses.fields(cls)
+                 if isinstance(field_default(cls, f.name), TrainConfig)]
+    for key, targets in FIELDS.items():
+        for owner, path in targets:
+            if owner is cls:
+                paths = [path]
+            elif owner is TrainConfig:  # a shared training setting: every training of cls
+                paths = [f"{name}.{path}" for name in trainings]
+            else:
+                continue
+            for target in paths:
+                head, _, rest = target.partition(".")
+                if rest:
+                    values.setdefault(head, {})[rest] = settings[key]
+                else:
+                    values[head] = settings[key]
+    for name in trainings:
+        if name in values:
+            values[name] = TrainConfig(**values[name])
+    return cls(**values, **extra)
+
+
+def _setting_type(key: str) -> Any:
+    """The type a setting's value must have: its dataclass field's annotation (None too where
+    a preset uses None: "same as lr", "Table 4's rate")."""
+    if key == "methods":
+        return list[str]
+    owner, path = FIELDS[key][0]
+    *parents, name = path.split(".")
+    cls = owner
+    for parent in parents:
+        cls = type(field_default(cls, parent))
+    hint = typing.get_type_hints(cls)[name]
+    if any(key in preset and preset[key] is None for preset in PRESETS.values()):
+        hint = hint | None
+    return hint
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_accepts(option, value) for option in typing.get_args(hint))
+    if origin in (tuple, list):
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_accepts(item, v) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(hint)[0]).split()[-1]}s"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(settings: dict, source: object) -> None:
+    """Raise ConfigError for a setting from `source` (a --config file) of the wrong type."""
+    for key, value in settings.items():
+        hint = _setting_type(key)
+        if not _accepts(hint, value):
+            raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r}")
+
+
+def experiment_config(settings: dict, progress: bool) -> ExperimentConfig:
+    return build_config(ExperimentConfig, settings, progress=progress)
+
+
+# Errors the user's input causes that are not DepthcutError subclasses yet; they will become
+# DepthcutError (then DepthcutError alone names them).
+LEGACY_USER_ERRORS: tuple[type[BaseException], ...] = (
     DatasetNotFoundError,
     SiteError,
     RunDirError,
     CheckpointError,
-    FloatingPointError,
     ExportError,
-    OSError,  # e.g. no space left on device while writing a checkpoint
     FoldError,
-    ValueError,
 )
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DepthcutError,
+    *LEGACY_USER_ERRORS,
+    OSError,  # e.g. no space left on device while writing a checkpoint
+    FloatingPointError,  # the loss became NaN or infinite
+    ValueError,  # TODO(lead): remove once config errors are ConfigError
+)
+
+
+# The entropy, fold and heal options default to their depthcut.workflows function's defaults.
+WORKFLOW_DEFAULTS: dict[str, dict[str, Any]] = {
+    function.__name__: {name: parameter.default
+                        for name, parameter in inspect.signature(function).parameters.items()
+                        if parameter.default is not inspect.Parameter.empty}
+    for function in (workflows.entropy_report, workflows.fold_checkpoint, workflows.heal)
+}
 
 
 def _experiment_options(parser: argparse.ArgumentParser) -> None:
@@ -239,32 +421,38 @@ def build_parser() -> argparse.ArgumentParser:
     entropy.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's dataset")
     entropy.add_argument("--data-root", help="default: the checkpoint's data root")
     entropy.add_argument("--cache-dir")
-    entropy.add_argument("--split", choices=("train", "test"), default="train",
+    entropy.add_argument("--split", choices=("train", "test"),
+                         default=WORKFLOW_DEFAULTS["entropy_report"]["split"],
                          help="which split to count on (no augmentation)")
     entropy.add_argument("--samples", type=int, help="count on only the first N images")
-    entropy.add_argument("--batch-size", type=int, default=512)
-    entropy.add_argument("--device", default="auto")
+    entropy.add_argument("--batch-size", type=int,
+                         default=WORKFLOW_DEFAULTS["entropy_report"]["batch_size"])
+    entropy.add_argument("--device",
+                         default=WORKFLOW_DEFAULTS["entropy_report"]["device"])
     entropy.add_argument("--no-progress", action="store_true")
 
     fold = commands.add_parser("fold", help="merge linear ops of a checkpoint; print the report")
     fold.add_argument("--checkpoint", type=Path, required=True, help="a stage checkpoint")
     fold.add_argument("--out", type=Path, required=True, help="where to save the folded model")
-    fold.add_argument("--policy", choices=POLICIES, default="macs",
+    fold.add_argument("--policy", choices=POLICIES,
+                      default=WORKFLOW_DEFAULTS["fold_checkpoint"]["policy"],
                       help="macs: merge only where MACs do not rise (default); all: every "
                       "merge; latency: merge where measured faster on --device")
     fold.add_argument("--export", choices=("onnx",), help="also write OUT with .onnx suffix")
-    _data_options(fold, split_help="test images used for agreement and top-1 (default: all)")
+    _data_options(fold, "fold_checkpoint",
+                  split_help="test images used for agreement and top-1 (default: all)")
 
     heal = commands.add_parser("heal", help="finetune a folded model briefly (border merges)")
     heal.add_argument("--folded", type=Path, required=True, help="a model from `depthcut fold`")
     heal.add_argument("--out", type=Path, required=True, help="where to save the healed model")
-    heal.add_argument("--epochs", type=int, default=1)
-    heal.add_argument("--lr", type=float, default=0.001,
+    heal.add_argument("--epochs", type=int, default=WORKFLOW_DEFAULTS["heal"]["epochs"])
+    heal.add_argument("--lr", type=float, default=WORKFLOW_DEFAULTS["heal"]["lr"],
                       help="small: a folded model has no BatchNorm left to steady training")
-    heal.add_argument("--weight-decay", type=float, default=5e-4)
+    heal.add_argument("--weight-decay", type=float,
+                      default=WORKFLOW_DEFAULTS["heal"]["weight_decay"])
     heal.add_argument("--train-subset", type=int, help="finetune on only this many images")
-    heal.add_argument("--seed", type=int, default=0)
-    _data_options(heal, split_help="evaluate on only the first N test images")
+    heal.add_argument("--seed", type=int, default=WORKFLOW_DEFAULTS["heal"]["seed"])
+    _data_options(heal, "heal", split_help="evaluate on only the first N test images")
     return parser
 
 
@@ -332,38 +520,16 @@ def _pruning_options(group: argparse._ArgumentGroup, name: str) -> None:
                        help="at most this many rounds (quick preset: 5; paper: no limit)")
 
 
-def _data_options(parser: argparse.ArgumentParser, split_help: str) -> None:
+def _data_options(parser: argparse.ArgumentParser, workflow: str, split_help: str) -> None:
     parser.add_argument("--dataset", choices=DATASETS, help="default: the model's dataset")
     parser.add_argument("--data-root", help="default: the model's data root")
     parser.add_argument("--cache-dir")
     parser.add_argument("--samples", type=int, help=split_help)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto, ...")
+    parser.add_argument("--batch-size", type=int,
+                        default=WORKFLOW_DEFAULTS[workflow]["batch_size"])
+    parser.add_argument("--device", default=WORKFLOW_DEFAULTS[workflow]["device"],
+                        help="cpu (default), cuda, auto, ...")
     parser.add_argument("--no-progress", action="store_true")
-
-
-def _dataset_for(args: argparse.Namespace, origin: dict):
-    """The dataset a model was trained on, unless the flags name another."""
-    from depthcut.data import load_dataset
-
-    dataset_name = args.dataset or origin.get("dataset")
-    root = args.data_root or origin.get("data_root")
-    if not dataset_name or not root:
-        raise ValueError("the model names no dataset: pass --dataset and --data-root")
-    return load_dataset(dataset_name, root, cache_dir=args.cache_dir,
-                        progress=not args.no_progress)
-
-
-def _test_loader(args: argparse.Namespace, dataset, device):
-    from depthcut.data import BatchLoader
-
-    images, labels = dataset.test_images, dataset.test_labels
-    if args.samples is not None:
-        if args.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {args.samples}")
-        images, labels = images[: args.samples], labels[: args.samples]
-    return BatchLoader(images, labels, batch_size=args.batch_size, mean=dataset.mean,
-                       std=dataset.std, device=device)
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
@@ -373,113 +539,32 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         try:
             loaded = json.loads(args.config.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read config file {args.config}: {error}") from error
+            raise ConfigError(f"cannot read config file {args.config}: {error}") from error
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {args.config} must hold a JSON object")
+            raise ConfigError(f"config file {args.config} must hold a JSON object")
         unknown = sorted(set(loaded) - set(settings))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown keys in {args.config}: {', '.join(unknown)}; known: "
                 f"{', '.join(sorted(settings))}"
             )
+        check_types(loaded, args.config)
         settings.update(loaded)
     if args.out is None and not getattr(args, "print_config", False):
-        raise ValueError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
+        raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
     skip = {"command", "preset", "config", "out", "overwrite", "no_progress",
             "no_fair_reference", "resume", "print_config"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip})
     # Older config files wrote channels_last as true / false / null.
     legacy = {True: "on", False: "off", None: "auto"}
-    if not isinstance(settings["channels_last"], str):
-        settings["channels_last"] = legacy.get(settings["channels_last"],
-                                               settings["channels_last"])
+    if settings["channels_last"] is None or isinstance(settings["channels_last"], bool):
+        settings["channels_last"] = legacy[settings["channels_last"]]
     if settings["lr"] is None:  # the paper preset: Table 4's rate for this architecture
         settings["lr"] = PAPER_LR.get(settings["model"], PAPER_LR_OTHER)
     for key in ("finetune_lr", "slope_lr"):
         if settings[key] is None:
             settings[key] = settings["lr"]
     return settings
-
-
-def _train_config(settings: dict, epochs: int, lr: float):
-    from depthcut.train import TrainConfig
-
-    return TrainConfig(
-        epochs=epochs,
-        lr=lr,
-        momentum=settings["momentum"],
-        weight_decay=settings["weight_decay"],
-        nesterov=settings["nesterov"],
-        schedule=settings["schedule"],
-        milestones=tuple(settings["milestones"]),
-        gamma=settings["gamma"],
-        warmup_epochs=settings["warmup_epochs"],
-        decay_norm_and_bias=settings["decay_norm_and_bias"],
-    )
-
-
-def experiment_config(settings: dict, progress: bool):
-    from depthcut.experiment import ExperimentConfig
-
-    return ExperimentConfig(
-        dataset=settings["dataset"],
-        data_root=str(settings["data_root"]),
-        cache_dir=settings["cache_dir"],
-        model=settings["model"],
-        width=settings["width"],
-        activation=settings["activation"],
-        val_fraction=settings["val_fraction"],
-        train_subset=settings["train_subset"],
-        batch_size=settings["batch_size"],
-        seed=settings["seed"],
-        device=settings["device"],
-        channels_last=settings["channels_last"],
-        dense=_train_config(settings, settings["epochs"], settings["lr"]),
-        dense_checkpoint=settings["dense_checkpoint"],
-        amp=settings["amp"],
-        progress=progress,
-    )
-
-
-def _easier_config(settings: dict):
-    from depthcut.methods.easier import EasierConfig
-
-    return EasierConfig(
-        delta=settings["delta"],
-        k=settings["k"],
-        max_stages=settings["max_stages"],
-        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
-        entropy_mode=settings["entropy_mode"],
-        entropy_variant=settings["entropy_variant"],
-    )
-
-
-def _pruning_config(settings: dict):
-    from depthcut.methods.rounds import PruningConfig
-
-    return PruningConfig(
-        zeta=settings["zeta"],
-        temperature=settings["temperature"],
-        theta=settings["theta"],
-        delta=settings["delta"],
-        rounds=settings["rounds"],
-        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
-        entropy_mode=settings["entropy_mode"],
-        entropy_variant=settings["entropy_variant"],
-        reallocate=settings["reallocate"],
-    )
-
-
-def _folding_config(settings: dict):
-    from depthcut.methods.layer_folding import LayerFoldingConfig
-
-    return LayerFoldingConfig(
-        k=settings["lf_k"],
-        threshold=settings["threshold"],
-        lam=settings["lam"],
-        slope_training=_train_config(settings, settings["slope_epochs"], settings["slope_lr"]),
-        finetune=_train_config(settings, settings["finetune_epochs"], settings["finetune_lr"]),
-    )
 
 
 def cmd_print_config(args: argparse.Namespace) -> int:
@@ -496,29 +581,22 @@ def cmd_print_config(args: argparse.Namespace) -> int:
         return 0
     settings = resolve_settings(args)
     experiment_config(settings, progress=False)
-    builders = {"easier": (_easier_config,), "nepenthe": (_pruning_config,),
-                "egp": (_pruning_config,), "imp": (_pruning_config,),
-                "layer-folding": (_folding_config,),
-                "compare": (_easier_config, _pruning_config, _folding_config)}
-    for build in builders[args.command]:
-        build(settings)
+    for cls in METHOD_CONFIGS[args.command]:
+        build_config(cls, settings)
     print(json.dumps(settings, indent=2, sort_keys=True, default=str))
     return 0
 
 
 def cmd_easier(args: argparse.Namespace) -> int:
-    from depthcut.experiment import run_easier
-    from depthcut.reports import stage_table
-
     settings = resolve_settings(args)
-    method = _easier_config(settings)
-    result = run_easier(
+    method = build_config(EasierConfig, settings)
+    result = experiment.run_easier(
         experiment_config(settings, not args.no_progress), method, args.out,
         overwrite=args.overwrite,
     )
     answer = result.answer
     print()
-    print(stage_table(result.records))
+    print(reports.stage_table(result.records))
     print(
         f"\nAnswer: stage {answer['stage']}, {answer['sites_linearized']}/"
         f"{answer['sites_total']} sites linearized, test top-1 {answer['test_top1']:.2f} "
@@ -535,16 +613,15 @@ def cmd_easier(args: argparse.Namespace) -> int:
 
 
 def cmd_pruning(args: argparse.Namespace) -> int:
-    from depthcut.experiment import run_pruning
-    from depthcut.reports import stage_table
-
     settings = resolve_settings(args)
-    method = _pruning_config(settings)
-    result = run_pruning(experiment_config(settings, not args.no_progress), args.command,
-                         method, args.out, overwrite=args.overwrite)
+    method = build_config(PruningConfig, settings)
+    result = experiment.run_pruning(
+        experiment_config(settings, not args.no_progress), args.command, method, args.out,
+        overwrite=args.overwrite,
+    )
     answer = result.answer
     print()
-    print(stage_table(result.records))
+    print(reports.stage_table(result.records))
     print(
         f"\nAnswer: round {answer['stage']}, sparsity {100 * answer.get('sparsity', 0):.1f}%, "
         f"{answer['sites_linearized']}/{answer['sites_total']} sites removed, test top-1 "
@@ -556,15 +633,14 @@ def cmd_pruning(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_folding(args: argparse.Namespace) -> int:
-    from depthcut.experiment import run_layer_folding
-    from depthcut.reports import stage_table
-
     settings = resolve_settings(args)
-    method = _folding_config(settings)
-    result = run_layer_folding(experiment_config(settings, not args.no_progress), method,
-                               args.out, overwrite=args.overwrite)
+    method = build_config(LayerFoldingConfig, settings)
+    result = experiment.run_layer_folding(
+        experiment_config(settings, not args.no_progress), method, args.out,
+        overwrite=args.overwrite,
+    )
     print()
-    print(stage_table(result.records))
+    print(reports.stage_table(result.records))
     slopes = ", ".join(f"{site} {alpha:.2f}" for site, alpha in result.answer["alphas"].items())
     print(f"\nSlopes: {slopes}")
     print(f"Records, checkpoints and summary.md in {args.out}")
@@ -572,13 +648,12 @@ def cmd_layer_folding(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from depthcut.experiment import run_comparison
-
     settings = resolve_settings(args)
-    report = run_comparison(
+    report = experiment.run_comparison(
         experiment_config(settings, not args.no_progress), settings["methods"], args.out,
-        easier_config=_easier_config(settings), pruning_config=_pruning_config(settings),
-        folding_config=_folding_config(settings),
+        easier_config=build_config(EasierConfig, settings),
+        pruning_config=build_config(PruningConfig, settings),
+        folding_config=build_config(LayerFoldingConfig, settings),
         fair_reference=not args.no_fair_reference, overwrite=args.overwrite,
     )
     print(report.read_text())
@@ -587,123 +662,64 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from depthcut.compare import build_report
-
-    report = build_report(args.runs, args.out, measure=not args.no_measure,
-                          progress=not args.no_progress)
+    report = reports.build_report(args.runs, args.out, measure=not args.no_measure,
+                                  progress=not args.no_progress)
     print(report.read_text())
     print(f"Report, tables and plots in {report.parent}")
     return 0
 
 
 def cmd_entropy(args: argparse.Namespace) -> int:
-    from depthcut.data import BatchLoader
-    from depthcut.entropy import count_states
-    from depthcut.reports import entropy_table
-    from depthcut.run import load_checkpoint
-    from depthcut.sites import find_sites
-    from depthcut.train import resolve_device
-
-    model, info = load_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
-    dataset = _dataset_for(args, info.get("extra", {}))
-    images, labels = (
-        (dataset.train_images, dataset.train_labels)
-        if args.split == "train"
-        else (dataset.test_images, dataset.test_labels)
-    )
-    if args.samples is not None:
-        if args.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {args.samples}")
-        images, labels = images[: args.samples], labels[: args.samples]
-    loader = BatchLoader(images, labels, batch_size=args.batch_size, mean=dataset.mean,
-                         std=dataset.std, device=device)
-    model.to(device)
-    counts = count_states(model, loader, find_sites(model), progress=not args.no_progress)
-    linearized = info.get("linearized", [])
-    print(
-        f"{args.checkpoint}: {info['spec'].name} x{info['spec'].width}, "
-        f"{len(linearized)} site(s) linearized; {len(images)} images of the {dataset.name} "
-        f"{args.split} split"
-    )
-    print(entropy_table(counts))
+    report = workflows.entropy_report(
+        args.checkpoint, dataset=args.dataset, data_root=args.data_root,
+        cache_dir=args.cache_dir, split=args.split, samples=args.samples,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    print(report.text())
     return 0
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from depthcut.export import export_onnx
-    from depthcut.fold import fold
-    from depthcut.run import load_checkpoint, save_folded
-    from depthcut.train import resolve_device
-
-    model, info = load_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
-    dataset = _dataset_for(args, info.get("extra", {}))
-    loader = _test_loader(args, dataset, device)
-    example = next(iter(loader))[0]
-    folded = fold(model.to(device), example, args.policy, data=loader)
-    report = folded.fold_report
-    linearized = info.get("linearized", [])
-    print(f"{args.checkpoint}: {info['spec'].name} x{info['spec'].width}, {len(linearized)} "
-          f"site(s) linearized; checked on {len(loader.images)} {dataset.name} test images")
-    print(report.markdown())
-    extra = {**info.get("extra", {}), "source": str(args.checkpoint),
-             "linearized": linearized, "spec": info["spec"].to_dict()}
-    save_folded(args.out, folded, extra)
-    print(f"\nFolded model saved to {args.out}")
-    if not report.exact:
-        print("Border-approximate merges changed the function near image borders; "
-              f"`depthcut heal --folded {args.out} --out HEALED.pt` finetunes it briefly.")
-    if args.export == "onnx":
-        exported = export_onnx(folded, example[:1].cpu(), args.out.with_suffix(".onnx"))
-        checked = (f"checked with onnxruntime: max |onnx - torch| {exported['max_abs_diff']:.3g}"
-                   if exported["checked"] else "not checked (onnxruntime not installed)")
-        print(f"ONNX written to {exported['path']}; {checked}")
+    result = workflows.fold_checkpoint(
+        args.checkpoint, args.out, policy=args.policy, export=args.export,
+        dataset=args.dataset, data_root=args.data_root, cache_dir=args.cache_dir,
+        samples=args.samples, batch_size=args.batch_size, device=args.device,
+        progress=not args.no_progress)
+    print(result.text())
     return 0
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
-    from depthcut.data import make_splits
-    from depthcut.run import load_folded, save_folded
-    from depthcut.train import TrainConfig, evaluate, resolve_device, seed_everything, train
-
-    module, info = load_folded(args.folded)
-    device = resolve_device(args.device)
-    dataset = _dataset_for(args, info.get("extra", {}))
-    splits = make_splits(dataset, val_fraction=0.0, train_subset=args.train_subset,
-                         batch_size=args.batch_size, seed=args.seed, device=device)
-    test = _test_loader(args, dataset, device)
-    module.to(device)
-    before = evaluate(module, test)
-    seed_everything(args.seed)
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay)
-    train(module, splits.train, config, progress=not args.no_progress, desc="heal")
-    module.eval()
-    after = evaluate(module, test)
-    report = info.get("report") or {}
-    unfolded = report.get("top1_unfolded")
-    print(f"{args.folded}: test top-1 of the folded model {before:.2f} before heal, "
-          f"{after:.2f} after {args.epochs} epoch(s) at lr {args.lr}"
-          + (f" (unfolded model: {unfolded:.2f})" if unfolded is not None else ""))
-    extra = {**info.get("extra", {}), "heal": {"epochs": args.epochs, "lr": args.lr,
-                                               "top1_before": before, "top1_after": after}}
-    module.fold_report = None
-    save_folded(args.out, module, extra)
-    print(f"Healed model saved to {args.out}")
+    result = workflows.heal(
+        args.folded, args.out, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        train_subset=args.train_subset, seed=args.seed, dataset=args.dataset,
+        data_root=args.data_root, cache_dir=args.cache_dir, samples=args.samples,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    print(result.text())
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from depthcut.experiment import resume_run
-    from depthcut.reports import stage_table
-
-    result = resume_run(args.resume, progress=not args.no_progress)
+    result = experiment.resume_run(args.resume, progress=not args.no_progress)
     print()
-    print(stage_table(result.records))
+    print(reports.stage_table(result.records))
     answer = result.answer
     print(f"\nResumed and finished: answer stage {answer['stage']}, test top-1 "
           f"{answer['test_top1']:.2f}. Stopped: {result.stop_reason}. Run in {args.resume}")
     return 0
+
+
+def _write_traceback(error: BaseException) -> str:
+    """Save `error`'s traceback to a file in the temporary folder ($TMPDIR); its path, or
+    "stderr" when no file can be written (the traceback is printed there instead)."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="depthcut-traceback-", suffix=".txt",
+                                         delete=False) as file:
+            file.write(text)
+        return file.name
+    except OSError:
+        print(text, file=sys.stderr, end="")
+        return "stderr"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -729,6 +745,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("depthcut: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a bug in depthcut, not the user's input
+        path = _write_traceback(error)
+        print(f"depthcut {args.command}: internal error: {type(error).__name__}: {error} "
+              f"(traceback written to {path}); please report it", file=sys.stderr)
+        return 1
     finally:
         distributed.shutdown()
 

@@ -52,6 +52,19 @@ def test_entropy_command_prints_a_table(finished_run, capsys):
     assert len(rows) == 16
 
 
+def test_work_on_saved_models_through_the_api(finished_run, tmp_path):
+    import depthcut
+
+    _, out, _ = finished_run
+    stage = out / "checkpoints" / "stage_01.pt"
+    report = depthcut.entropy_report(stage, samples=40, device="cpu", progress=False)
+    assert report.images == 40 and report.split == "train" and len(report.counts) == 16
+    assert report.text() == f"{report.header()}\n{report.table()}"
+    result = depthcut.fold_checkpoint(stage, tmp_path / "f.pt", samples=8, progress=False)
+    assert result.report.policy == "macs" and result.images == 8 and result.onnx is None
+    assert (tmp_path / "f.pt").is_file() and "Folded model saved to" in result.text()
+
+
 def test_existing_run_is_refused_without_overwrite(finished_run, capsys):
     _, _, args = finished_run
     assert main(args) == 2

@@ -9,15 +9,27 @@ from torch import nn
 from depthcut.cli import (
     DEFAULTS,
     PRESETS,
-    _easier_config,
-    _pruning_config,
-    _train_config,
+    build_config,
     build_parser,
     experiment_config,
     main,
     resolve_settings,
 )
+from depthcut.methods.easier import EasierConfig
+from depthcut.methods.rounds import PruningConfig
 from depthcut.train import TrainConfig, make_optimizer
+
+
+def _easier_config(settings: dict) -> EasierConfig:
+    return build_config(EasierConfig, settings)
+
+
+def _pruning_config(settings: dict) -> PruningConfig:
+    return build_config(PruningConfig, settings)
+
+
+def _train_config(settings: dict, epochs: int, lr: float) -> TrainConfig:
+    return build_config(TrainConfig, settings, epochs=epochs, lr=lr)
 
 
 def printed_config(capsys, *argv: str) -> dict:

@@ -1,0 +1,226 @@
+"""Work on saved models: the API behind `depthcut entropy`, `depthcut fold` and `depthcut heal`.
+
+    report = entropy_report("run/checkpoints/stage_03.pt", samples=1000)
+    print(report.text())
+    result = fold_checkpoint("run/checkpoints/stage_03.pt", "folded.pt", policy="all")
+    healed = heal("folded.pt", "healed.pt", epochs=1)
+
+Each function loads the model, the dataset it was trained on (unless `dataset` and `data_root`
+name another), does its work and returns a small result whose `text()` is what the CLI prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from depthcut.data import BatchLoader, ImageDataset, load_dataset, make_splits
+from depthcut.entropy import SiteCounts, count_states
+from depthcut.errors import ConfigError
+from depthcut.export import export_onnx
+from depthcut.fold import FoldReport, fold
+from depthcut.reports import entropy_table
+from depthcut.run import load_checkpoint, load_folded, save_folded
+from depthcut.sites import find_sites
+from depthcut.train import TrainConfig, evaluate, resolve_device, seed_everything, train
+
+__all__ = ["EntropyReport", "FoldResult", "HealResult", "entropy_report", "fold_checkpoint",
+           "heal"]
+
+
+@dataclass
+class EntropyReport:
+    """Per-site sign counts of a checkpoint on `images` images of a dataset split."""
+
+    checkpoint: Path
+    model: str  # the model's name and width, e.g. "resnet18 x0.25"
+    linearized: list[str]
+    dataset: str
+    split: str
+    images: int
+    counts: dict[str, SiteCounts | None]
+
+    def header(self) -> str:
+        return (f"{self.checkpoint}: {self.model}, {len(self.linearized)} site(s) linearized; "
+                f"{self.images} images of the {self.dataset} {self.split} split")
+
+    def table(self) -> str:
+        return entropy_table(self.counts)
+
+    def text(self) -> str:
+        return f"{self.header()}\n{self.table()}"
+
+
+@dataclass
+class FoldResult:
+    """A checkpoint folded and saved to `out` (and `onnx`, when exported)."""
+
+    checkpoint: Path
+    out: Path
+    module: nn.Module  # the folded torch.fx GraphModule
+    report: FoldReport
+    model: str
+    linearized: list[str]
+    dataset: str
+    images: int  # test images the report's agreement and top-1 were measured on
+    onnx: dict | None = None  # export_onnx's {"path", "checked", "max_abs_diff"}
+
+    def text(self) -> str:
+        lines = [
+            f"{self.checkpoint}: {self.model}, {len(self.linearized)} site(s) linearized; "
+            f"checked on {self.images} {self.dataset} test images",
+            self.report.markdown(),
+            f"\nFolded model saved to {self.out}",
+        ]
+        if not self.report.exact:
+            lines.append("Border-approximate merges changed the function near image borders; "
+                         f"`depthcut heal --folded {self.out} --out HEALED.pt` finetunes it "
+                         "briefly.")
+        if self.onnx is not None:
+            checked = (f"checked with onnxruntime: max |onnx - torch| "
+                       f"{self.onnx['max_abs_diff']:.3g}" if self.onnx["checked"]
+                       else "not checked (onnxruntime not installed)")
+            lines.append(f"ONNX written to {self.onnx['path']}; {checked}")
+        return "\n".join(lines)
+
+
+@dataclass
+class HealResult:
+    """A folded model finetuned briefly and saved to `out`; test top-1 before and after."""
+
+    folded: Path
+    out: Path
+    module: nn.Module
+    epochs: int
+    lr: float
+    top1_before: float
+    top1_after: float
+    top1_unfolded: float | None = None  # of the model before folding, from the fold report
+    extra: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        unfolded = ("" if self.top1_unfolded is None
+                    else f" (unfolded model: {self.top1_unfolded:.2f})")
+        return (f"{self.folded}: test top-1 of the folded model {self.top1_before:.2f} before "
+                f"heal, {self.top1_after:.2f} after {self.epochs} epoch(s) at lr {self.lr}"
+                f"{unfolded}\nHealed model saved to {self.out}")
+
+
+def _check_samples(samples: int | None) -> None:
+    if samples is not None and samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+
+
+def _model_name(info: dict) -> str:
+    return f"{info['spec'].name} x{info['spec'].width}"
+
+
+def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None,
+                 cache_dir: str | Path | None, progress: bool) -> ImageDataset:
+    """The dataset a model was trained on, unless `dataset` / `data_root` name another."""
+    name = dataset or origin.get("dataset")
+    root = data_root or origin.get("data_root")
+    if not name or not root:
+        raise ConfigError("the model names no dataset: pass --dataset and --data-root")
+    return load_dataset(name, root, cache_dir=cache_dir, progress=progress)
+
+
+def _loader(images, labels, dataset: ImageDataset, samples: int | None, batch_size: int,
+            device) -> BatchLoader:
+    if samples is not None:
+        images, labels = images[:samples], labels[:samples]
+    return BatchLoader(images, labels, batch_size=batch_size, mean=dataset.mean,
+                       std=dataset.std, device=device)
+
+
+def entropy_report(
+    checkpoint: str | Path, *, dataset: str | None = None, data_root: str | Path | None = None,
+    cache_dir: str | Path | None = None, split: str = "train", samples: int | None = None,
+    batch_size: int = 512, device: str = "auto", progress: bool = True,
+) -> EntropyReport:
+    """Count the sign states of every site of a stage checkpoint on a split (no augmentation):
+    on its first `samples` images, or all of them."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    _check_samples(samples)
+    checkpoint = Path(checkpoint)
+    model, info = load_checkpoint(checkpoint)
+    torch_device = resolve_device(device)
+    data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
+    images, labels = ((data.train_images, data.train_labels) if split == "train"
+                      else (data.test_images, data.test_labels))
+    loader = _loader(images, labels, data, samples, batch_size, torch_device)
+    model.to(torch_device)
+    counts = count_states(model, loader, find_sites(model), progress=progress)
+    return EntropyReport(checkpoint=checkpoint, model=_model_name(info),
+                         linearized=list(info.get("linearized", [])), dataset=data.name,
+                         split=split, images=len(loader.images), counts=dict(counts))
+
+
+def fold_checkpoint(
+    checkpoint: str | Path, out: str | Path, *, policy: str = "macs", export: str | None = None,
+    dataset: str | None = None, data_root: str | Path | None = None,
+    cache_dir: str | Path | None = None, samples: int | None = None, batch_size: int = 128,
+    device: str = "cpu", progress: bool = True,
+) -> FoldResult:
+    """Fold a stage checkpoint under `policy`, check it on the test split (its first `samples`
+    images, or all), save it to `out`; with `export="onnx"`, also write `out` with suffix .onnx."""
+    if export not in (None, "onnx"):
+        raise ConfigError(f"export must be 'onnx' or None, got {export!r}")
+    _check_samples(samples)
+    checkpoint, out = Path(checkpoint), Path(out)
+    model, info = load_checkpoint(checkpoint)
+    torch_device = resolve_device(device)
+    data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
+    loader = _loader(data.test_images, data.test_labels, data, samples, batch_size,
+                     torch_device)
+    example = next(iter(loader))[0]
+    folded = fold(model.to(torch_device), example, policy, data=loader)
+    linearized = list(info.get("linearized", []))
+    extra = {**info.get("extra", {}), "source": str(checkpoint), "linearized": linearized,
+             "spec": info["spec"].to_dict()}
+    save_folded(out, folded, extra)
+    exported = None
+    if export == "onnx":
+        exported = export_onnx(folded, example[:1].cpu(), out.with_suffix(".onnx"))
+    return FoldResult(checkpoint=checkpoint, out=out, module=folded,
+                      report=folded.fold_report, model=_model_name(info),
+                      linearized=linearized, dataset=data.name, images=len(loader.images),
+                      onnx=exported)
+
+
+def heal(
+    folded: str | Path, out: str | Path, *, epochs: int = 1, lr: float = 0.001,
+    weight_decay: float = 5e-4, train_subset: int | None = None, seed: int = 0,
+    dataset: str | None = None, data_root: str | Path | None = None,
+    cache_dir: str | Path | None = None, samples: int | None = None, batch_size: int = 128,
+    device: str = "cpu", progress: bool = True,
+) -> HealResult:
+    """Finetune a folded model (from `fold_checkpoint`) briefly on its training split, e.g. to
+    mend border-approximate merges; evaluate on the test split (its first `samples` images, or
+    all) before and after; save it to `out`. A small `lr`: a folded model has no BatchNorm left
+    to steady training."""
+    config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay)
+    _check_samples(samples)
+    folded, out = Path(folded), Path(out)
+    module, info = load_folded(folded)
+    torch_device = resolve_device(device)
+    data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
+    splits = make_splits(data, val_fraction=0.0, train_subset=train_subset,
+                         batch_size=batch_size, seed=seed, device=torch_device)
+    test = _loader(data.test_images, data.test_labels, data, samples, batch_size, torch_device)
+    module.to(torch_device)
+    before = evaluate(module, test)
+    seed_everything(seed)
+    train(module, splits.train, config, progress=progress, desc="heal")
+    module.eval()
+    after = evaluate(module, test)
+    unfolded = (info.get("report") or {}).get("top1_unfolded")
+    extra = {**info.get("extra", {}), "heal": {"epochs": epochs, "lr": lr,
+                                               "top1_before": before, "top1_after": after}}
+    module.fold_report = None
+    save_folded(out, module, extra)
+    return HealResult(folded=folded, out=out, module=module, epochs=epochs, lr=lr,
+                      top1_before=before, top1_after=after, top1_unfolded=unfolded, extra=extra)
