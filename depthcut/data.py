@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from depthcut import distributed
+from depthcut.errors import ConfigError, DepthcutError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar10-jpeg", "fashion-mnist")
 
@@ -66,8 +67,12 @@ _FASHION_FILES = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(DepthcutError, FileNotFoundError):
     """The dataset's files are not under the given root; the message says what was looked for."""
+
+
+class DatasetError(DepthcutError, ValueError):
+    """The dataset's files are there but malformed (bad archive, pickle, IDX header, labels)."""
 
 
 @dataclass(eq=False, repr=False)
@@ -91,19 +96,19 @@ class ImageDataset:
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.dim() != 4:
-                raise ValueError(
+                raise DatasetError(
                     f"{self.name}: {split} images must be uint8 (N, C, H, W), "
                     f"got {images.dtype} {tuple(images.shape)}"
                 )
             if labels.dim() != 1 or len(labels) != len(images):
-                raise ValueError(
+                raise DatasetError(
                     f"{self.name}: {split} labels must be 1-D with one label per image, "
                     f"got {tuple(labels.shape)} for {len(images)} images"
                 )
             setattr(self, f"{split}_images", images.contiguous())
             setattr(self, f"{split}_labels", labels.to(torch.int64).contiguous())
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise ValueError(
+            raise DatasetError(
                 f"{self.name}: train and test images differ in shape: "
                 f"{tuple(self.train_images.shape[1:])} vs {tuple(self.test_images.shape[1:])}"
             )
@@ -111,7 +116,7 @@ class ImageDataset:
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
-            raise ValueError(
+            raise DatasetError(
                 f"{self.name}: mean/std need {self.in_channels} value(s), "
                 f"got {len(self.mean)} and {len(self.std)}"
             )
@@ -154,7 +159,7 @@ def load_dataset(
     """
     key = name.strip().lower().replace("_", "-")
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise DatasetNotFoundError(
@@ -256,7 +261,7 @@ def _load_cifar10_pickle(root: Path) -> ImageDataset:
     train_labels = np.concatenate([labels for _, labels in train])
     for path, labels in ((folder, train_labels), (folder / "test_batch", test_labels)):
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise ValueError(f"{path}: labels outside [0, {len(classes)})")
+            raise DatasetError(f"{path}: labels outside [0, {len(classes)})")
     return ImageDataset(
         name="CIFAR-10",
         train_images=torch.from_numpy(train_images),
@@ -277,9 +282,9 @@ def _unpickle(path: Path) -> dict:
         with path.open("rb") as handle:
             content = pickle.load(handle, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise ValueError(f"{path}: not a readable CIFAR-10 pickle batch ({error})") from error
+        raise DatasetError(f"{path}: not a readable CIFAR-10 pickle batch ({error})") from error
     if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(content).__name__}")
+        raise DatasetError(f"{path}: expected a pickled dict, got {type(content).__name__}")
     return content
 
 
@@ -288,7 +293,7 @@ def _pick(content: dict, key: str, path: Path):
     for candidate in (key.encode(), key):
         if candidate in content:
             return content[candidate]
-    raise ValueError(f"{path}: no {key!r} entry (keys: {sorted(map(str, content))})")
+    raise DatasetError(f"{path}: no {key!r} entry (keys: {sorted(map(str, content))})")
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -296,9 +301,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(_pick(content, "data", path))
     labels = np.asarray(_pick(content, "labels", path), dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: data must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+        raise DatasetError(f"{path}: data must be uint8 (N, 3072), got {data.dtype} {data.shape}")
     if labels.shape != (len(data),):
-        raise ValueError(f"{path}: {len(labels)} labels for {len(data)} images")
+        raise DatasetError(f"{path}: {len(labels)} labels for {len(data)} images")
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), labels
 
 
@@ -362,14 +367,14 @@ def _archive_files(archive: Path) -> _ImageFiles:
                 if not _is_image_name(parts[2]) or parts[1].startswith("."):
                     continue
                 if parts in files:
-                    raise ValueError(f"{archive}: {'/'.join(parts)} appears twice")
+                    raise DatasetError(f"{archive}: {'/'.join(parts)} appears twice")
                 handle = tar.extractfile(member)
                 if handle is not None:
                     files[parts] = handle.read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise ValueError(f"{archive}: not a readable tar archive ({error})") from error
+        raise DatasetError(f"{archive}: not a readable tar archive ({error})") from error
     if not files:
-        raise ValueError(f"{archive}: no train/<class>/*.jpg or test/<class>/*.jpg members")
+        raise DatasetError(f"{archive}: no train/<class>/*.jpg or test/<class>/*.jpg members")
     return files
 
 
@@ -383,7 +388,7 @@ def _folder_files(folder: Path) -> _ImageFiles:
                 if path.is_file() and _is_image_name(path.name):
                     files[(split, class_dir.name, path.name)] = path
     if not files:
-        raise ValueError(f"{folder}: no images in train/<class>/ or test/<class>/")
+        raise DatasetError(f"{folder}: no images in train/<class>/ or test/<class>/")
     return files
 
 
@@ -397,10 +402,10 @@ def _decode_image_folder(files: _ImageFiles, source: Path, progress: bool) -> di
     """ImageFolder semantics: classes are the sorted train folders, files sorted by name."""
     classes = sorted({cls for split, cls, _ in files if split == "train"})
     if not classes:
-        raise ValueError(f"{source}: no training images (train/<class>/*.jpg)")
+        raise DatasetError(f"{source}: no training images (train/<class>/*.jpg)")
     unknown = sorted({cls for _, cls, _ in files} - set(classes))
     if unknown:
-        raise ValueError(f"{source}: test classes {unknown} have no train folder")
+        raise DatasetError(f"{source}: test classes {unknown} have no train folder")
     index = {cls: i for i, cls in enumerate(classes)}
     arrays: dict[str, np.ndarray] = {"classes": np.array(classes)}
     bar = tqdm(total=len(files), desc="decoding CIFAR-10 (JPEG)", unit="img", disable=not progress)
@@ -416,11 +421,11 @@ def _decode_image_folder(files: _ImageFiles, source: Path, progress: bool) -> di
                     pixels = _decode_image(data)
                 except (OSError, ValueError, Image.DecompressionBombError) as error:
                     name = "/".join(key)
-                    raise ValueError(f"{source}: cannot decode {name} ({error})") from error
+                    raise DatasetError(f"{source}: cannot decode {name} ({error})") from error
                 if shape is None:
                     shape = pixels.shape
                 if pixels.shape != shape:
-                    raise ValueError(
+                    raise DatasetError(
                         f"{source}: {'/'.join(key)} is {pixels.shape[:2]}, other images are "
                         f"{shape[:2]}; all images must have the same size"
                     )
@@ -429,7 +434,7 @@ def _decode_image_folder(files: _ImageFiles, source: Path, progress: bool) -> di
                 images[i] = pixels
                 bar.update()
             if images is None:
-                raise ValueError(f"{source}: no {split} images ({split}/<class>/*.jpg)")
+                raise DatasetError(f"{source}: no {split} images ({split}/<class>/*.jpg)")
             arrays[f"{split}_images"] = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
             arrays[f"{split}_labels"] = np.array([index[k[1]] for k in keys], dtype=np.int64)
     return arrays
@@ -476,13 +481,13 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
         for split in ("train", "test"):
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"bad {split} images {images.dtype} {images.shape}")
+                raise DatasetError(f"bad {split} images {images.dtype} {images.shape}")
             if labels.dtype != np.int64 or labels.shape != (len(images),):
-                raise ValueError(f"bad {split} labels {labels.dtype} {labels.shape}")
+                raise DatasetError(f"bad {split} labels {labels.dtype} {labels.shape}")
             if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-                raise ValueError(f"{split} labels out of range")
+                raise DatasetError(f"{split} labels out of range")
         if classes.ndim != 1 or classes.dtype.kind != "U":
-            raise ValueError("bad class list")
+            raise DatasetError("bad class list")
     except Exception as error:  # any damage means: decode again
         warnings.warn(f"ignoring unusable cache file {path} ({error}); rebuilding it", stacklevel=3)
         return None
@@ -541,12 +546,12 @@ def _load_fashion_mnist(root: Path) -> ImageDataset:
         images = read_idx(found[f"{split}_images"], _IDX_IMAGES_MAGIC)
         labels = read_idx(found[f"{split}_labels"], _IDX_LABELS_MAGIC).astype(np.int64)
         if len(images) != len(labels):
-            raise ValueError(
+            raise DatasetError(
                 f"{found[f'{split}_images']} has {len(images)} images but "
                 f"{found[f'{split}_labels']} has {len(labels)} labels"
             )
         if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
-            raise ValueError(f"{found[f'{split}_labels']}: labels outside [0, 10)")
+            raise DatasetError(f"{found[f'{split}_labels']}: labels outside [0, 10)")
         arrays[f"{split}_images"] = torch.from_numpy(images[:, None])
         arrays[f"{split}_labels"] = torch.from_numpy(labels)
     return ImageDataset(
@@ -568,23 +573,23 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as error:
-            raise ValueError(f"{path}: damaged gzip file ({error})") from error
+            raise DatasetError(f"{path}: damaged gzip file ({error})") from error
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+        raise DatasetError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected_magic:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
             "(not an IDX file of unsigned bytes with the expected number of dimensions)"
         )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DatasetError(f"{path}: truncated IDX header")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     size = math.prod(dims)
     if len(raw) - header != size:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: IDX header promises {dims} = {size} bytes of data, "
             f"the file has {len(raw) - header}"
         )
@@ -604,19 +609,19 @@ def split_indices(
     random permutation), for quick runs on part of the data.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"n must be >= 0, got {n}")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = round(n * val_fraction)
     train, val = permutation[: n - n_val], permutation[n - n_val :]
     if n > 0 and len(train) == 0:
-        raise ValueError(f"val_fraction {val_fraction} of {n} samples leaves none for training")
+        raise ConfigError(f"val_fraction {val_fraction} of {n} samples leaves none for training")
     if subset is not None:
         if subset < 1:
-            raise ValueError(f"subset must be >= 1, got {subset}")
+            raise ConfigError(f"subset must be >= 1, got {subset}")
         if subset > len(train):
-            raise ValueError(
+            raise ConfigError(
                 f"subset {subset} is larger than the {len(train)} training samples available "
                 f"({n} samples, val_fraction {val_fraction})"
             )
@@ -638,9 +643,9 @@ def augment(
     images' device. With padding 0 and no flip the input itself is returned.
     """
     if images.dim() != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        raise ConfigError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+        raise ConfigError(f"padding must be >= 0, got {padding}")
     if padding == 0 and not flip:
         return images
     n, c, h, w = images.shape
@@ -703,20 +708,20 @@ class BatchLoader:
         shard: tuple[int, int] = (0, 1),
     ) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(
+            raise ConfigError(
                 f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
             )
         if labels.shape != (len(images),):
-            raise ValueError(f"need one label per image: {tuple(labels.shape)} for {len(images)}")
+            raise ConfigError(f"need one label per image: {tuple(labels.shape)} for {len(images)}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+            raise ConfigError(f"crop_padding must be >= 0, got {crop_padding}")
         channels = images.shape[1]
         if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean and std need {channels} value(s) each, got {mean} and {std}")
+            raise ConfigError(f"mean and std need {channels} value(s) each, got {mean} and {std}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {std}")
+            raise ConfigError(f"std must be positive, got {std}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)

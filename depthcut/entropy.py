@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from depthcut.distributed import all_reduce_sum, world_size
+from depthcut.errors import ConfigError
 from depthcut.faults import die_at
 from depthcut.sites import SiteError, find_sites
 
@@ -101,10 +102,10 @@ def _channel_dim(z: torch.Tensor, override: int | None = None, name: str = "") -
     if override is None:
         return 1 if z.dim() >= 4 else z.dim() - 1
     if isinstance(override, bool) or not isinstance(override, int):
-        raise ValueError(f"channel_dim must be an int, got {override!r} for site {name!r}")
+        raise ConfigError(f"channel_dim must be an int, got {override!r} for site {name!r}")
     dim = override + z.dim() if override < 0 else override
     if not 1 <= dim < z.dim():
-        raise ValueError(
+        raise ConfigError(
             f"channel_dim={override} does not fit site {name!r}: its input has shape "
             f"{tuple(z.shape)}; the channel axis must be one of dims 1..{z.dim() - 1} "
             "(dim 0 is the batch)"
@@ -249,9 +250,9 @@ def count_states(
     {site: dim} to the sites it names; an axis a site's input does not have raises ValueError.
     """
     if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        raise ConfigError(f"mode must be 'eval' or 'train', got {mode!r}")
     if variant not in ENTROPY_VARIANTS:
-        raise ValueError(
+        raise ConfigError(
             f"variant must be one of {', '.join(map(repr, ENTROPY_VARIANTS))}, got {variant!r}"
         )
     names = list(sites) if sites is not None else find_sites(model)
@@ -298,7 +299,7 @@ def _channel_dims(
     if isinstance(channel_dim, Mapping):
         unknown = [name for name in channel_dim if name not in names]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"channel_dim names sites that are not counted: {', '.join(map(repr, unknown))}"
             )
         dims = dict(channel_dim)
@@ -306,7 +307,7 @@ def _channel_dims(
         dims = dict.fromkeys(names, channel_dim)
     for name, dim in dims.items():
         if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ValueError(f"channel_dim must be an int, got {dim!r} for site {name!r}")
+            raise ConfigError(f"channel_dim must be an int, got {dim!r} for site {name!r}")
     return dims
 
 

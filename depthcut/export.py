@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from depthcut.errors import DepthcutError
 
-class ExportError(RuntimeError):
+
+class ExportError(DepthcutError, RuntimeError):
     """The export could not be done or did not reproduce the PyTorch model."""
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from depthcut.errors import ConfigError
 from depthcut.graph import TraceError, trace_graph
 from depthcut.sites import SiteError, is_rectifier
 
@@ -82,14 +83,14 @@ def build_external(name: str, num_classes: int, in_channels: int,
             model = timm.create_model(architecture, pretrained=False, num_classes=num_classes,
                                       in_chans=in_channels)
     except ImportError as error:
-        raise ValueError(
+        raise ConfigError(
             f"--model {name} needs the optional package {library}, which cannot be imported "
             f"here ({type(error).__name__}: {error}). Install it pinned beside torch, e.g. "
             f"pip install -c constraints.txt {library} (on CPU-only machines torchvision 0.28 "
             "does not import beside torch 2.13; torch 2.14.1 + torchvision 0.29.1 does)."
         ) from error
     except (KeyError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{library} has no model {architecture!r} ({error})") from error
+        raise ConfigError(f"{library} has no model {architecture!r} ({error})") from error
     if weights:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         own = model.state_dict()

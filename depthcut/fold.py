@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
+from depthcut.errors import ConfigError, DepthcutError
 from depthcut.graph import (
     PASS_THROUGH,
     TraceError,
@@ -58,7 +59,7 @@ from depthcut.layers import ChannelScale, Zero
 from depthcut.masks import clone_model, make_permanent
 
 
-class FoldError(ValueError):
+class FoldError(DepthcutError, ValueError):
     """The model cannot be folded as asked (untraceable, layer collapse, bad policy)."""
 
 
@@ -793,7 +794,7 @@ def compare_outputs(unfolded: nn.Module, folded: nn.Module,
                 correct_unfolded += int((p_unfolded == targets).sum())
                 correct_folded += int((p_folded == targets).sum())
     if seen == 0:
-        raise ValueError("compare_outputs got no batches")
+        raise ConfigError("compare_outputs got no batches")
     result = {"agreement": 100.0 * agree / seen, "top1_unfolded": None, "top1_folded": None}
     if has_targets:
         result["top1_unfolded"] = 100.0 * correct_unfolded / seen

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from depthcut.errors import ConfigError
+
 SETTINGS = ("auto", "on", "off")
 SAFE_INPUT_CHANNELS = 16  # oneDNN's largest channel block (AVX-512); AVX2 uses 8
 
@@ -44,7 +46,7 @@ def normalize_setting(value: str | bool | None) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if value not in SETTINGS:
-        raise ValueError(f"channels_last must be one of {', '.join(SETTINGS)}, got {value!r}")
+        raise ConfigError(f"channels_last must be one of {', '.join(SETTINGS)}, got {value!r}")
     return value
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from depthcut.errors import ConfigError
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
     "relu6": lambda: nn.ReLU6(inplace=True),
@@ -26,7 +28,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 def make_activation(kind: str) -> nn.Module:
     """A fresh activation module: every site owns its module, so each can be linearized alone."""
     if kind not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[kind]()
 
 
@@ -398,7 +400,7 @@ class SwinT(nn.Module):
         super().__init__()
         resolution = image_size // patch_size
         if image_size % patch_size or resolution % 2 ** (len(depths) - 1):
-            raise ValueError(f"image size {image_size} with patch {patch_size} cannot be halved "
+            raise ConfigError(f"image size {image_size} with patch {patch_size} cannot be halved "
                              f"{len(depths) - 1} times")
         dim = heads[0] * max(1, round(96 * width / heads[0]))
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
@@ -410,10 +412,10 @@ class SwinT(nn.Module):
                 self.merges.append(PatchMerging(dim, resolution))
                 dim, resolution = 2 * dim, resolution // 2
             if dim % n_heads:
-                raise ValueError(f"stage {index + 1}: dim {dim} is not a multiple of {n_heads}")
+                raise ConfigError(f"stage {index + 1}: dim {dim} is not a multiple of {n_heads}")
             size = min(window, resolution)
             if resolution % size:
-                raise ValueError(f"stage {index + 1}: window {size} does not tile {resolution}")
+                raise ConfigError(f"stage {index + 1}: window {size} does not tile {resolution}")
             shift = size // 2 if size < resolution else 0
             self.stages.append(nn.Sequential(*(
                 SwinBlock(dim, n_heads, resolution, size, shift if block % 2 else 0, activation)
@@ -532,10 +534,10 @@ class ModelSpec:
         if is_external(self.name):
             return build_external(self.name, self.num_classes, self.in_channels)
         if self.name not in MODELS:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}, "
+            raise ConfigError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}, "
                              "or torchvision:NAME / timm:NAME when those are installed")
         if not self.width > 0:
-            raise ValueError(f"width multiplier must be positive, got {self.width}")
+            raise ConfigError(f"width multiplier must be positive, got {self.width}")
         chosen = {} if self.activation is None else {"activation": self.activation}
         return MODELS[self.name](
             num_classes=self.num_classes,

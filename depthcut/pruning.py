@@ -20,6 +20,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from depthcut.entropy import SiteCounts
+from depthcut.errors import ConfigError
 from depthcut.graph import PASS_THROUGH, is_add, module_of, output_depends_on_input, trace
 
 # Names marked `re-export` moved to depthcut.masks; re-exported until importers are updated.
@@ -50,9 +51,9 @@ def _check_number(kind: str, index: int, value: float, allow_nan: bool = False) 
     if math.isnan(value):
         if allow_nan:
             return value
-        raise ValueError(f"{kind}[{index}] is NaN")
+        raise ConfigError(f"{kind}[{index}] is NaN")
     if math.isinf(value) or value < 0:
-        raise ValueError(f"{kind}[{index}] must be finite and >= 0, got {value}")
+        raise ConfigError(f"{kind}[{index}] must be finite and >= 0, got {value}")
     return value
 
 
@@ -87,32 +88,32 @@ def pruning_budget(
     """
     sizes = {len(entropy), len(mean_abs_weight), len(nonzero)}
     if len(sizes) != 1:
-        raise ValueError(
+        raise ConfigError(
             "entropy, mean_abs_weight and nonzero must have one entry per layer; got lengths "
             f"{len(entropy)}, {len(mean_abs_weight)}, {len(nonzero)}"
         )
     zeta, temperature = float(zeta), float(temperature)
     if not 0 < zeta <= 1:
-        raise ValueError(f"zeta (fraction of the remaining weights to prune) must be in (0, 1], "
+        raise ConfigError(f"zeta (fraction of the remaining weights to prune) must be in (0, 1], "
                          f"got {zeta}")
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        raise ConfigError(f"temperature must be a positive finite number, got {temperature}")
     if reallocate not in REALLOCATE:
-        raise ValueError(f"reallocate must be one of {', '.join(REALLOCATE)}, got {reallocate!r}")
+        raise ConfigError(f"reallocate must be one of {', '.join(REALLOCATE)}, got {reallocate!r}")
     h = [_check_number("entropy", i, v, allow_nan=True) for i, v in enumerate(entropy)]
     m = [_check_number("mean_abs_weight", i, v) for i, v in enumerate(mean_abs_weight)]
     counts: list[int] = []
     for i, value in enumerate(nonzero):
         as_float = _check_number("nonzero", i, value)
         if not as_float.is_integer():
-            raise ValueError(f"nonzero[{i}] must be a whole number, got {value}")
+            raise ConfigError(f"nonzero[{i}] must be a whole number, got {value}")
         counts.append(int(as_float))
 
     layers = range(len(counts))
     active = [i for i in layers if h[i] > 0 and counts[i] > 0]  # NaN > 0 is False
     zero_mean = [i for i in active if m[i] == 0]
     if zero_mean:
-        raise ValueError(f"layer(s) {zero_mean} have non-zero weights but mean |w| = 0")
+        raise ConfigError(f"layer(s) {zero_mean} have non-zero weights but mean |w| = 0")
     result = [0] * len(counts)
     if not active:
         return result

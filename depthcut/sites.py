@@ -23,6 +23,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from depthcut.errors import DepthcutError
 from depthcut.graph import TraceError, trace_graph
 from depthcut.layers import (  # noqa: F401 (re-exported: sites' stand-ins, named here)
     STAND_IN_TYPES,
@@ -41,7 +42,7 @@ RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-class SiteError(ValueError):
+class SiteError(DepthcutError, ValueError):
     """The model's rectifier sites cannot be used as asked (none found, shared, unknown name)."""
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from depthcut.distributed import is_main, world_size
+from depthcut.errors import ConfigError
 from depthcut.faults import die_at
 
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -44,11 +45,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
         self.milestones = tuple(int(m) for m in self.milestones)
 
     def lr_factor(self, epoch_progress: float) -> float:
@@ -107,9 +108,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
     return resolved
 
 
@@ -264,5 +265,5 @@ def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False) -> f
     finally:
         model.train(was_training)
     if seen == 0:
-        raise ValueError("cannot evaluate on an empty split")
+        raise ConfigError("cannot evaluate on an empty split")
     return 100.0 * float(correct) / seen
