@@ -29,19 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from depthcut import experiment, reports, workflows
-from depthcut.data import DATASETS, DatasetNotFoundError
+from depthcut.data import DATASETS
 from depthcut.entropy import ENTROPY_VARIANTS
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.experiment import COMPARABLE, ExperimentConfig
-from depthcut.export import ExportError
-from depthcut.fold import POLICIES, FoldError
+from depthcut.fold import POLICIES
 from depthcut.methods.easier import EasierConfig
 from depthcut.methods.layer_folding import LayerFoldingConfig
 from depthcut.methods.rounds import PruningConfig
 from depthcut.models import ACTIVATIONS, MODELS
 from depthcut.pruning import REALLOCATE
-from depthcut.run import CheckpointError, RunDirError
-from depthcut.sites import SiteError
+from depthcut.run import RunDirError
 from depthcut.train import SCHEDULES, TrainConfig
 
 PRESETS: dict[str, dict] = {
@@ -267,24 +265,9 @@ def experiment_config(settings: dict, progress: bool) -> ExperimentConfig:
     return build_config(ExperimentConfig, settings, progress=progress)
 
 
-# Errors the user's input causes that are not DepthcutError subclasses yet; they will become
-# DepthcutError (then DepthcutError alone names them).
-LEGACY_USER_ERRORS: tuple[type[BaseException], ...] = (
-    DatasetNotFoundError,
-    SiteError,
-    RunDirError,
-    CheckpointError,
-    ExportError,
-    FoldError,
-)
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    DepthcutError,
-    *LEGACY_USER_ERRORS,
-    OSError,  # e.g. no space left on device while writing a checkpoint
-    FloatingPointError,  # the loss became NaN or infinite
-    ValueError,  # TODO(lead): remove once config errors are ConfigError
-)
+# Bad input: depthcut's own errors, plus the operating system's (e.g. no space left on device
+# while writing a checkpoint) and a loss that became NaN or infinite. Anything else is a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (DepthcutError, OSError, FloatingPointError)
 
 
 # The entropy, fold and heal options default to their depthcut.workflows function's defaults.

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,25 +19,29 @@ from torch import nn
 
 from depthcut import distributed
 from depthcut.data import DataSplits, load_dataset, make_splits
+from depthcut.errors import ConfigError
 from depthcut.faults import die_at
-from depthcut.fold import fold, median_seconds
+from depthcut.measure import measure_stage
 from depthcut.memory_format import MemoryFormat, choose_memory_format
-from depthcut.methods.easier import EasierConfig, EasierResult, MethodResult, easier
+from depthcut.methods.dense_longer import DenseLongerConfig, dense_longer
+from depthcut.methods.easier import EasierConfig, easier
 from depthcut.methods.imp import imp
-from depthcut.methods.layer_folding import LayerFoldingConfig, LayerFoldingResult, layer_folding
+from depthcut.methods.layer_folding import LayerFoldingConfig, layer_folding
 from depthcut.methods.nepenthe import egp, nepenthe
-from depthcut.methods.rounds import PruningConfig, PruningResult
+from depthcut.methods.rounds import PruningConfig
 from depthcut.models import ModelSpec, count_parameters, default_activation
-from depthcut.reports import stage_table, summary_markdown
+from depthcut.reports import build_report, stage_table, summary_markdown
 from depthcut.run import (
     RunDir,
     RunDirError,
     load_checkpoint,
+    read_records,
     save_checkpoint,
     save_folded,
     write_json,
 )
 from depthcut.sites import find_sites
+from depthcut.stages import MethodResult, StageRecord
 from depthcut.train import (
     TrainConfig,
     evaluate,
@@ -106,7 +110,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
                       for key in ("name", "num_classes", "in_channels", "width", "activation")
                       if getattr(info["spec"], key) != getattr(spec, key)]
         if mismatched:
-            raise ValueError(
+            raise ConfigError(
                 f"--dense-checkpoint {config.dense_checkpoint} does not match this run's model "
                 f"and data: {'; '.join(mismatched)}. Pass matching --model/--width/--activation "
                 "or another checkpoint."
@@ -129,7 +133,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
 
 def dense_model(
     config: ExperimentConfig, prepared: Prepared, run: RunDir
-) -> tuple[nn.Module, dict, ModelSpec]:
+) -> tuple[nn.Module, StageRecord, ModelSpec]:
     """Train the dense model (or load `dense_checkpoint`), evaluate it and record it as stage 0."""
     splits = prepared.splits
     start = time.perf_counter()
@@ -147,125 +151,85 @@ def dense_model(
         train(model, splits.train, config.dense, progress=config.progress, desc="dense",
               checkpointing=run.snapshot("dense"))
     sites = find_sites(model)
-    record = {
-        "method": "dense",
-        "stage": 0,
-        "sites_total": len(sites) + len(linearized),
-        "sites_linearized": len(linearized),
-        "linearized": list(linearized),
-        "chosen": [],
-        "entropy": {},
-        "val_top1": evaluate(model, splits.val) if splits.val is not None else None,
-        "test_top1": evaluate(model, splits.test),
-        "drop": 0.0,
-        "within_delta": True,
-        "epochs": epochs,
-        "total_epochs": trained,
-        "parameters": count_parameters(model),
-        "seconds": time.perf_counter() - start,
-    }
-    record["checkpoint"] = str(run.checkpoint_path(0).relative_to(run.path))
+    record = StageRecord(
+        method="dense",
+        stage=0,
+        sites_total=len(sites) + len(linearized),
+        sites_linearized=len(linearized),
+        linearized=list(linearized),
+        val_top1=evaluate(model, splits.val) if splits.val is not None else None,
+        test_top1=evaluate(model, splits.test),
+        drop=0.0,
+        epochs=epochs,
+        total_epochs=trained,
+        parameters=count_parameters(model),
+        seconds=time.perf_counter() - start,
+        checkpoint=str(run.checkpoint_path(0).relative_to(run.path)),
+    )
     save_checkpoint(run.checkpoint_path(0), model, spec, linearized,
                     _origin(config, record, splits))
-    run.add_record(record)
+    run.add_record(record.to_dict())
     return model, record, spec
 
 
-def _origin(config: ExperimentConfig, record: dict, splits: DataSplits | None = None) -> dict:
+def _origin(config: ExperimentConfig, record: StageRecord, splits: DataSplits | None = None
+            ) -> dict:
     """What a checkpoint keeps about where it came from: the data (for `depthcut entropy`),
     its record, and the training loader's epoch counter (to resume batch for batch)."""
-    origin = {"dataset": config.dataset, "data_root": config.data_root, "record": record}
+    origin = {"dataset": config.dataset, "data_root": config.data_root,
+              "record": record.to_dict()}
     if splits is not None:
         origin["loader_epoch"] = splits.train.epoch
     return origin
 
 
-@dataclass
-class Stages:
-    """What a method loop gets from the run: stages already done (when resuming), the callback
-    that records each new stage, and epoch-level snapshots for its training calls."""
+# A method's runner: (model, splits, its config, *, dense_record, history, on_stage, progress,
+# snapshots) -> MethodResult, as `depthcut.stages.run_stages` takes them.
+Runner = Callable[..., MethodResult]
 
-    history: list[dict]
-    on_stage: Callable[[dict, nn.Module], None]
-    snapshots: Callable[[str], object]
+# Every method a run can use, by the name its records and config.json carry: its settings
+# class and its runner. Adding a method is one line here (and one in the CLI's method table).
+METHODS: dict[str, tuple[type, Runner]] = {
+    "easier": (EasierConfig, easier),
+    "nepenthe": (PruningConfig, nepenthe),
+    "egp": (PruningConfig, egp),
+    "imp": (PruningConfig, imp),
+    "layer_folding": (LayerFoldingConfig, layer_folding),
+    "dense_longer": (DenseLongerConfig, dense_longer),
+}
 
 
 def run_easier(
     config: ExperimentConfig, method: EasierConfig, out: str | Path, *, overwrite: bool = False,
     resume: bool = False,
-) -> EasierResult:
+) -> MethodResult:
     """Train (or load) the dense model, run EASIER, write records, checkpoints and summary."""
-
-    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> EasierResult:
-        return easier(model, splits, method, dense_record=dense, history=stages.history,
-                      on_stage=stages.on_stage, progress=config.progress,
-                      snapshots=stages.snapshots)
 
     def check(prepared: Prepared) -> None:
         sites = len(find_sites(prepared.dense_model or prepared.spec.build()))
         if method.k > sites:
-            raise ValueError(f"k={method.k} sites per stage, but the model has only {sites} "
-                             "sites left to linearize")
+            raise ConfigError(f"k={method.k} sites per stage, but the model has only {sites} "
+                              "sites left to linearize")
 
-    rule = f"delta {method.delta} top-1 points (validation split)"
-    return _run_method(config, "easier", method, run, rule, out, overwrite, check, resume)
+    return _run_method(config, "easier", method, out, overwrite, resume, check)
 
 
 def run_layer_folding(
     config: ExperimentConfig, method: LayerFoldingConfig, out: str | Path, *,
     overwrite: bool = False, resume: bool = False,
-) -> LayerFoldingResult:
+) -> MethodResult:
     """Train (or load) the dense model, run the Layer Folding baseline, write the run."""
-
-    def run(model: nn.Module, splits: DataSplits, dense: dict,
-            stages: Stages) -> LayerFoldingResult:
-        return layer_folding(model, splits, method, dense_record=dense, history=stages.history,
-                             on_stage=stages.on_stage, progress=config.progress,
-                             snapshots=stages.snapshots)
-
-    rule = (f"linearize the {method.k} sites with slope closest to 1" if method.k is not None
-            else f"linearize sites with slope >= {method.threshold}")
-    return _run_method(config, "layer_folding", method, run, rule, out, overwrite,
-                       resume=resume)
+    return _run_method(config, "layer_folding", method, out, overwrite, resume)
 
 
 def run_dense_longer(
     config: ExperimentConfig, finetune: TrainConfig, chunks: int, out: str | Path, *,
     overwrite: bool = False, resume: bool = False,
-):
+) -> MethodResult:
     """The fair-compute reference: keep training the dense model in `chunks` runs of the
     methods' finetune schedule, recording test top-1 after each (no site removed)."""
-    if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
-
-    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> MethodResult:
-        records = [dense, *stages.history]
-        total = records[-1].get("total_epochs", 0)
-        for chunk in range(records[-1]["stage"] + 1, chunks + 1):
-            start = time.perf_counter()
-            fit = train(model, splits.train, finetune, progress=config.progress,
-                        desc=f"dense chunk {chunk}",
-                        checkpointing=stages.snapshots(f"dense chunk {chunk}"))
-            total += finetune.epochs
-            val = evaluate(model, splits.val) if splits.val is not None else None
-            record = {
-                "method": "dense_longer", "stage": chunk, "sites_total": dense["sites_total"],
-                "sites_linearized": len(dense.get("linearized", [])),
-                "linearized": list(dense.get("linearized", [])), "chosen": [], "entropy": {},
-                "val_top1": val, "test_top1": evaluate(model, splits.test),
-                "drop": (dense["val_top1"] - val) if val is not None else None,
-                "within_delta": True, "epochs": finetune.epochs, "total_epochs": total,
-                "train_loss": fit.epochs[-1].loss if fit.epochs else None,
-                "seconds": time.perf_counter() - start,
-            }
-            records.append(record)
-            stages.on_stage(record, model)
-        return MethodResult(records=records, answer=records[-1],
-                            stop_reason=f"{chunks} chunks trained", model=model)
-
-    settings = {"finetune": dataclasses.asdict(finetune), "chunks": chunks}
-    return _run_method(config, "dense_longer", settings, run,
-                       "none (reference: no site removed)", out, overwrite, resume=resume)
+    method = DenseLongerConfig(finetune=finetune, chunks=chunks)
+    return _run_method(config, "dense_longer", method, out, overwrite, resume)
 
 
 PRUNING_METHODS = ("nepenthe", "egp", "imp")
@@ -280,37 +244,36 @@ def run_comparison(
     """Train the dense model once (inside the first run), run every method from it into
     `out/<method>`, the fair-compute reference into `out/dense_longer`, and the report into
     `out/report`. Layer Folding linearizes as many sites as EASIER's answer when k is unset."""
-    from depthcut.compare import build_report
-
     unknown = [m for m in methods if m not in COMPARABLE]
     if unknown or not methods:
-        raise ValueError(f"unknown or no methods {unknown}; choose from {', '.join(COMPARABLE)}")
+        raise ConfigError(f"unknown or no methods {unknown}; choose from "
+                          f"{', '.join(COMPARABLE)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {EasierConfig: easier_config, PruningConfig: pruning_config,
+                LayerFoldingConfig: folding_config}
     dirs: list[Path] = []
-    answers: dict[str, dict] = {}
+    answers: dict[str, Mapping] = {}
     for method in methods:
         run_config = config
         if dirs:
             run_config = dataclasses.replace(
                 config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt"))
-        target = out / method
-        if method in ("easier", "easier-k2"):
-            k = 2 if method == "easier-k2" else easier_config.k
-            result = run_easier(run_config, dataclasses.replace(easier_config, k=k), target,
-                                overwrite=overwrite)
-        elif method in PRUNING_METHODS:
-            result = run_pruning(run_config, method, pruning_config, target, overwrite=overwrite)
+        name = "easier" if method == "easier-k2" else method.replace("-", "_")
+        method_config = settings[METHODS[name][0]]
+        if method == "easier-k2":
+            method_config = dataclasses.replace(method_config, k=2)
+        if name == "layer_folding" and method_config.k is None and "easier" in answers:
+            method_config = dataclasses.replace(
+                method_config, k=answers["easier"]["sites_linearized"])
+        if name == "easier":  # with its check of k against the model
+            result = run_easier(run_config, method_config, out / method, overwrite=overwrite)
         else:
-            k = folding_config.k
-            if k is None and "easier" in answers:
-                k = answers["easier"]["sites_linearized"]
-            result = run_layer_folding(run_config, dataclasses.replace(folding_config, k=k),
-                                       target, overwrite=overwrite)
+            result = _run_method(run_config, name, method_config, out / method, overwrite)
         answers[method] = result.answer
-        dirs.append(target)
+        dirs.append(out / method)
     if fair_reference:
-        dense_epochs = _dense_epochs(dirs[0])
+        dense_epochs = read_records(dirs[0])[0].get("total_epochs", 0)
         extra = max(a.get("total_epochs", 0) - dense_epochs for a in answers.values())
         chunk = max(easier_config.finetune.epochs, 1)
         chunks = max(1, math.ceil(extra / chunk))
@@ -321,33 +284,20 @@ def run_comparison(
     return build_report(dirs, out / "report", progress=config.progress)
 
 
-def _dense_epochs(run_dir: Path) -> int:
-    from depthcut.run import read_records
-
-    return read_records(run_dir)[0].get("total_epochs", 0)
-
-
 def run_pruning(
     config: ExperimentConfig, method_name: str, method: PruningConfig, out: str | Path, *,
     overwrite: bool = False, resume: bool = False,
-) -> PruningResult:
+) -> MethodResult:
     """Train (or load) the dense model, run NEPENTHE, EGP or IMP rounds, write the run."""
-    runners = {"nepenthe": nepenthe, "egp": egp, "imp": imp}
-    if method_name not in runners:
-        raise ValueError(f"unknown pruning method {method_name!r}; choose one of "
-                         f"{', '.join(PRUNING_METHODS)}")
-
-    def run(model: nn.Module, splits: DataSplits, dense: dict, stages: Stages) -> PruningResult:
-        return runners[method_name](model, splits, method, dense_record=dense,
-                                    history=stages.history, on_round=stages.on_stage,
-                                    progress=config.progress, snapshots=stages.snapshots)
-
-    rule = method.describe("theta" if method_name == "nepenthe" else "delta")
-    return _run_method(config, method_name, method, run, rule, out, overwrite, resume=resume)
+    if method_name not in PRUNING_METHODS:
+        raise ConfigError(f"unknown pruning method {method_name!r}; choose one of "
+                          f"{', '.join(PRUNING_METHODS)}")
+    return _run_method(config, method_name, method, out, overwrite, resume)
 
 
-def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
-                out: str | Path, overwrite: bool, check=None, resume: bool = False):
+def _run_method(config: ExperimentConfig, name: str, method, out: str | Path, overwrite: bool,
+                resume: bool = False, check: Callable[[Prepared], None] | None = None
+                ) -> MethodResult:
     """What every method shares: run directory, dense stage 0, per-stage records and
     checkpoints, the folded answer, and the summary. Every input is checked (data, dense
     checkpoint, `check(prepared)`) before anything is written. With `resume`, the stages in
@@ -355,13 +305,14 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
     finished epoch of the stage that was interrupted)."""
     run_start = time.perf_counter()
     run_dir = RunDir(out, overwrite=overwrite, resume=resume)
-    settings = {"method": name, "experiment": config.to_dict(),
-                name: method if isinstance(method, dict) else dataclasses.asdict(method)}
+    settings = {"method": name, "experiment": config.to_dict(), name: dataclasses.asdict(method)}
     prepared = prepare(config)
     find_sites(prepared.dense_model or prepared.spec.build())  # model errors before any write
     if check is not None:
         check(prepared)
     settings["memory_format"] = prepared.memory_format.to_dict()
+    # The shape of one input image: the report times stages at it.
+    settings["input_shape"] = list(prepared.splits.dataset.test_images.shape[1:])
     run_dir.start()
     history = run_dir.records if resume else []
     if not resume:
@@ -370,31 +321,32 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
         model, info = load_checkpoint(run_dir.path / history[-1]["checkpoint"])
         model = prepare_model(model, prepared.device, prepared.channels_last)
         prepared.splits.train.epoch = info["extra"].get("loader_epoch", 0)
-        dense, spec = history[0], info["spec"]
+        dense, spec = StageRecord.from_dict(history[0]), info["spec"]
         run_start -= history[-1].get("elapsed_s", 0.0)
     else:
         with _autocast(config, prepared):
             model, dense, spec = dense_model(config, prepared, run_dir)
 
-    def on_stage(record: dict, stage_model: nn.Module) -> None:
-        record["parameters"] = count_parameters(stage_model)
-        record["elapsed_s"] = time.perf_counter() - run_start
-        record["checkpoint"] = str(run_dir.checkpoint_path(record["stage"])
-                                   .relative_to(run_dir.path))
-        save_checkpoint(run_dir.checkpoint_path(record["stage"]), stage_model, spec,
-                        record["linearized"], _origin(config, record, prepared.splits),
+    def on_stage(record: StageRecord, stage_model: nn.Module) -> None:
+        record.parameters = count_parameters(stage_model)
+        record.elapsed_s = time.perf_counter() - run_start
+        record.checkpoint = str(run_dir.checkpoint_path(record.stage).relative_to(run_dir.path))
+        save_checkpoint(run_dir.checkpoint_path(record.stage), stage_model, spec,
+                        record.linearized, _origin(config, record, prepared.splits),
                         silenced=record.get("silenced", ()))
-        run_dir.add_record(record)
+        run_dir.add_record(record.to_dict())
         die_at("stage-end")
         if config.progress:
-            print(stage_table([record], header=record["stage"] == 1), flush=True)
+            print(stage_table([record], header=record.stage == 1), flush=True)
 
-    stages = Stages(history=history[1:], on_stage=on_stage, snapshots=run_dir.snapshot)
+    runner = METHODS[name][1]
     with _autocast(config, prepared):
-        result = run(model, prepared.splits, dense, stages)
+        result = runner(model, prepared.splits, method, dense_record=dense,
+                        history=history[1:], on_stage=on_stage, progress=config.progress,
+                        snapshots=run_dir.snapshot)
     distributed.barrier()  # rank 0 has written every checkpoint
     answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
-    folded_model, folded = fold_and_measure(answer_model, prepared.splits)
+    folded_model, folded = fold_answer(answer_model, prepared.splits)
     folded["stage"] = result.answer["stage"]
     folded["checkpoint"] = "checkpoints/answer_folded.pt"
     save_folded(run_dir.path / folded["checkpoint"], folded_model,
@@ -410,7 +362,7 @@ def _run_method(config: ExperimentConfig, name: str, method, run, rule: str,
             answer=result.answer,
             stop_reason=result.stop_reason,
             wall_seconds=time.perf_counter() - run_start,
-            rule=rule,
+            rule=result.rule,
             folded=folded,
         )
     )
@@ -423,68 +375,36 @@ def _autocast(config: ExperimentConfig, prepared: Prepared) -> torch.autocast:
     return torch.autocast(prepared.device.type, dtype=torch.bfloat16, enabled=config.amp)
 
 
-def fold_and_measure(model: nn.Module, splits: DataSplits, policy: str = "macs",
-                     latency_repeats: int = 30) -> tuple[nn.Module, dict]:
+def fold_answer(model: nn.Module, splits: DataSplits, policy: str = "macs"
+                ) -> tuple[nn.Module, dict]:
     """Fold `model` on a test batch and measure it: test top-1 of both, MACs, batch-1 latency."""
-    model = model.cpu().eval()
     example = next(iter(splits.test))[0].cpu()
-    folded = fold(model, example, policy, data=((x.cpu(), y.cpu()) for x, y in splits.test))
-    report = folded.fold_report
-    one = example[:1]
-    latency = {
-        name: 1e3 * median_seconds(lambda m=m: m(one), repeats=latency_repeats)
-        for name, m in (("unfolded", model), ("folded", folded))
-    }
-    batch = len(example)
-    return folded, {
-        "policy": policy,
-        "top1_unfolded": report.top1_unfolded,
-        "top1_folded": report.top1_folded,
-        "agreement": report.agreement,
-        "exact": report.exact,
-        "max_abs_diff": report.max_abs_diff,
-        "relative_error": report.relative_error,
-        "macs_unfolded": report.macs_before // batch,
-        "macs_folded": report.macs_after // batch,
-        "params_unfolded": report.params_before,
-        "params_folded": report.params_after,
-        "ops_unfolded": report.ops_before,
-        "ops_folded": report.ops_after,
-        "depth_unfolded": report.depth_before,
-        "depth_folded": report.depth_after,
-        "latency_ms_batch1_unfolded": latency["unfolded"],
-        "latency_ms_batch1_folded": latency["folded"],
-        "merges_taken": sum(m.taken for m in report.merges),
-    }
+    return measure_stage(model, example, policy=policy,
+                         data=((x.cpu(), y.cpu()) for x, y in splits.test))
+
+
+def _settings(cls: type, values: dict):
+    """A settings dataclass from its config.json form (training schedules rebuilt)."""
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    return cls(**{key: _train_config(value) if kinds.get(key) in ("TrainConfig", TrainConfig)
+                  else value for key, value in values.items()})
 
 
 def _train_config(values: dict) -> TrainConfig:
     return TrainConfig(**{**values, "milestones": tuple(values.get("milestones", ()))})
 
 
-def resume_run(path: str | Path, *, progress: bool = True):
+def resume_run(path: str | Path, *, progress: bool = True) -> MethodResult:
     """Continue the interrupted run in `path` with the settings it was started with."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise RunDirError(f"nothing to resume in {path}: it holds no run (no config.json)")
     settings = json.loads(config_path.read_text())
     name = settings.get("method")
-    experiment = dict(settings["experiment"])
-    experiment["dense"] = _train_config(experiment["dense"])
-    experiment["progress"] = progress
-    config = ExperimentConfig(**experiment)
-    method = dict(settings[name])
+    if name not in METHODS:
+        raise RunDirError(f"{path} holds a run of unknown method {name!r}")
+    config = _settings(ExperimentConfig, {**settings["experiment"], "progress": progress})
+    method = _settings(METHODS[name][0], settings[name])
     if name == "easier":
-        method["finetune"] = _train_config(method["finetune"])
-        return run_easier(config, EasierConfig(**method), path, resume=True)
-    if name in PRUNING_METHODS:
-        method["finetune"] = _train_config(method["finetune"])
-        return run_pruning(config, name, PruningConfig(**method), path, resume=True)
-    if name == "layer_folding":
-        method["finetune"] = _train_config(method["finetune"])
-        method["slope_training"] = _train_config(method["slope_training"])
-        return run_layer_folding(config, LayerFoldingConfig(**method), path, resume=True)
-    if name == "dense_longer":
-        return run_dense_longer(config, _train_config(method["finetune"]), method["chunks"],
-                                path, resume=True)
-    raise RunDirError(f"{path} holds a run of unknown method {name!r}")
+        return run_easier(config, method, path, resume=True)
+    return _run_method(config, name, method, path, overwrite=False, resume=True)

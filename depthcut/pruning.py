@@ -22,20 +22,7 @@ from torch import Tensor, nn
 from depthcut.entropy import SiteCounts
 from depthcut.errors import ConfigError
 from depthcut.graph import PASS_THROUGH, is_add, module_of, output_depends_on_input, trace
-
-# Names marked `re-export` moved to depthcut.masks; re-exported until importers are updated.
-from depthcut.masks import (  # noqa: F401
-    PRUNABLE_TYPES,
-    apply_masks,  # re-export
-    clone_model,
-    global_magnitude_prune,  # re-export
-    is_pruned,  # re-export
-    masks_from_state_dict,  # re-export
-    mean_abs_nonzero,  # re-export
-    nonzero_count,  # re-export
-    prune_group,  # re-export
-    sparsity,  # re-export
-)
+from depthcut.masks import PRUNABLE_TYPES, clone_model
 from depthcut.sites import SiteError, find_sites, silence
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)

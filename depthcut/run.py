@@ -15,9 +15,12 @@ import torch
 from torch import nn
 
 from depthcut.distributed import is_main
+from depthcut.errors import DepthcutError
 from depthcut.faults import die_at
+from depthcut.layers import ChannelScale
+from depthcut.masks import apply_masks, masks_from_state_dict
 from depthcut.models import ModelSpec
-from depthcut.sites import ChannelScale, linearize, scale_sites, silence
+from depthcut.sites import linearize, scale_sites, silence
 from depthcut.train import Checkpointing
 
 CHECKPOINT_FORMAT = "depthcut-checkpoint/1"
@@ -25,11 +28,11 @@ RECORDS = "records.jsonl"
 SNAPSHOT = "resume.pt"  # the last finished epoch of the training call in progress
 
 
-class RunDirError(FileExistsError):
+class RunDirError(DepthcutError, FileExistsError):
     """The run directory cannot be used (it already holds another run)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DepthcutError, ValueError):
     """A file is not a depthcut checkpoint, or does not fit the model it names."""
 
 
@@ -174,11 +177,6 @@ class RunDir:
             atomic_write_text(self.path / "summary.md", text)
 
 
-def answer_stage(records: Sequence[dict]) -> dict:
-    """The answer of a run: its last stage within the method's stop rule (stage 0 always is)."""
-    return [r for r in records if r.get("within_delta", True)][-1]
-
-
 def read_records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / RECORDS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -216,7 +214,6 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     path, payload = _load_payload(path, "checkpoint", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
-    from depthcut.pruning import apply_masks, masks_from_state_dict
 
     spec = ModelSpec(**payload["model"])
     model = silence(linearize(spec.build(), payload["linearized"]), payload.get("silenced", []))

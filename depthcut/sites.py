@@ -25,12 +25,7 @@ from torch import nn
 
 from depthcut.errors import DepthcutError
 from depthcut.graph import TraceError, trace_graph
-from depthcut.layers import (  # noqa: F401 (re-exported: sites' stand-ins, named here)
-    STAND_IN_TYPES,
-    ChannelScale,
-    Zero,
-    default_channel_dim,
-)
+from depthcut.layers import ChannelScale, Zero
 
 RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU,

@@ -20,8 +20,9 @@ from depthcut.fold import count_macs
 from depthcut.methods.easier import EasierConfig
 from depthcut.models import build_model, count_parameters, default_activation
 from depthcut.reports import markdown_table
-from depthcut.run import answer_stage, read_records
+from depthcut.run import read_records
 from depthcut.sites import find_sites
+from depthcut.stages import answer_stage
 from depthcut.train import TrainConfig
 
 ARCHITECTURES = [("resnet18", 0.25), ("vgg16", 0.25), ("mobilenetv2", 0.25), ("swin-t", 0.25)]

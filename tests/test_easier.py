@@ -6,17 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-import depthcut.methods.easier as easier_module
+import depthcut.stages as stages_module
 from depthcut.data import ImageDataset, make_splits
 from depthcut.entropy import measure_entropy
-from depthcut.methods.easier import (
-    EasierConfig,
-    answer_stage,
-    choose_sites,
-    easier,
-    within_delta,
-)
+from depthcut.methods.easier import EasierConfig, choose_sites, easier, within_delta
 from depthcut.sites import SiteError, find_sites
+from depthcut.stages import answer_stage
 from depthcut.train import TrainConfig, evaluate, seed_everything, train
 
 
@@ -96,7 +91,7 @@ def test_stops_at_the_first_stage_beyond_delta(monkeypatch):
     splits = tiny_splits()
     model = TinyNet()
     scripted = iter([79.5, 70.0, 79.2, 70.0, 78.9, 70.0])  # (val, test) per stage
-    monkeypatch.setattr(easier_module, "evaluate", lambda m, loader: next(scripted))
+    monkeypatch.setattr(stages_module, "evaluate", lambda m, loader: next(scripted))
     dense = dense_record(model, splits) | {"val_top1": 80.0}
     config = EasierConfig(delta=1.0, finetune=TrainConfig(epochs=0))
     result = easier(model, splits, config, dense_record=dense, progress=False)
@@ -170,13 +165,13 @@ def test_entropy_variant_data_and_mode(monkeypatch, variant):
     splits = tiny_splits()
     splits.train.epoch = 3
     seen = []
-    real = easier_module.measure_entropy
+    real = stages_module.count_states
 
     def spy(model, batches, sites, **kwargs):
         seen.append((batches, kwargs))
         return real(model, batches, sites, **kwargs)
 
-    monkeypatch.setattr(easier_module, "measure_entropy", spy)
+    monkeypatch.setattr(stages_module, "count_states", spy)
     model = TinyNet()
     config = EasierConfig(delta=100.0, max_stages=1, finetune=TrainConfig(epochs=0),
                           entropy_variant=variant)
@@ -188,7 +183,7 @@ def test_entropy_variant_data_and_mode(monkeypatch, variant):
         assert kwargs["mode"] == "train"
         # The replay started at epoch 2 (the last one served) and advanced only itself.
         assert batches is not splits.train and batches.augment and batches.epoch == 3
-        expected = [x for x, _ in easier_module.replay_last_epoch(splits.train)]
+        expected = [x for x, _ in stages_module.replay_last_epoch(splits.train)]
         splits.train.epoch = 2
         assert all(torch.equal(a, b) for (a, _), b in zip(splits.train, expected, strict=True))
     else:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from depthcut.cli import main
+from depthcut.masks import is_pruned, nonzero_count
 from depthcut.methods.rounds import PruningConfig
-from depthcut.pruning import is_pruned, nonzero_count
 from depthcut.run import load_checkpoint, read_records
 from tests.helpers import write_fake_cifar10
 

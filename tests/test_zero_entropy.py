@@ -15,11 +15,12 @@ from torch import nn
 
 from depthcut.data import BatchLoader, DataSplits
 from depthcut.fold import fold
+from depthcut.layers import ChannelScale, Zero
 from depthcut.methods.rounds import PruningConfig, pruning_rounds
 from depthcut.models import ModelSpec
 from depthcut.pruning import prunable_layers, pruning_budget
 from depthcut.run import load_checkpoint, read_records, save_checkpoint
-from depthcut.sites import ChannelScale, Zero, freeze, linearize
+from depthcut.sites import freeze, linearize
 from depthcut.train import TrainConfig
 from tests.helpers import one_thread, write_fake_cifar10  # noqa: F401 (fixture)
 

@@ -11,8 +11,9 @@ from torch import nn
 
 from depthcut.data import DataSplits
 from depthcut.entropy import SiteCounts
-from depthcut.methods.rounds import PruneStep, PruningConfig, PruningResult, pruning_rounds
-from depthcut.pruning import PRUNABLE_TYPES, global_magnitude_prune
+from depthcut.masks import PRUNABLE_TYPES, global_magnitude_prune
+from depthcut.methods.rounds import PruneStep, PruningConfig, pruning_rounds
+from depthcut.stages import MethodResult
 
 
 def magnitude_step(zeta: float) -> PruneStep:
@@ -23,9 +24,7 @@ def magnitude_step(zeta: float) -> PruneStep:
     return step
 
 
-def imp(model: nn.Module, splits: DataSplits, config: PruningConfig, *, dense_record: dict,
-        **kwargs) -> PruningResult:
+def imp(model: nn.Module, splits: DataSplits, config: PruningConfig, **kwargs) -> MethodResult:
     """IMP: global magnitude rounds; the answer is the last round within delta."""
     return pruning_rounds(model, splits, config, method="imp",
-                          prune_step=magnitude_step(config.zeta), rule="delta",
-                          dense_record=dense_record, **kwargs)
+                          prune_step=magnitude_step(config.zeta), rule="delta", **kwargs)

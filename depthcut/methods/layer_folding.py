@@ -9,17 +9,16 @@ are linearized, the others get their original activation back, and the model is 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from depthcut.data import DataSplits
-from depthcut.methods.easier import MethodResult
+from depthcut.errors import ConfigError
 from depthcut.sites import find_sites, linearize, replace_module
-from depthcut.train import Checkpointing, TrainConfig, evaluate, train
+from depthcut.stages import Method, MethodResult, StageRecord, StageRun, run_stages
+from depthcut.train import TrainConfig
 
 
 class SlopedActivation(nn.Module):
@@ -45,14 +44,11 @@ class LayerFoldingConfig:
 
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 0:
-            raise ValueError(f"k (sites to linearize) must be >= 0, got {self.k}")
+            raise ConfigError(f"k (sites to linearize) must be >= 0, got {self.k}")
         if not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.lam < 0:
-            raise ValueError(f"lambda must be >= 0, got {self.lam}")
-
-
-LayerFoldingResult = MethodResult
+            raise ConfigError(f"lambda must be >= 0, got {self.lam}")
 
 
 def choose_by_slope(alphas: dict[str, float], k: int | None, threshold: float) -> list[str]:
@@ -63,70 +59,66 @@ def choose_by_slope(alphas: dict[str, float], k: int | None, threshold: float) -
     return ranked[:k]
 
 
-def layer_folding(model: nn.Module, splits: DataSplits, config: LayerFoldingConfig, *,
-                  dense_record: dict, history: Sequence[dict] = (), on_stage=None,
-                  progress: bool = True,
-                  snapshots: Callable[[str], Checkpointing] | None = None) -> LayerFoldingResult:
-    """Train slopes, linearize the most linear sites, restore the rest, finetune; one stage.
+class LayerFolding(Method):
+    """One stage: slopes trained, the most linear sites linearized, the rest restored."""
 
-    With its stage in `history` (a resumed run that had finished it), nothing is redone.
-    """
-    rule = f"k={config.k}" if config.k is not None else f"alpha >= {config.threshold}"
-    if history:
-        return LayerFoldingResult(records=[dense_record, *history], answer=history[-1],
-                                  stop_reason=f"one stage ({rule})", model=model)
-    start = time.perf_counter()
-    sites = find_sites(model)
-    if config.k is not None and config.k > len(sites):
-        raise ValueError(f"k={config.k} is more than the {len(sites)} sites left in the model")
-    originals = {site: model.get_submodule(site) for site in sites}
-    wrappers = {site: SlopedActivation(originals[site]) for site in sites}
-    device = next(model.parameters()).device
-    for site, wrapper in wrappers.items():
-        replace_module(model, site, wrapper.to(device))
-    slopes = [wrapper.alpha for wrapper in wrappers.values()]
+    name = "layer_folding"
 
-    def penalty() -> Tensor:
-        return config.lam * sum((1 - alpha**2).abs() for alpha in slopes)
+    def __init__(self, config: LayerFoldingConfig) -> None:
+        self.config = config
+        self.finetune = config.finetune
+        k = config.k
+        self.rule = (f"linearize the {k} sites with slope closest to 1" if k is not None
+                     else f"linearize sites with slope >= {config.threshold}")
+        choice = f"k={k}" if k is not None else f"alpha >= {config.threshold}"
+        self.done = f"one stage ({choice})"
 
-    def clip() -> None:
-        with torch.no_grad():
-            for alpha in slopes:
-                alpha.clamp_(min=0.0)
+    def stop_before(self, run: StageRun) -> str | None:
+        return self.done if run.last.stage > run.dense.stage else None
 
-    train(model, splits.train, config.slope_training, progress=progress, desc="slopes",
-          extra_loss=penalty, after_step=clip,
-          checkpointing=snapshots("slopes") if snapshots else None)
-    alphas = {site: float(wrapper.alpha.detach()) for site, wrapper in wrappers.items()}
-    chosen = choose_by_slope(alphas, config.k, config.threshold)
-    for site in sites:
-        replace_module(model, site, originals[site])
-    linearize(model, chosen)
-    fit = train(model, splits.train, config.finetune, progress=progress, desc="finetune",
-                checkpointing=snapshots("finetune") if snapshots else None)
-    linearized = list(dense_record.get("linearized", [])) + chosen
-    val_top1 = evaluate(model, splits.val) if splits.val is not None else None
-    epochs = config.slope_training.epochs + config.finetune.epochs
-    record = {
-        "method": "layer_folding",
-        "stage": dense_record["stage"] + 1,
-        "sites_total": dense_record["sites_total"],
-        "sites_linearized": len(linearized),
-        "linearized": linearized,
-        "chosen": chosen,
-        "alphas": alphas,
-        "entropy": {},
-        "val_top1": val_top1,
-        "test_top1": evaluate(model, splits.test),
-        "drop": (dense_record["val_top1"] - val_top1
-                 if val_top1 is not None and dense_record.get("val_top1") is not None else None),
-        "within_delta": True,  # one stage: it is the answer by construction
-        "epochs": epochs,
-        "total_epochs": dense_record.get("total_epochs", 0) + epochs,
-        "train_loss": fit.epochs[-1].loss if fit.epochs else None,
-        "seconds": time.perf_counter() - start,
-    }
-    if on_stage is not None:
-        on_stage(record, model)
-    return LayerFoldingResult(records=[dense_record, record], answer=record,
-                              stop_reason=f"one stage ({rule})", model=model)
+    def training(self, stage: int) -> str:
+        return "finetune"
+
+    def epochs(self) -> int:
+        return self.config.slope_training.epochs + self.config.finetune.epochs
+
+    def change(self, run: StageRun) -> dict:
+        model, config = run.model, self.config
+        sites = find_sites(model)
+        if config.k is not None and config.k > len(sites):
+            raise ConfigError(f"k={config.k} is more than the {len(sites)} sites left in the model")
+        originals = {site: model.get_submodule(site) for site in sites}
+        wrappers = {site: SlopedActivation(originals[site]) for site in sites}
+        device = next(model.parameters()).device
+        for site, wrapper in wrappers.items():
+            replace_module(model, site, wrapper.to(device))
+        slopes = [wrapper.alpha for wrapper in wrappers.values()]
+
+        def penalty() -> Tensor:
+            return config.lam * sum((1 - alpha**2).abs() for alpha in slopes)
+
+        def clip() -> None:
+            with torch.no_grad():
+                for alpha in slopes:
+                    alpha.clamp_(min=0.0)
+
+        run.train(config.slope_training, "slopes", extra_loss=penalty, after_step=clip)
+        alphas = {site: float(wrapper.alpha.detach()) for site, wrapper in wrappers.items()}
+        chosen = choose_by_slope(alphas, config.k, config.threshold)
+        for site in sites:
+            replace_module(model, site, originals[site])
+        linearize(model, chosen)
+        linearized = list(run.last.linearized) + chosen
+        return {"sites_linearized": len(linearized), "linearized": linearized, "chosen": chosen,
+                "alphas": alphas, "entropy": {}}
+
+    def stop_after(self, run: StageRun, record: StageRecord) -> str | None:
+        return self.done
+
+
+def layer_folding(model: nn.Module, splits: DataSplits, config: LayerFoldingConfig,
+                  **kwargs) -> MethodResult:
+    """Train slopes, linearize the most linear sites, restore the rest, finetune: one stage
+    (see `run_stages` for the keyword arguments). A resumed run that had finished its stage
+    redoes nothing."""
+    return run_stages(LayerFolding(config), model, splits, **kwargs)

@@ -8,15 +8,17 @@ of rounds, and its answer is the last round within delta.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
 from depthcut.data import DataSplits
 from depthcut.entropy import SiteCounts, layer_entropies
-from depthcut.methods.rounds import PruneStep, PruningConfig, PruningResult, pruning_rounds
-from depthcut.pruning import mean_abs_nonzero, nonzero_count, prunable_layers, prune_group
+from depthcut.masks import mean_abs_nonzero, nonzero_count, prune_group
+from depthcut.methods.rounds import PruneStep, PruningConfig, pruning_rounds
+from depthcut.pruning import prunable_layers
 from depthcut.pruning import pruning_budget as allocate
+from depthcut.stages import MethodResult
 
 
 def entropy_guided_step(layers: dict[str, list[str]], zeta: float,
@@ -42,14 +44,14 @@ def entropy_guided_step(layers: dict[str, list[str]], zeta: float,
 
 
 def _run(method: str, rule: str, model: nn.Module, splits: DataSplits, config: PruningConfig,
-         example: Tensor | None, **kwargs) -> PruningResult:
+         example: Tensor | None, **kwargs) -> MethodResult:
     layers = site_layers(model, kwargs["dense_record"], kwargs.get("history", ()), example)
     step = entropy_guided_step(layers, config.zeta, config.temperature, config.reallocate)
     return pruning_rounds(model, splits, config, method=method, prune_step=step, rule=rule,
                           prunable=layers, **kwargs)
 
 
-def site_layers(model: nn.Module, dense_record: dict, history: Sequence[dict],
+def site_layers(model: nn.Module, dense_record: Mapping, history: Sequence[Mapping],
                 example: Tensor | None = None) -> dict[str, list[str]]:
     """The site -> feeding layers grouping of the run: read from its first round when resuming
     (so a resumed run prunes exactly like an uninterrupted one), else found on the model with the
@@ -63,14 +65,14 @@ def site_layers(model: nn.Module, dense_record: dict, history: Sequence[dict],
 
 
 def nepenthe(model: nn.Module, splits: DataSplits, config: PruningConfig, *,
-             dense_record: dict, example: Tensor | None = None, **kwargs) -> PruningResult:
+             dense_record: Mapping, example: Tensor | None = None, **kwargs) -> MethodResult:
     """NEPENTHE: entropy-guided rounds until val top-1 < theta x dense (or `rounds`)."""
     return _run("nepenthe", "theta", model, splits, config, example,
                 dense_record=dense_record, **kwargs)
 
 
 def egp(model: nn.Module, splits: DataSplits, config: PruningConfig, *,
-        dense_record: dict, example: Tensor | None = None, **kwargs) -> PruningResult:
+        dense_record: Mapping, example: Tensor | None = None, **kwargs) -> MethodResult:
     """EGP: entropy-guided rounds; the answer is the last round within delta."""
     return _run("egp", "delta", model, splits, config, example, dense_record=dense_record,
                 **kwargs)

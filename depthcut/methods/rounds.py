@@ -12,19 +12,19 @@ network (layer collapse): it is kept, and the run stops saying so.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from depthcut.data import DataSplits
-from depthcut.entropy import ENTROPY_VARIANTS, SiteCounts, count_states, layer_entropies
-from depthcut.methods.easier import MethodResult, entropy_batches_and_mode
-from depthcut.pruning import REALLOCATE, causes_layer_collapse, sparsity, zero_entropy_sites
-from depthcut.run import answer_stage
+from depthcut.entropy import ENTROPY_VARIANTS, SiteCounts, layer_entropies
+from depthcut.errors import ConfigError
+from depthcut.masks import sparsity
+from depthcut.pruning import REALLOCATE, causes_layer_collapse, zero_entropy_sites
 from depthcut.sites import ZERO_SURROGATE_TYPES, find_sites, freeze, frozen_form
-from depthcut.train import Checkpointing, TrainConfig, evaluate, train
+from depthcut.stages import Method, MethodResult, StageRecord, StageRun, run_stages
+from depthcut.train import TrainConfig
 
 # A method's pruning step: prunes `model` in place, given the counts measured on it, and
 # returns how many weights it pruned per layer (or per group of layers).
@@ -63,7 +63,7 @@ class PruningConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     def acceptable(self, rule: str, dense_val: float, val: float) -> bool:
         """The method's stop rule: theta (relative, NEPENTHE) or delta (points, EGP and IMP)."""
@@ -77,136 +77,116 @@ class PruningConfig:
         return f"delta {self.delta} top-1 points (validation split)"
 
 
-PruningResult = MethodResult
+class PruningRounds(Method):
+    """A round: the method's pruning step, the retraining, then the sites that reached zero
+    entropy replaced by their linear map; stops by theta or delta, at layer collapse, or when
+    every site is removed."""
 
+    needs_val = True
 
-def pruning_rounds(
-    model: nn.Module,
-    splits: DataSplits,
-    config: PruningConfig,
-    *,
-    method: str,
-    prune_step: PruneStep,
-    rule: str,
-    dense_record: dict,
-    prunable: dict[str, list[str]] | None = None,
-    history: Sequence[dict] = (),
-    on_round: Callable[[dict, nn.Module], None] | None = None,
-    progress: bool = True,
-    snapshots: Callable[[str], Checkpointing] | None = None,
-) -> PruningResult:
-    """Run pruning rounds from a trained model whose metrics are `dense_record` (round 0).
+    def __init__(self, config: PruningConfig, *, name: str, prune_step: PruneStep, rule: str,
+                 prunable: dict[str, list[str]] | None = None) -> None:
+        self.config, self.prune_step, self.kind, self.prunable = config, prune_step, rule, prunable
+        self.name = self.title = name
+        self.finetune = config.finetune
+        self.rule = config.describe(rule)
 
-    To resume, pass the rounds already done as `history` and the model (with its masks) of
-    the last one; `snapshots(name)` gives each retraining its epoch-level checkpointing.
-    `prunable` (the site -> layers grouping the step prunes by) is kept in every round record.
-    """
-    if splits.val is None:
-        raise ValueError(f"{method} needs a validation split for its stop rule: "
-                         "use val_fraction > 0")
-    dense_val = dense_record["val_top1"]
-    records = [dense_record, *history]
-    last = records[-1]
-    linearized = list(last.get("linearized", []))
-    silenced = list(last.get("silenced", []))
-    scaled = list(last.get("scaled", []))
-    surrogates = list(last.get("surrogates", []))
-    sites_total = dense_record["sites_total"]
-    total_epochs = last.get("total_epochs", 0)
-    stop_reason = f"rounds={config.rounds} done"
-    stage = last["stage"]
-    finished = not last.get("within_delta", True) or bool(last.get("layer_collapse"))
-    if finished:
-        stop_reason = (f"round {stage} ended the run (layer collapse or the stop rule: "
-                       f"{config.describe(rule)})")
-    left = find_sites(model) if len(linearized) + len(silenced) + len(scaled) < sites_total else []
-    if not left and not finished:
-        finished, stop_reason = True, "every site removed"
-    example = next(iter(splits.test))[0][:4]
+    def training(self, stage: int) -> str:
+        return f"round {stage}"
 
-    def count(sites: list[str]) -> dict[str, SiteCounts | None]:
-        batches, mode = entropy_batches_and_mode(splits, config)
-        return count_states(model, batches, sites, mode=mode, progress=progress,
-                            variant=config.entropy_variant)
+    def removed(self) -> int:
+        return len(self.linearized) + len(self.silenced) + len(self.scaled)
 
-    counts = {} if finished else count(left)
-    while not finished and (config.rounds is None
-                            or stage - dense_record["stage"] < config.rounds):
-        stage += 1
-        start = time.perf_counter()
-        entropy_before = layer_entropies(counts)
-        pruned = prune_step(model, counts)
-        fit = train(model, splits.train, config.finetune, progress=progress,
-                    desc=f"round {stage}",
-                    checkpointing=snapshots(f"round {stage}") if snapshots else None)
-        total_epochs += config.finetune.epochs
-        removed = len(linearized) + len(silenced) + len(scaled)
-        remaining = find_sites(model) if removed < sites_total else []
-        counts = count(remaining)
+    def begin(self, run: StageRun) -> str | None:
+        last = run.last
+        self.linearized, self.silenced, self.scaled, self.surrogates = (
+            list(last.get(key, [])) for key in ("linearized", "silenced", "scaled", "surrogates"))
+        reason = None
+        if not last.within_delta or last.get("layer_collapse"):
+            reason = (f"round {last.stage} ended the run (layer collapse or the stop rule: "
+                      f"{self.rule})")
+        left = find_sites(run.model) if self.removed() < run.dense.sites_total else []
+        if not left and reason is None:
+            reason = "every site removed"
+        self.example = next(iter(run.splits.test))[0][:4]
+        self.counts = {} if reason is not None else run.count(left, self.config)
+        return reason
+
+    def stop_before(self, run: StageRun) -> str | None:
+        rounds = self.config.rounds
+        if rounds is not None and run.last.stage - run.dense.stage >= rounds:
+            return f"rounds={rounds} done"
+        return None
+
+    def change(self, run: StageRun) -> dict:
+        entropy_before = layer_entropies(self.counts)
+        return {"entropy_before": entropy_before, "pruned": self.prune_step(run.model, self.counts)}
+
+    def after(self, run: StageRun) -> dict:
+        model = run.model
+        self.remaining = find_sites(model) if self.removed() < run.dense.sites_total else []
+        counts = run.count(self.remaining, self.config)
         zero = zero_entropy_sites(counts)
         chosen, collapse = [], []
-        if config.remove_zero_entropy:
+        if self.config.remove_zero_entropy:
             forms = {site: frozen_form(model.get_submodule(site), counts[site].always_on())[0]
                      for site in zero}
             off = [site for site, form in forms.items() if form == "off"]
             collapse = [site for site in off
-                        if causes_layer_collapse(model, [*silenced, site], example)]
+                        if causes_layer_collapse(model, [*self.silenced, site], self.example)]
             off = [site for site in off if site not in collapse]
-            if off and causes_layer_collapse(model, [*silenced, *off], example):
+            if off and causes_layer_collapse(model, [*self.silenced, *off], self.example):
                 collapse, off = collapse + off, []  # only together do they cut every path
             chosen = [site for site in zero if forms[site] != "off" or site in off]
-            surrogates += [site for site in chosen
-                           if isinstance(model.get_submodule(site), ZERO_SURROGATE_TYPES)]
+            self.surrogates += [site for site in chosen
+                                if isinstance(model.get_submodule(site), ZERO_SURROGATE_TYPES)]
             freeze(model, {site: counts[site].always_on() for site in chosen})
-            linearized += [site for site in chosen if forms[site] == "on"]
-            silenced += [site for site in chosen if forms[site] == "off"]
-            scaled += [site for site in chosen if forms[site] == "scale"]
+            self.linearized += [site for site in chosen if forms[site] == "on"]
+            self.silenced += [site for site in chosen if forms[site] == "off"]
+            self.scaled += [site for site in chosen if forms[site] == "scale"]
             counts = {site: c for site, c in counts.items() if site not in set(chosen)}
-        val_top1 = evaluate(model, splits.val)
+        self.counts = counts
         shares = sparsity(model)
-        record = {
-            "method": method,
-            "stage": stage,
-            "sites_total": sites_total,
-            "sites_linearized": len(linearized) + len(silenced) + len(scaled),
-            "linearized": list(linearized),
-            "silenced": list(silenced),
-            "scaled": list(scaled),
-            "surrogates": list(surrogates),
+        fields = {
+            "sites_linearized": self.removed(),
+            "linearized": list(self.linearized),
+            "silenced": list(self.silenced),
+            "scaled": list(self.scaled),
+            "surrogates": list(self.surrogates),
             "chosen": chosen,
             "zero_entropy": zero,
             "layer_collapse": collapse,
             "entropy": layer_entropies(counts),
-            "entropy_before": entropy_before,
-            "pruned": pruned,
             "sparsity": shares["overall"],
             "sparsity_layers": shares["modules"],
-            "val_top1": val_top1,
-            "test_top1": evaluate(model, splits.test),
-            "drop": dense_val - val_top1,
-            "within_delta": config.acceptable(rule, dense_val, val_top1) and not collapse,
-            "epochs": config.finetune.epochs,
-            "total_epochs": total_epochs,
-            "train_loss": fit.epochs[-1].loss if fit.epochs else None,
-            "seconds": time.perf_counter() - start,
         }
-        if prunable is not None:
-            record["prunable_layers"] = prunable
-        records.append(record)
-        if on_round is not None:
-            on_round(record, model)
-        if collapse:
-            stop_reason = (
-                f"layer collapse at round {stage}: {', '.join(collapse)} always OFF with no "
-                "skip around it, so removing it would leave a constant classifier; it was kept "
-                "and the run stopped"
-            )
-            break
-        if not record["within_delta"]:
-            stop_reason = f"round {stage} broke the stop rule ({config.describe(rule)})"
-            break
-        if not remaining or len(linearized) + len(silenced) + len(scaled) >= sites_total:
-            stop_reason = "every site removed"
-            break
-    return PruningResult(records=records, answer=answer_stage(records), stop_reason=stop_reason,
-                         model=model)
+        if self.prunable is not None:
+            fields["prunable_layers"] = self.prunable
+        return fields
+
+    def accept(self, run: StageRun, record: StageRecord) -> bool:
+        ok = self.config.acceptable(self.kind, run.dense.val_top1, record.val_top1)
+        return ok and not record["layer_collapse"]
+
+    def stop_after(self, run: StageRun, record: StageRecord) -> str | None:
+        if record["layer_collapse"]:
+            return (f"layer collapse at round {record.stage}: "
+                    f"{', '.join(record['layer_collapse'])} always OFF with no skip around it, "
+                    "so removing it would leave a constant classifier; it was kept and the run "
+                    "stopped")
+        if not record.within_delta:
+            return f"round {record.stage} broke the stop rule ({self.rule})"
+        if not self.remaining or self.removed() >= run.dense.sites_total:
+            return "every site removed"
+        return None
+
+
+def pruning_rounds(model: nn.Module, splits: DataSplits, config: PruningConfig, *, method: str,
+                   prune_step: PruneStep, rule: str,
+                   prunable: dict[str, list[str]] | None = None, **kwargs) -> MethodResult:
+    """Run pruning rounds from a trained model (see `run_stages` for the keyword arguments).
+    `prunable` (the site -> layers grouping the step prunes by) is kept in every round record;
+    a resumed run is given the model with its masks."""
+    rounds = PruningRounds(config, name=method, prune_step=prune_step, rule=rule,
+                           prunable=prunable)
+    return run_stages(rounds, model, splits, **kwargs)

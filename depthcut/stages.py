@@ -1,0 +1,302 @@
+"""The stage record every method writes and the one stage loop every method plugs into.
+
+A method (`Method`) says only what makes it that method: how it chooses, how it changes the
+model, when it stops. The loop does the rest the same way for all: resuming from the stages
+already done, entropy counts when asked, the finetune (with epoch snapshots), evaluation, the
+record, the callback that writes it, and the answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+from torch import nn
+
+from depthcut.data import DataSplits
+from depthcut.entropy import SiteCounts, count_states
+from depthcut.errors import ConfigError
+from depthcut.train import Checkpointing, TrainConfig, TrainResult, evaluate, train
+
+
+class _Unset:
+    """A field this stage does not have (written nowhere, unlike None, which is written null)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+# Where today's method-specific extras sit in a JSON line: before this common key. Extras not
+# listed (a new method's) follow `seconds`. Keeping the places keeps records.jsonl unchanged.
+_EXTRA_BEFORE = {
+    "silenced": "chosen", "scaled": "chosen", "surrogates": "chosen",
+    "zero_entropy": "entropy", "layer_collapse": "entropy", "alphas": "entropy",
+    "entropy_before": "val_top1", "pruned": "val_top1", "sparsity": "val_top1",
+    "sparsity_layers": "val_top1",
+}
+
+
+@dataclass
+class StageRecord(Mapping):
+    """One stage of a run (stage 0: the dense model), as written to records.jsonl.
+
+    It reads like its JSON line (`record["val_top1"]`, `record.get("sparsity")`), so reports and
+    the CLI take records from a run directory and from a method alike.
+    """
+
+    method: str
+    stage: int
+    sites_total: int = 0
+    sites_linearized: int = 0
+    linearized: list[str] = field(default_factory=list)
+    chosen: list[str] = field(default_factory=list)
+    entropy: dict[str, float] = field(default_factory=dict)
+    val_top1: float | None = None
+    test_top1: float | None = None
+    drop: float | None = None
+    within_delta: bool = True  # within the method's stop rule (the answer is the last such)
+    epochs: int = 0
+    total_epochs: int = 0
+    train_loss: float | None = UNSET  # the finetune's last epoch loss (stage 0 has none)
+    seconds: float = 0.0
+    # Set by the run when it writes the stage (not by a method).
+    parameters: int = UNSET
+    elapsed_s: float = UNSET
+    checkpoint: str = UNSET
+    extras: dict[str, Any] = field(default_factory=dict)  # what only this method records
+
+    def to_dict(self) -> dict:
+        """The JSON line: common keys, extras in their places, unset fields left out."""
+        names = [f.name for f in fields(self) if f.name != "extras"]
+        if self.stage == 0:  # stage 0 has always been written with its size before its time
+            names.remove("parameters")
+            names.insert(names.index("seconds"), "parameters")
+        out: dict[str, Any] = {}
+        for name in names:
+            for key, value in self.extras.items():
+                if _EXTRA_BEFORE.get(key, "parameters") == name:
+                    out[key] = value
+            value = getattr(self, name)
+            if value is not UNSET:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> StageRecord:
+        """A record from its JSON line; keys a method added become extras, missing ones default
+        (records written by older versions load too)."""
+        if isinstance(data, StageRecord):
+            return data
+        names = {f.name for f in fields(cls)} - {"extras"}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extras={k: v for k, v in data.items() if k not in names})
+
+    def __getitem__(self, key: str) -> Any:
+        if key != "extras" and key in _FIELD_NAMES:
+            value = getattr(self, key)
+            if value is UNSET:
+                raise KeyError(key)
+            return value
+        return self.extras[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(StageRecord))
+
+
+def answer_stage(records: Sequence[Mapping]) -> Mapping:
+    """The answer of a run: its last stage within the method's stop rule (stage 0 always is)."""
+    return [r for r in records if r.get("within_delta", True)][-1]
+
+
+@dataclass
+class MethodResult:
+    """What every method returns."""
+
+    records: list[StageRecord]
+    answer: StageRecord
+    stop_reason: str
+    model: nn.Module  # the model of the last stage run (not necessarily the answer)
+    folded: dict | None = None  # the answer stage folded and measured (set by the run)
+    rule: str = ""  # the stop rule in words, for the summary
+
+
+class EntropySettings(Protocol):
+    entropy_mode: str
+    entropy_variant: str
+
+
+def replay_last_epoch(loader):
+    """A shallow copy of the training loader that yields its last epoch's batches again.
+
+    The copy's epoch counter is `loader.epoch - 1` (0 if none was run): the same shuffle and
+    augmentation as the last epoch the loader served (the previous finetune's, or the dense
+    training's), while `loader.epoch`, which the next finetune and a resumed run start from, is
+    not advanced. BatchLoader reseeds its augmentation generator at every iter(), so sharing it
+    with the copy changes nothing for training. A loader without an epoch counter is returned
+    as it is.
+    """
+    if not hasattr(loader, "epoch"):
+        return loader
+    replay = copy.copy(loader)
+    replay.epoch = max(loader.epoch - 1, 0)
+    return replay
+
+
+def entropy_batches_and_mode(splits: DataSplits, settings: EntropySettings):
+    """Where and how a stage counts: the augmented training batches in train() mode for
+    "easier-code" (the authors' setting, weights frozen here), else the unaugmented split."""
+    if settings.entropy_variant == "easier-code":
+        return replay_last_epoch(splits.train), "train"
+    return splits.train_eval, settings.entropy_mode
+
+
+@dataclass
+class StageRun:
+    """What a method sees of the run in progress: the model, the data, the stages so far, and
+    the shared ways to count neuron states and to train."""
+
+    model: nn.Module
+    splits: DataSplits
+    records: list[StageRecord]
+    progress: bool = True
+    snapshots: Callable[[str], Checkpointing] | None = None
+
+    @property
+    def dense(self) -> StageRecord:
+        return self.records[0]
+
+    @property
+    def last(self) -> StageRecord:
+        return self.records[-1]
+
+    def count(self, sites: Sequence[str], settings: EntropySettings
+              ) -> dict[str, SiteCounts | None]:
+        """Sign counts of `sites` by the method's counting rule (depthcut.entropy)."""
+        batches, mode = entropy_batches_and_mode(self.splits, settings)
+        return count_states(self.model, batches, sites, mode=mode, progress=self.progress,
+                            variant=settings.entropy_variant)
+
+    def train(self, config: TrainConfig, name: str, **kwargs) -> TrainResult:
+        """The shared training loop on the training split; `name` labels the progress bar and
+        the epoch snapshots a resumed run continues from."""
+        return train(self.model, self.splits.train, config, progress=self.progress, desc=name,
+                     checkpointing=self.snapshots(name) if self.snapshots else None, **kwargs)
+
+
+class Method:
+    """A method's essentials for `run_stages`. Per stage the loop calls `stop_before`, `change`,
+    finetunes with `finetune`, then `after`, evaluates, builds the record with `accept`, writes
+    it, and asks `stop_after`. Stop hooks return the reason to stop, or None to go on; record
+    hooks return the record's method-specific fields (`linearized`, `chosen`, extras...)."""
+
+    name = "?"  # the records' "method"
+    title = ""  # how error messages name it (default: name)
+    needs_val = False  # its stop rule reads validation top-1
+    rule = ""  # its stop rule in words
+    finetune: TrainConfig
+
+    def begin(self, run: StageRun) -> str | None:
+        """Pick up from the last stage done (the dense one, or a resumed run's last): the
+        reason to stop when that stage already ended the run."""
+        return None
+
+    def stop_before(self, run: StageRun) -> str | None:
+        """Whether to run another stage (limits, nothing left to remove)."""
+        return None
+
+    def change(self, run: StageRun) -> dict | str:
+        """Choose and change the model for the next stage: its record fields, or the reason to
+        stop when nothing can be chosen."""
+        return {}
+
+    def training(self, stage: int) -> str:
+        """The finetune's name (progress and epoch snapshots)."""
+        return f"stage {stage}"
+
+    def epochs(self) -> int:
+        """Training epochs one stage costs (the finetune and any training in `change`)."""
+        return self.finetune.epochs
+
+    def after(self, run: StageRun) -> dict:
+        """Changes and measurements after the finetune: more record fields."""
+        return {}
+
+    def accept(self, run: StageRun, record: StageRecord) -> bool:
+        """Whether the stage is within the stop rule (a candidate answer)."""
+        return True
+
+    def stop_after(self, run: StageRun, record: StageRecord) -> str | None:
+        """Whether the stage just recorded ends the run."""
+        return None
+
+
+def run_stages(
+    method: Method,
+    model: nn.Module,
+    splits: DataSplits,
+    *,
+    dense_record: Mapping,
+    history: Sequence[Mapping] = (),
+    on_stage: Callable[[StageRecord, nn.Module], None] | None = None,
+    progress: bool = True,
+    snapshots: Callable[[str], Checkpointing] | None = None,
+) -> MethodResult:
+    """Run `method` from a trained model whose metrics are `dense_record` (stage 0).
+
+    `on_stage(record, model)` is called after every stage (the run directory writes the record
+    and checkpoint; it may set the record's run fields). To resume, pass the stages already
+    done as `history` and the model of the last one; `snapshots(name)` gives each training call
+    its epoch-level checkpointing.
+    """
+    if method.needs_val and splits.val is None:
+        raise ConfigError(f"{method.title or method.name} needs a validation split for its stop "
+                         "rule: use val_fraction > 0")
+    records = [StageRecord.from_dict(r) for r in (dense_record, *history)]
+    run = StageRun(model, splits, records, progress=progress, snapshots=snapshots)
+    reason = method.begin(run)
+    while reason is None:
+        reason = method.stop_before(run) or _stage(method, run, on_stage)
+    return MethodResult(records=run.records, answer=answer_stage(run.records),
+                        stop_reason=reason, model=model, rule=method.rule)
+
+
+def _stage(method: Method, run: StageRun, on_stage) -> str | None:
+    """One stage: change, finetune, evaluate, record; the reason to stop, if any."""
+    stage = run.last.stage + 1
+    start = time.perf_counter()
+    changed = method.change(run)
+    if isinstance(changed, str):
+        return changed
+    fit = run.train(method.finetune, method.training(stage))
+    changed = {**changed, **method.after(run)}
+    dense_val = run.dense.val_top1
+    val = evaluate(run.model, run.splits.val) if run.splits.val is not None else None
+    record = StageRecord.from_dict({
+        "method": method.name,
+        "stage": stage,
+        "sites_total": run.dense.sites_total,
+        **changed,
+        "val_top1": val,
+        "test_top1": evaluate(run.model, run.splits.test),
+        "drop": dense_val - val if val is not None and dense_val is not None else None,
+        "epochs": method.epochs(),
+        "total_epochs": run.last.total_epochs + method.epochs(),
+        "train_loss": fit.epochs[-1].loss if fit.epochs else None,
+        "seconds": time.perf_counter() - start,
+    })
+    record.within_delta = method.accept(run, record)
+    run.records.append(record)
+    if on_stage is not None:
+        on_stage(record, run.model)
+    return method.stop_after(run, record)
