@@ -54,10 +54,12 @@ STAGE_HEADERS = (
 
 
 def _chosen(record: Mapping) -> str:
-    """EASIER: each chosen site with its entropy; pruning: each removed site, ON or OFF."""
+    """EASIER: each chosen site with its entropy; pruning: each removed site and what it became
+    (always ON: identity; always OFF: zero; constant per neuron: a per-channel scale)."""
     kinds = record.get("zero_entropy")
     if kinds is not None:
-        removed = [f"{name} ({'always ' + kinds[name].upper()})"
+        labels = {"on": "always ON", "off": "always OFF", "mixed": "constant per neuron, scaled"}
+        removed = [f"{name} ({labels.get(kinds[name], kinds[name])})"
                    for name in record.get("chosen", [])]
         removed += [f"{name} (always OFF, kept: layer collapse)"
                     for name in record.get("layer_collapse", [])]
@@ -96,7 +98,7 @@ def stage_table(records: Sequence[Mapping], *, header: bool = True) -> str:
     headers = list(STAGE_HEADERS)
     if with_sparsity:
         headers.insert(1, "sparsity")
-        headers[3] = "removed (always ON/OFF)"
+        headers[3] = "removed (always ON/OFF, or scaled)"
     table = markdown_table(headers, [stage_row(r, with_sparsity) for r in records])
     return table if header else "\n".join(table.splitlines()[2:])
 
