@@ -1,6 +1,7 @@
 """Latency and multiply-adds of a folded ResNet-18 against the unfolded one, side by side.
 
-Full-width CIFAR ResNet-18 (17 sites), 8 sites linearized, folded under each policy. Every
+Full-width CIFAR ResNet-18 (17 sites), 8 sites linearized, folded under each policy (or
+another model of depthcut.models with --model, e.g. MobileNetV2 with every site linear). Every
 variant is timed in the same run, round-robin, and the medians are compared (the machine is
 noisy; ratios, not absolute times, are the result). `bn-only` folds the model with no site
 linearized: only the BatchNorms merge, which any deployment does anyway, so it is the fair
@@ -9,6 +10,8 @@ baseline for what depth reduction itself buys.
     .venv/bin/python benchmarks/fold_latency.py                  # the default 8 sites below
     .venv/bin/python benchmarks/fold_latency.py --from-run runs/main   # sites of a run's answer
     .venv/bin/python benchmarks/fold_latency.py --per-op         # where the batch-1 time goes
+    .venv/bin/python benchmarks/fold_latency.py --model mobilenetv2 --all-sites
+                                         # every site linear: chain folding, bias maps
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import torch
 from torch import nn
 
 from depthcut.fold import count_macs, fold
+from depthcut.graph import longest_linear_path, trace
 from depthcut.models import build_model
-from depthcut.sites import linearize
+from depthcut.sites import find_sites, linearize
 
 # The 8 sites EASIER chose, in order, in the README's main run (ResNet-18 x0.25 trained on
 # CIFAR-10 (JPEG)); a fixed list so the benchmark needs no trained model.
@@ -85,8 +89,12 @@ def kind_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18",
+                        help="a conv net of depthcut.models (other than resnet18: give "
+                             "--sites or --all-sites)")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--sites", nargs="*", default=None, help="sites to linearize")
+    parser.add_argument("--all-sites", action="store_true", help="linearize every site")
     parser.add_argument("--from-run", type=Path, help="linearize the answer stage's sites")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 128])
     parser.add_argument("--repeats", type=int, default=0,
@@ -94,16 +102,24 @@ def main() -> None:
     parser.add_argument("--per-op", action="store_true", help="per-operator batch-1 breakdown")
     args = parser.parse_args()
 
-    sites = args.sites or (sites_from_run(args.from_run) if args.from_run else DEFAULT_SITES)
     torch.manual_seed(0)
-    dense = build_model("resnet18", width=args.width).eval()
+    dense = build_model(args.model, width=args.width).eval()
     for module in dense.modules():  # non-trivial BN statistics, so folding has real work
         if isinstance(module, nn.BatchNorm2d):
             module.running_var.uniform_(0.5, 2.0)
             module.running_mean.normal_(0, 0.2)
-    linear = linearize(build_model("resnet18", width=args.width).eval(), sites)
+    all_sites = find_sites(dense)
+    if args.all_sites:
+        sites = all_sites
+    else:
+        sites = args.sites or (sites_from_run(args.from_run) if args.from_run
+                               else DEFAULT_SITES)
+    linear = linearize(build_model(args.model, width=args.width).eval(), sites)
     linear.load_state_dict(dense.state_dict())
-    print(f"ResNet-18 x{args.width}, {len(sites)} of 17 sites linearized: {', '.join(sites)}")
+    unfolded_depth = longest_linear_path(trace(linear))
+    shown = "all" if args.all_sites else ", ".join(sites)
+    print(f"{args.model} x{args.width}, {len(sites)} of {len(all_sites)} sites linearized: "
+          f"{shown}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, eager, "
           "channels_last off\n")
 
@@ -130,7 +146,7 @@ def main() -> None:
             rows.append({
                 "batch": batch, "variant": name, "ms": 1e3 * median, "ratio": median / base,
                 "macs_per_image": count_macs(model, x[:1]),
-                "depth": report.depth_after if report else 18,
+                "depth": report.depth_after if report else unfolded_depth,
                 "rel_error": report.relative_error if report else 0.0,
                 "exact": report.exact if report else True,
                 "fold_s": fold_seconds.get(name),

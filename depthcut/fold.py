@@ -14,22 +14,44 @@ over one `FoldState` (`PASSES`, in order):
   op's output goes into its bias; *sequential*: op B reading only op A's output becomes one op
   (BatchNorm into conv/linear, linear after linear, 1x1 with its neighbour, depthwise with
   pointwise, spatial after spatial: kernel k1 + (k2 - 1) s1, stride s1 s2, padding p1 + p2 s1,
-  bias b2 + sum(W2) b1); *parallel*: op A(x) + op B(x) or A(x) + x becomes one op
-  (RepVGG-style kernel embedding). The first pass allows only per-channel sequential merges.
+  bias b2 + sum(W2) b1); *chain*: a maximal run of linear ops (each reading only the previous
+  one's output; broken by nonlinear sites, branch points and ops that are not linear, such as
+  LayerNorm or pooling) becomes the partition into merged segments of least total cost, over
+  every contiguous segment, as in matrix-chain ordering; *parallel*: op A(x) + op B(x) or
+  A(x) + x becomes one op (RepVGG-style kernel embedding). The first pass allows only
+  per-channel sequential merges. The second decides every chain, then every parallel merge,
+  and again until nothing changes: a residual block whose branch is linear becomes one op, then
+  one op with its shortcut (centre tap), and the chains that makes longer are decided again.
 
-Every linear op is first read as an `Affine` (conv or linear weight, bias, stride, padding,
-groups); merges are computed in float64. A merge is exact unless op B pads A's output with zeros
-that one convolution cannot reproduce (spatial after spatial, or after a 1x1 with a bias): those
-are border-approximate, and the report gives the measured deviation. Each proposed merge is a
+Chains and policies. The presets ("macs", "all", "latency") carry a `chain_cost`: the cost of
+one segment (a `Merge` with rule "chain"; a single op is a segment too) or None where the
+policy does not allow it. "macs" prices a segment by its multiply-adds, "latency" by its
+median time here, both for exact segments only; "all" by one per op left (the fewest ops,
+whatever the border). Ties go to fewer MACs, then fewer ops. Each segment taken is recorded as
+a Merge (rule "chain", MACs before and after, exactness, why); when the whole chain is not one
+op, a declined Merge for the whole chain says why. A callable policy without `chain_cost`
+decides merge by merge (sequential, then parallel) as before; give it a `chain_cost` attribute
+to decide chains as a whole.
+
+Every linear op is first read as an `Affine` (`depthcut.affine`: conv or linear weight, bias,
+stride, padding, groups, optional bias map); merges are computed in float64. A merged chain is
+exact when no op after its first spatial op (kernel > 1) zero-pads: the linear parts then agree
+everywhere, and what the border still needs (the composed bias that an inner op's padding sees,
+e.g. a 1x1 conv or BN with a bias before a padded 3x3) is a fixed per-position bias map,
+original(0) - merged(0), computed for the input size the model is folded at
+(`layers.BiasMapConv2d`, which refuses any other size with `InputSizeError`; the report gives
+`input_size` and `bias_maps`). Otherwise (a padded op after a spatial op: the border error
+depends on the input) the merge is border-approximate: the merged conv computes the inner ops
+beyond their borders, and the report gives the measured deviation. Each proposed merge is a
 `Merge` record; the policy, a callable `(Merge) -> bool` ("macs", "all" and "latency" are
-presets in `POLICIES`), decides whether it is taken. Folding a bias never costs: it is always
-taken.
+presets in `POLICIES`), decides whether it is taken ("macs" and "latency" take exact merges
+only). Folding a bias never costs: it is always taken.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +63,16 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
+from depthcut.affine import (
+    Affine,
+    add_parallel,
+    affine_of,
+    compose,  # noqa: F401 (re-exported: part of the fold API)
+    compose_chain,
+    compose_shape,
+    identity_affine,
+    linear_parts_agree,
+)
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.graph import (
     PASS_THROUGH,
@@ -55,213 +87,12 @@ from depthcut.graph import (
     output_node,
     trace,
 )
-from depthcut.layers import ChannelScale, Zero
+from depthcut.layers import BiasMapConv2d, InputSizeError, Zero  # noqa: F401 (re-export)
 from depthcut.masks import clone_model, make_permanent
 
 
 class FoldError(DepthcutError, ValueError):
     """The model cannot be folded as asked (untraceable, layer collapse, bad policy)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Linear operators in one shape
-
-
-@dataclass
-class Affine:
-    """A conv2d (weight (out, in/groups, kh, kw)) or a linear (weight (out, in)) with its bias."""
-
-    kind: str
-    weight: Tensor
-    bias: Tensor
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    groups: int = 1
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1] * self.groups
-
-    @property
-    def kernel(self) -> tuple[int, int]:
-        return tuple(self.weight.shape[2:]) if self.kind == "conv" else (1, 1)
-
-    @property
-    def is_diagonal(self) -> bool:
-        """A per-channel scale (BatchNorm, depthwise 1x1): it fits inside any grouping."""
-        if self.kind == "linear":
-            w = self.weight
-            return w.shape[0] == w.shape[1] and torch.equal(w, torch.diag(torch.diagonal(w)))
-        return (
-            self.kind == "conv"
-            and self.kernel == (1, 1)
-            and self.stride == (1, 1)
-            and self.padding == (0, 0)
-            and self.groups == self.out_features == self.in_features
-        )
-
-    def dense(self) -> Tensor:
-        """The weight with groups expanded to a block-diagonal (out, in, kh, kw) tensor."""
-        if self.kind == "linear" or self.groups == 1:
-            return self.weight
-        out_g, in_g = self.out_features // self.groups, self.weight.shape[1]
-        full = self.weight.new_zeros(self.out_features, self.in_features, *self.kernel)
-        for g in range(self.groups):
-            full[g * out_g:(g + 1) * out_g, g * in_g:(g + 1) * in_g] = self.weight[
-                g * out_g:(g + 1) * out_g
-            ]
-        return full
-
-    def macs(self, out_shape: torch.Size) -> int:
-        """Multiply-adds to produce an output of `out_shape`."""
-        positions = math.prod(out_shape[:-1]) if self.kind == "linear" else (
-            out_shape[0] * out_shape[2] * out_shape[3]
-        )
-        per_position = self.weight[0].numel() * self.out_features
-        return int(positions * per_position)
-
-    def to_module(self, like: Tensor) -> nn.Module:
-        bias = bool(self.bias.any())
-        if self.kind == "linear":
-            module: nn.Module = nn.Linear(self.in_features, self.out_features, bias=bias)
-        else:
-            module = nn.Conv2d(
-                self.in_features, self.out_features, self.kernel, self.stride, self.padding,
-                groups=self.groups, bias=bias,
-            )
-        module = module.to(device=like.device, dtype=like.dtype)
-        with torch.no_grad():
-            module.weight.copy_(self.weight)
-            if bias:
-                module.bias.copy_(self.bias)
-        return module.eval()
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def _regroup(full: Tensor, groups: int) -> Tensor:
-    """Keep the diagonal blocks of a dense (out, in, kh, kw) weight for `groups` groups."""
-    if groups == 1:
-        return full
-    out_g, in_g = full.shape[0] // groups, full.shape[1] // groups
-    blocks = [full[g * out_g:(g + 1) * out_g, g * in_g:(g + 1) * in_g] for g in range(groups)]
-    return torch.cat(blocks)
-
-
-def _common_groups(a: Affine, b: Affine) -> int:
-    if b.is_diagonal:
-        return a.groups
-    if a.is_diagonal:
-        return b.groups
-    return a.groups if a.groups == b.groups else 1
-
-
-def affine_of(module: nn.Module, input_rank: int) -> Affine | None:
-    """Read a module as an Affine in float64, or None if it is not a linear op we can merge."""
-    f64 = torch.float64
-    if isinstance(module, nn.Conv2d):
-        if _pair(module.dilation) != (1, 1) or module.padding_mode != "zeros":
-            return None
-        padding = module.padding
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding = (0, 0)
-            elif _pair(module.stride) == (1, 1) and all(k % 2 for k in module.kernel_size):
-                padding = tuple(k // 2 for k in module.kernel_size)
-            else:
-                return None
-        weight = module.weight.detach().to(f64)
-        bias = (module.bias.detach().to(f64) if module.bias is not None
-                else weight.new_zeros(weight.shape[0]))
-        return Affine("conv", weight.clone(), bias.clone(), _pair(module.stride), _pair(padding),
-                      module.groups)
-    if isinstance(module, nn.Linear):
-        weight = module.weight.detach().to(f64)
-        bias = (module.bias.detach().to(f64) if module.bias is not None
-                else weight.new_zeros(weight.shape[0]))
-        return Affine("linear", weight.clone(), bias.clone())
-    if isinstance(module, ChannelScale):
-        scale = module.scale.detach().to(f64)
-        dim = module.channel_dim(input_rank)
-        if input_rank == 4 and dim == 1:
-            return Affine("conv", scale.view(-1, 1, 1, 1), scale.new_zeros(scale.numel()),
-                          groups=scale.numel())
-        if input_rank >= 2 and dim == input_rank - 1:
-            return Affine("linear", torch.diag(scale), scale.new_zeros(scale.numel()))
-        return None
-    if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        if module.training or module.running_mean is None:
-            return None
-        scale = torch.rsqrt(module.running_var.detach().to(f64) + module.eps)
-        if module.weight is not None:
-            scale = scale * module.weight.detach().to(f64)
-        shift = -module.running_mean.detach().to(f64) * scale
-        if module.bias is not None:
-            shift = shift + module.bias.detach().to(f64)
-        if isinstance(module, nn.BatchNorm2d) and input_rank == 4:
-            return Affine("conv", scale.view(-1, 1, 1, 1), shift, groups=scale.numel())
-        if isinstance(module, nn.BatchNorm1d) and input_rank == 2:
-            return Affine("linear", torch.diag(scale), shift)
-    return None
-
-
-def compose(a: Affine, b: Affine) -> tuple[Affine, bool] | None:
-    """The op computing b(a(x)), and whether it is exact everywhere (not only in the interior)."""
-    if a.kind != b.kind or a.out_features != b.in_features:
-        return None
-    if a.kind == "linear":
-        return Affine("linear", b.weight @ a.weight, b.weight @ a.bias + b.bias), True
-    wa, wb = a.dense(), b.dense()
-    (ka0, ka1), (kb0, kb1), (sa0, sa1) = a.kernel, b.kernel, a.stride
-    weight = wa.new_zeros(b.out_features, a.in_features, ka0 + (kb0 - 1) * sa0,
-                          ka1 + (kb1 - 1) * sa1)
-    for i in range(kb0):
-        for j in range(kb1):
-            weight[:, :, i * sa0:i * sa0 + ka0, j * sa1:j * sa1 + ka1] += torch.einsum(
-                "om,mikl->oikl", wb[:, :, i, j], wa)
-    bias = b.bias + torch.einsum("omij,m->o", wb, a.bias)
-    groups = _common_groups(a, b)
-    merged = Affine(
-        "conv", _regroup(weight, groups), bias,
-        (a.stride[0] * b.stride[0], a.stride[1] * b.stride[1]),
-        (a.padding[0] + b.padding[0] * sa0, a.padding[1] + b.padding[1] * sa1), groups,
-    )
-    # B's zero padding of A's output is reproduced only if B does not pad, or if A read at a
-    # padded position gives zero too (a 1x1 without padding and without bias).
-    exact = b.padding == (0, 0) or (a.kernel == (1, 1) and a.padding == (0, 0)
-                                    and not bool(a.bias.any()))
-    return merged, exact
-
-
-def identity_affine(channels: int, kind: str, like: Tensor) -> Affine:
-    if kind == "linear":
-        return Affine("linear", torch.eye(channels, dtype=like.dtype), like.new_zeros(channels))
-    return Affine("conv", like.new_ones(channels, 1, 1, 1), like.new_zeros(channels),
-                  groups=channels)
-
-
-def add_parallel(a: Affine, b: Affine) -> Affine | None:
-    """The op computing a(x) + b(x) (exact), or None if their shapes cannot share one op."""
-    if (a.kind != b.kind or a.in_features != b.in_features
-            or a.out_features != b.out_features or a.stride != b.stride):
-        return None
-    if a.kind == "linear":
-        return Affine("linear", a.weight + b.weight, a.bias + b.bias)
-    pad = (max(a.padding[0], b.padding[0]), max(a.padding[1], b.padding[1]))
-    offsets = [(pad[0] - op.padding[0], pad[1] - op.padding[1]) for op in (a, b)]
-    size = tuple(max(off[d] + op.kernel[d] for off, op in zip(offsets, (a, b), strict=True))
-                 for d in (0, 1))
-    weight = a.weight.new_zeros(a.out_features, a.in_features, *size)
-    for (d0, d1), op in zip(offsets, (a, b), strict=True):
-        weight[:, :, d0:d0 + op.kernel[0], d1:d1 + op.kernel[1]] += op.dense()
-    groups = _common_groups(a, b)
-    return Affine("conv", _regroup(weight, groups), a.bias + b.bias, a.stride, pad, groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +147,10 @@ class FoldReport:
     agreement: float | None = None
     top1_unfolded: float | None = None
     top1_folded: float | None = None
+    # The per-sample input shape the model was folded at, e.g. [3, 32, 32]; the ops holding a
+    # bias map (`layers.BiasMapConv2d`) hold it for this size only and refuse any other.
+    input_size: list[int] | None = None
+    bias_maps: list[str] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -350,12 +185,22 @@ class FoldReport:
         if self.removed_branches:
             lines.append(f"branches removed (always-OFF sites): "
                          f"{', '.join(self.removed_branches)}")
+        if self.input_size is not None:
+            size = "x".join(map(str, self.input_size))
+            if self.bias_maps:
+                lines.append(
+                    f"folded at input size {size}: {len(self.bias_maps)} op(s) carry a bias map "
+                    f"({', '.join(self.bias_maps)}) that holds for this input size only; the "
+                    "folded model refuses inputs of another size (fold again for them)")
+            else:
+                lines.append(f"folded at input size {size} (no bias map: any input size works)")
         taken = [m for m in self.merges if m.taken]
         declined = [m for m in self.merges if not m.taken]
         lines += ["", f"merges taken ({len(taken)}):"]
         lines += [f"- {m.rule}: {' + '.join(m.replaces)} "
                   f"({'exact' if m.exact else 'border-approximate'}; MACs {m.macs_before:,} -> "
-                  f"{m.macs_after:,}{_timing(m)})" for m in taken]
+                  f"{m.macs_after:,}{_timing(m)}{'; ' + m.reason if m.reason else ''})"
+                  for m in taken]
         if declined:
             lines += ["", f"merges declined ({len(declined)}):"]
             lines += [f"- {m.rule}: {' + '.join(m.replaces)} ({m.reason})" for m in declined]
@@ -400,14 +245,28 @@ def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 3)
 
 
 Policy = Callable[[Merge], bool]
+# A policy's optional `chain_cost` attribute: the cost of one segment of a chain, or None where
+# the policy does not allow it (see `merge_chains`).
+ChainCost = Callable[[Merge], "float | None"]
+
+APPROXIMATE = "border-approximate (the border error depends on the input)"
 
 
 def fewer_macs(merge: Merge) -> bool:
-    """Preset "macs": take a merge that needs no more multiply-adds than the ops it replaces."""
+    """Preset "macs": take an exact merge that needs no more multiply-adds than the ops it
+    replaces (a border-approximate merge changes the function: "all" takes those)."""
+    if not merge.exact:
+        merge.reason = f"{APPROXIMATE}; policy macs takes exact merges only"
+        return False
     if merge.macs_after <= merge.macs_before:
         return True
     merge.reason = f"would raise MACs {merge.macs_before:,} -> {merge.macs_after:,}"
     return False
+
+
+def least_macs(merge: Merge) -> float | None:
+    """Chain cost of "macs": the segment's multiply-adds, exact segments only."""
+    return float(merge.macs_after) if merge.exact else None
 
 
 def every_merge(merge: Merge) -> bool:
@@ -415,8 +274,17 @@ def every_merge(merge: Merge) -> bool:
     return True
 
 
+def fewest_ops(merge: Merge) -> float | None:
+    """Chain cost of "all": one per op left (ties go to fewer MACs)."""
+    return 1.0
+
+
 def faster_here(merge: Merge) -> bool:
-    """Preset "latency": time both sides here at the fold's batch size; take the faster."""
+    """Preset "latency": time both sides here at the fold's batch size; take the faster (exact
+    merges only, as "macs")."""
+    if not merge.exact:
+        merge.reason = f"{APPROXIMATE}; policy latency takes exact merges only"
+        return False
     unmerged, merged = merge.unmerged, merge.merged
     if unmerged is None or merged is None or merge.make_input is None:
         return True
@@ -428,6 +296,26 @@ def faster_here(merge: Merge) -> bool:
     merge.reason = (f"slower here: {merge.seconds_before * 1e3:.3f} -> "
                     f"{merge.seconds_after * 1e3:.3f} ms at batch {x.shape[0]}")
     return False
+
+
+def least_time(merge: Merge) -> float | None:
+    """Chain cost of "latency": the segment's median time here (exact segments only)."""
+    if not merge.exact or merge.merged is None or merge.make_input is None:
+        return None
+    x, op = merge.make_input(), merge.merged
+    merge.seconds_after = median_seconds(lambda: op(x))
+    return merge.seconds_after
+
+
+fewer_macs.chain_cost = least_macs  # type: ignore[attr-defined]
+every_merge.chain_cost = fewest_ops  # type: ignore[attr-defined]
+faster_here.chain_cost = least_time  # type: ignore[attr-defined]
+
+
+def chain_cost_of(policy: Policy) -> ChainCost | None:
+    """The policy's chain cost, or None: it then decides merge by merge."""
+    cost = getattr(policy, "chain_cost", None)
+    return cost if callable(cost) else None
 
 
 POLICIES: dict[str, Policy] = {"macs": fewer_macs, "all": every_merge, "latency": faster_here}
@@ -460,6 +348,12 @@ def _shape(node: torch.fx.Node) -> torch.Size:
     return node.meta["tensor_meta"].shape
 
 
+def _spatial(node: torch.fx.Node) -> tuple[int, int] | None:
+    """(H, W) of a (N, C, H, W) tensor, else None."""
+    shape = _shape(node)
+    return (int(shape[2]), int(shape[3])) if len(shape) == 4 else None
+
+
 @dataclass
 class FoldState:
     """What the passes share: the graph being rewritten, the example, the policy, the record."""
@@ -473,6 +367,12 @@ class FoldState:
     declined: set[tuple] = field(default_factory=set)  # never proposed twice
     made: int = 0
     origin: dict[str, list[str]] = field(default_factory=dict)  # folded module -> originals
+    affines: dict[tuple[str, int], Affine | None] = field(default_factory=dict)  # read once
+
+    @property
+    def folded_at(self) -> tuple[int, ...]:
+        """The per-sample input shape the model is folded at."""
+        return tuple(self.example.shape[1:])
 
     def propagate(self) -> None:
         """Recompile and refresh every node's shape (the rules read them)."""
@@ -484,8 +384,14 @@ class FoldState:
         return module_of(self.gm, node)
 
     def affine(self, node: torch.fx.Node, source: torch.fx.Node) -> Affine | None:
-        """The op `node` calls as an Affine, reading `source`."""
-        return affine_of(self.module(node), len(_shape(source)))
+        """The op `node` calls as an Affine, reading `source` (a copy: rules may change it)."""
+        if node.op != "call_module":
+            return None
+        key = (str(node.target), len(_shape(source)))
+        if key not in self.affines:  # a module name is never reused for another module
+            self.affines[key] = affine_of(self.module(node), key[1])
+        op = self.affines[key]
+        return None if op is None else dataclasses.replace(op)
 
     def names(self, node: torch.fx.Node) -> list[str]:
         return self.origin.get(str(node.target), [str(node.target)])
@@ -530,8 +436,8 @@ def _decide(state: FoldState, merge: Merge, candidate: _Candidate, module: nn.Mo
 
 
 def _replace(state: FoldState, candidate: _Candidate, module: nn.Module,
-             replaces: list[str]) -> None:
-    """Put `module` (reading the source) in place of the candidate's nodes."""
+             replaces: list[str]) -> torch.fx.Node:
+    """Put `module` (reading the source) in place of the candidate's nodes; the new node."""
     graph, last = state.gm.graph, candidate.nodes[-1]
     name = f"folded_{state.made}"
     state.made += 1
@@ -540,10 +446,14 @@ def _replace(state: FoldState, candidate: _Candidate, module: nn.Module,
     with graph.inserting_after(last):
         new = graph.call_module(name, (candidate.source,))
     last.replace_all_uses_with(new)
+    # The merged op gives the output of `last` (same shape: `_fits`), and nothing else changes
+    # shape: no need to propagate shapes through the whole model again.
+    new.meta["tensor_meta"] = last.meta["tensor_meta"]
     for node in reversed(candidate.nodes):
         if not node.users:
             graph.erase_node(node)
-    state.propagate()
+    graph.lint()
+    return new
 
 
 def _apply(state: FoldState, candidate: _Candidate) -> bool:
@@ -560,7 +470,7 @@ def _apply(state: FoldState, candidate: _Candidate) -> bool:
     # The merged op reads `source`: it takes that tensor's dtype, not the model input's
     # (token ids are int64, the activations the op sees are floating point).
     like = state.example.new_empty(0, dtype=candidate.source.meta["tensor_meta"].dtype)
-    module = candidate.merged.to_module(like)
+    module = candidate.merged.to_module(like, state.folded_at)
     if not candidate.always:
         _decide(state, merge, candidate, module, like)
     state.merges.append(merge)
@@ -605,7 +515,7 @@ def sequential(state: FoldState, node: torch.fx.Node, diagonal_only: bool = Fals
     a, b = state.affine(first, first.args[0]), state.affine(node, first)
     if a is None or b is None or (diagonal_only and not (a.is_diagonal or b.is_diagonal)):
         return False
-    result = compose(a, b)
+    result = compose_chain([a, b], _spatial(first.args[0]))
     if result is None:
         return False
     module_a, module_b = state.module(first), state.module(node)
@@ -668,6 +578,208 @@ def _parallel_candidate(state: FoldState, add: torch.fx.Node, op_node: torch.fx.
 
 
 # --------------------------------------------------------------------------------------------
+# Chains: the partition of least total cost (matrix-chain style)
+
+
+def _link(state: FoldState, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The op `node` continues a chain from: its input, when that is a linear op whose only
+    user is `node` (not a branch point); else None."""
+    source = input_of(node)
+    if (source is None or len(source.users) != 1 or input_of(source) is None
+            or state.affine(source, source.args[0]) is None):
+        return None
+    return source
+
+
+def _chain_at(state: FoldState, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The maximal chain of linear ops starting at `node`, or [] if `node` does not start one:
+    each op reads only the previous one's output, and each but the last has one user."""
+    source = input_of(node)
+    if source is None or state.affine(node, source) is None or _link(state, node) is not None:
+        return []
+    nodes = [node]
+    while len(nodes[-1].users) == 1:
+        user = next(iter(nodes[-1].users))
+        if input_of(user) is not nodes[-1] or state.affine(user, nodes[-1]) is None:
+            break
+        nodes.append(user)
+    return nodes
+
+
+class _Lazy:
+    """A module built on its first call (most segments of a chain are never run)."""
+
+    def __init__(self, build: Callable[[], nn.Module]) -> None:
+        self.build, self.module = build, None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.module is None:
+            self.module = self.build()
+        return self.module(x)
+
+
+@dataclass
+class _Segment:
+    """Ops start..stop of a chain as one op: its exactness, its Merge record and its cost."""
+
+    start: int
+    stop: int  # inclusive
+    exact: bool
+    merge: Merge  # what the chain cost saw
+    cost: float | None
+
+
+def _segments(state: FoldState, nodes: list[torch.fx.Node], ops: list[Affine],
+              cost_of: ChainCost) -> dict[tuple[int, int], _Segment]:
+    """Every contiguous segment of the chain that one op can compute, priced by the policy.
+    Segments are priced in shape (`compose_shape`); a merged op is computed only when it is
+    run (a "latency" cost times it) or taken."""
+    batch, like = state.example.shape[0], _like(state, input_of(nodes[0]))
+    singles = [op.macs(_shape(node)) for op, node in zip(ops, nodes, strict=True)]
+    modules = [state.module(node) for node in nodes]
+    result: dict[tuple[int, int], _Segment] = {}
+    for i in range(len(nodes)):
+        source = input_of(nodes[i])
+        shape, size = _shape(source), _spatial(source)
+        merged: Affine | None = ops[i]
+        for j in range(i, len(nodes)):
+            if j > i:
+                merged = compose_shape(merged, ops[j])
+            if merged is None:
+                break
+            candidate = _Candidate("chain", nodes[i:j + 1], source, merged, True, 0)
+            if j > i and not _fits(candidate):
+                continue
+            segment_ops = ops[i:j + 1]
+            exact = merged.kind == "linear" or linear_parts_agree(segment_ops)
+            if j == i:
+                module: Callable[[Tensor], Tensor] = modules[i]
+            else:
+                module = _Lazy(lambda ops=segment_ops, size=size: _finish(
+                    ops, size).to_module(like, state.folded_at))
+            merge = Merge(
+                "chain", [name for node in nodes[i:j + 1] for name in state.names(node)], exact,
+                sum(singles[i:j + 1]) * batch, merged.macs(_shape(nodes[j])) * batch, False,
+                unmerged=lambda x, parts=modules[i:j + 1]: _run(parts, x), merged=module,
+                make_input=lambda shape=shape: torch.randn(
+                    batch, *shape[1:], dtype=like.dtype, device=like.device))
+            cost = cost_of(merge)
+            merge.unmerged = merge.merged = merge.make_input = None
+            if cost is None and j == i:
+                raise FoldError(f"the chain cost of policy {state.policy_name} gave no cost for "
+                                f"the single op {nodes[i].target}; it must price every op")
+            result[i, j] = _Segment(i, j, exact, merge, cost)
+    return result
+
+
+def _run(modules: list[nn.Module], x: Tensor) -> Tensor:
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def _finish(ops: list[Affine], size: tuple[int, int] | None) -> Affine:
+    """The segment's op, with its bias map if the border needs one."""
+    result = compose_chain(ops, size)
+    if result is None:  # a map the ops carry was made for another size: cannot happen in fold
+        raise FoldError("inconsistent bias maps in a chain; please report this model")
+    return result[0]
+
+
+def _like(state: FoldState, source: torch.fx.Node) -> Tensor:
+    # A merged op reads `source`: it takes that tensor's dtype, not the model input's (token
+    # ids are int64, the activations the op sees are floating point).
+    return state.example.new_empty(0, dtype=source.meta["tensor_meta"].dtype)
+
+
+def _best_partition(segments: dict[tuple[int, int], _Segment], n: int) -> list[_Segment]:
+    """Least total cost over partitions of ops 0..n-1 into segments (ties: fewer MACs, then
+    fewer ops): best[j] = min over i of best[i] + cost(i..j-1), as in matrix-chain ordering."""
+    best: list[tuple[tuple[float, int, int], list[_Segment]] | None] = [((0.0, 0, 0), [])]
+    for stop in range(n):
+        options = []
+        for start in range(stop + 1):
+            segment, before = segments.get((start, stop)), best[start]
+            if segment is None or segment.cost is None or before is None:
+                continue
+            (cost, macs, count), parts = before
+            key = (cost + segment.cost, macs + segment.merge.macs_after, count + 1)
+            options.append((key, [*parts, segment]))
+        best.append(min(options, key=lambda option: option[0]) if options else None)
+    return best[n][1]
+
+
+def chain(state: FoldState, node: torch.fx.Node) -> bool:
+    """The maximal chain of linear ops starting at `node`, as the partition into merged segments
+    of least total cost under the policy's `chain_cost` (MACs for "macs", ops for "all", time
+    for "latency"), over every contiguous segment: the whole chain is weighed at once, so a
+    merge that raises the cost on its own but lowers it with its neighbours is found (a
+    MobileNetV2 block, 1x1 C->6C, depthwise 3x3, 1x1 6C->C: one 3x3 C->C conv). Each segment
+    taken is one Merge (rule "chain"); if the whole chain is not one op, a declined Merge for
+    the whole chain says why."""
+    cost_of = chain_cost_of(state.policy)
+    nodes = _chain_at(state, node) if cost_of is not None else []
+    key = ("chain", *(str(n.target) for n in nodes))
+    if len(nodes) < 2 or key in state.declined:
+        return False
+    state.declined.add(key)
+    ops = [state.affine(n, input_of(n)) for n in nodes]
+    segments = _segments(state, nodes, ops, cost_of)
+    chosen = _best_partition(segments, len(nodes))
+    kept = []
+    for segment in chosen:
+        merge = segment.merge
+        if segment.stop == segment.start:
+            kept.append(nodes[segment.start])
+            continue
+        parts = [segments[i, i].merge for i in range(segment.start, segment.stop + 1)]
+        seconds = [part.seconds_after for part in parts]
+        if merge.seconds_after is not None and None not in seconds:
+            merge.seconds_before = sum(seconds)
+        final = _finish(ops[segment.start:segment.stop + 1],
+                        _spatial(input_of(nodes[segment.start])))
+        merge.taken = True
+        merge.reason = f"chain of {len(nodes)} ops -> {len(chosen)} at least total cost"
+        if final.bias_map is not None:
+            merge.reason += f"; bias map for {'x'.join(map(str, final.input_size))} inputs"
+        source = input_of(nodes[segment.start])
+        module = final.to_module(_like(state, source), state.folded_at)
+        candidate = _Candidate("chain", nodes[segment.start:segment.stop + 1], source, final,
+                               merge.exact, 0)
+        state.merges.append(merge)
+        kept.append(_replace(state, candidate, module, merge.replaces))
+    whole = segments.get((0, len(nodes) - 1))
+    if whole is not None and len(chosen) > 1:
+        state.merges.append(_declined_chain(state, whole, chosen, segments))
+    state.declined.add(("chain", *(str(n.target) for n in kept)))
+    return len(kept) < len(nodes)
+
+
+def _declined_chain(state: FoldState, whole: _Segment, chosen: list[_Segment],
+                    segments: dict[tuple[int, int], _Segment]) -> Merge:
+    """The whole chain as one op, declined: why (cost against the partition taken)."""
+    merge = whole.merge
+    singles = [segments[i, i].merge.seconds_after for i in range(whole.stop + 1)]
+    if merge.seconds_after is not None and None not in singles:
+        merge.seconds_before = sum(singles)
+    chosen_macs = sum(s.merge.macs_after for s in chosen)
+    macs = f"MACs {merge.macs_after:,} as one op against {chosen_macs:,} as {len(chosen)}"
+    if whole.cost is None:
+        why = APPROXIMATE if not whole.exact else "not allowed"
+        merge.reason = f"{why}; the policy does not take it ({macs})"
+    else:
+        chosen_cost = sum(s.cost for s in chosen)
+        if merge.seconds_after is not None:
+            cost = f"{merge.seconds_after * 1e3:.3f} ms against {chosen_cost * 1e3:.3f} ms; "
+        elif chain_cost_of(state.policy) in (least_macs, fewest_ops):
+            cost = ""
+        else:
+            cost = f"cost {whole.cost:.6g} against {chosen_cost:.6g}; "
+        merge.reason = f"cheaper as {len(chosen)} ops under the policy ({cost}{macs})"
+    return merge
+
+
+# --------------------------------------------------------------------------------------------
 # Passes, in order
 
 
@@ -724,8 +836,19 @@ def merge_per_channel(state: FoldState) -> None:
 
 
 def merge_linear_ops(state: FoldState) -> None:
-    """Constants into biases, sequential and parallel merges, as the policy allows."""
-    _rewrite(state, (into_bias, sequential, parallel))
+    """Constants into biases, chains (or sequential merges, for a policy without a chain cost)
+    and parallel merges, as the policy allows. A chain is decided before the add that follows
+    it (graph order), so a residual block whose branch is linear becomes one op, then one with
+    its shortcut; a chain that a parallel merge makes longer is decided again."""
+    if chain_cost_of(state.policy) is None:
+        _rewrite(state, (into_bias, sequential, parallel))
+        return
+    while True:  # every chain, then every parallel merge, until nothing changes
+        made = state.made
+        _rewrite(state, (into_bias, chain))
+        _rewrite(state, (into_bias, parallel))
+        if state.made == made:
+            return
 
 
 def clean_up(state: FoldState) -> None:
@@ -807,11 +930,17 @@ def fold(model: nn.Module, example_input: Tensor, policy: str | Policy = "macs",
     """A new eval-mode module computing the same function as `model` with fewer operators.
 
     `model` is not modified. `policy` decides merges that change the work: "macs" (default)
-    takes a merge only if it needs no more multiply-adds than the ops it replaces, "all" takes
-    every merge, "latency" times both on `example_input`'s batch size and device; or pass a
-    callable `(Merge) -> bool` (it may set `merge.reason` when it declines). The returned
-    module carries `fold_report` (a FoldReport); with `data` (batches of inputs or
-    (input, target) pairs) the report also gives top-1 agreement and top-1 of both models.
+    folds each chain of linear ops into the exact partition of least multiply-adds, "all" into
+    the fewest ops whatever the border, "latency" into the exact partition of least measured
+    time on `example_input`'s batch size and device; or pass a callable `(Merge) -> bool` (it
+    may set `merge.reason` when it declines; with a `chain_cost` attribute it decides chains as
+    a whole, see the module docstring). The returned module carries `fold_report` (a
+    FoldReport); with `data` (batches of inputs or (input, target) pairs) the report also gives
+    top-1 agreement and top-1 of both models.
+
+    Exact merges may carry a bias map (the border correction of a bias seen by zero padding):
+    it holds for `example_input`'s spatial size only, and the folded model raises
+    `InputSizeError` on inputs of another size (fold at the size you will run).
     """
     policy_name, decide = _resolve(policy)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
@@ -846,6 +975,8 @@ def fold(model: nn.Module, example_input: Tensor, policy: str | Policy = "macs",
         relative_error=diff / scale,
         merges=state.merges,
         removed_branches=state.removed,
+        input_size=list(state.folded_at),
+        bias_maps=[name for name, m in folded.named_modules() if isinstance(m, BiasMapConv2d)],
     )
     if data is not None:
         compared = compare_outputs(unfolded, folded, data)

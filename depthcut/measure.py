@@ -39,6 +39,10 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
         "ops_folded": report.ops_after,
         "depth_unfolded": report.depth_before,
         "depth_folded": report.depth_after,
+        # Ops with a bias map hold for this per-sample input shape only (the folded model
+        # refuses another size).
+        "folded_at": report.input_size,
+        "bias_maps": len(report.bias_maps),
     }
     for size, repeats in (latency or {1: 30}).items():
         x = example[:size]
