@@ -16,6 +16,8 @@ import copy
 import os
 import pickle
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +153,14 @@ def write_fake_cifar10(root: Path, train: int = 160, test: int = 60) -> Path:
              b"ship", b"truck"]
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
     return root
+
+
+def run_depthcut(*args: str, die_at: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m depthcut ARGS` in a subprocess, one thread; `die_at` sets the kill point
+    (DEPTHCUT_DIE_AT, see depthcut/faults.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DEPTHCUT_DIE_AT", None)
+    if die_at:
+        env["DEPTHCUT_DIE_AT"] = die_at
+    return subprocess.run([sys.executable, "-m", "depthcut", *args], env=env,
+                          capture_output=True, text=True, timeout=300)

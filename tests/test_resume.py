@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from depthcut.run import read_records
+from tests.helpers import run_depthcut as depthcut
 from tests.helpers import write_fake_cifar10
 
 TIMING = {"seconds", "elapsed_s"}
 
 
-def depthcut(*args: str, die_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DEPTHCUT_DIE_AT", None)
-    if die_at:
-        env["DEPTHCUT_DIE_AT"] = die_at
-    return subprocess.run([sys.executable, "-m", "depthcut", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def run_args(root: Path, out: Path, method: str = "easier") -> list[str]:

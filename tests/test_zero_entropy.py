@@ -4,10 +4,7 @@ and counted as removed; the pruning grouping of a run survives resume; both re-a
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from depthcut.run import load_checkpoint, read_records, save_checkpoint
 from depthcut.sites import freeze, linearize
 from depthcut.train import TrainConfig
 from tests.helpers import one_thread, write_fake_cifar10  # noqa: F401 (fixture)
+from tests.helpers import run_depthcut as depthcut
 
 KINDS = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": lambda: nn.LeakyReLU(0.1),
@@ -149,13 +147,6 @@ def test_reallocation_rules_by_hand():
         PruningConfig(reallocate="sometimes")
 
 
-def depthcut(*args: str, die_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DEPTHCUT_DIE_AT", None)
-    if die_at:
-        env["DEPTHCUT_DIE_AT"] = die_at
-    return subprocess.run([sys.executable, "-m", "depthcut", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_resume_after_an_act2_was_removed_is_bit_identical(tmp_path):
