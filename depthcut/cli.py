@@ -34,7 +34,7 @@ from depthcut.entropy import ENTROPY_VARIANTS
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.experiment import COMPARABLE, ExperimentConfig
 from depthcut.fold import POLICIES
-from depthcut.methods.easier import EasierConfig
+from depthcut.methods.easier import CHOICES, PAYOFF_COSTS, EasierConfig
 from depthcut.methods.layer_folding import LayerFoldingConfig
 from depthcut.methods.rounds import PruningConfig
 from depthcut.models import ACTIVATIONS, MODELS
@@ -128,6 +128,9 @@ FIELDS: dict[str, tuple[tuple[type, str], ...]] = {
     "delta": ((EasierConfig, "delta"), (PruningConfig, "delta")),
     "k": ((EasierConfig, "k"),),
     "max_stages": ((EasierConfig, "max_stages"),),
+    "choose": ((EasierConfig, "choose"),),
+    "payoff_weight": ((EasierConfig, "payoff_weight"),),
+    "payoff_cost": ((EasierConfig, "payoff_cost"),),
     # NEPENTHE, EGP, IMP
     "zeta": ((PruningConfig, "zeta"),),
     "temperature": ((PruningConfig, "temperature"),),
@@ -467,6 +470,16 @@ def _easier_options(group: argparse._ArgumentGroup) -> None:
                        help="sites linearized per stage (EASIER k-x; default 1)")
     group.add_argument("--max-stages", type=int, default=argparse.SUPPRESS,
                        help="stop after this many stages (quick preset: 8; paper: no limit)")
+    group.add_argument("--choose", choices=CHOICES, default=argparse.SUPPRESS,
+                       help="site choice: entropy = lowest entropy (default); payoff = lowest "
+                       "entropy - payoff weight x the fraction of the folded cost that "
+                       "linearizing the site would save (a dry-run fold per site per stage)")
+    group.add_argument("--payoff-weight", type=float, default=argparse.SUPPRESS,
+                       help="with --choose payoff: bits of entropy a site saving the whole "
+                       "folded cost is worth (default 1; 0 = entropy only)")
+    group.add_argument("--payoff-cost", choices=PAYOFF_COSTS, default=argparse.SUPPRESS,
+                       help="with --choose payoff: savings in folded MACs (default) or "
+                       "measured batch-1 CPU latency (noisy)")
 
 
 def _folding_options(group: argparse._ArgumentGroup, k_flag: str) -> None:

@@ -41,6 +41,7 @@ QUICK = {
     "slope_lr": 0.02, "temperature": 1.0, "theta": 0.99, "threshold": 0.9,
     "train_subset": None, "val_fraction": 0.1, "warmup_epochs": 0.0, "weight_decay": 0.0005,
     "width": 0.25, "zeta": 0.5,
+    "choose": "entropy", "payoff_weight": 1.0, "payoff_cost": "macs",
 }
 
 

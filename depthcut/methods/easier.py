@@ -1,26 +1,62 @@
 """EASIER (METHODS section 3, Alg. 1): linearize the lowest-entropy site, finetune, repeat.
 
 The loop stops at the first stage whose validation top-1 falls more than `delta` points below the
-dense model's; the answer is the last stage within delta.
+dense model's; the answer is the last stage within delta. With `choose="payoff"` a site's score
+also weighs what folding would save once it is linear (see `EasierConfig`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from depthcut.data import DataSplits
+from depthcut.distributed import all_reduce_sum, world_size
 from depthcut.entropy import ENTROPY_VARIANTS, layer_entropies
 from depthcut.errors import ConfigError
+from depthcut.fold import FoldError, fold, median_seconds
+from depthcut.masks import clone_model
 from depthcut.sites import find_sites, linearize
 from depthcut.stages import Method, MethodResult, StageRecord, StageRun, run_stages
 from depthcut.train import TrainConfig
 
+CHOICES = ("entropy", "payoff")
+PAYOFF_COSTS = ("macs", "latency")
+PAYOFF_EXAMPLES = 8  # inputs of the batch the dry-run folds run on (MACs scale with it)
+PAYOFF_LATENCY_REPEATS = 10  # batch-1 runs of each folded model; the median is its latency
+
 
 @dataclass
 class EasierConfig:
+    """EASIER's settings.
+
+    Site choice (`choose`): "entropy" (default, the paper) linearizes the k sites of lowest
+    layer entropy. "payoff" scores each remaining site s that the forward pass reached by
+
+        score_s = H_s - payoff_weight * saving_s,    chosen: the k lowest scores
+
+    where H_s is its layer entropy in bits (in [0, 1]) and saving_s the fraction of the folded
+    cost that linearizing s alone would save: a dry run copies the current model, linearizes s,
+    folds it (`depthcut.fold`, policy "macs") on the first `PAYOFF_EXAMPLES` inputs of the
+    unaugmented training split, and compares with the current model folded the same way:
+    saving_s = (cost_now - cost_with_s) / cost_now. The cost (`payoff_cost`) is the folded
+    MACs ("macs", deterministic) or the median batch-1 latency of the folded model on CPU
+    ("latency"; noisy, and a saving may then come out negative). Ties keep forward order, as
+    `choose_sites`. The trade-off: with payoff_weight w, a site whose linearization saves a
+    fraction f of the folded cost is worth w * f bits of entropy, so w = 1 lets a site that
+    saves 10% beat one 0.1 bits less entropic; w = 0 chooses exactly as "entropy"; a large w
+    chooses by saving, entropy breaking ties. With k > 1 each site is scored alone (no joint
+    savings). The stage record gains "payoff" ({site: saving}) and "score" ({site: score}).
+    Cost: one fold per candidate site per stage (O(sites) folds), fine at these model sizes;
+    a candidate whose fold raises FoldError gets saving 0. The dry runs touch neither the model
+    nor the random number generators training uses.
+    """
+
     delta: float = 1.0  # top-1 points the answer may lose against the dense model
     k: int = 1  # sites linearized per stage (EASIER k-x)
     max_stages: int | None = None  # stop after this many stages even within delta
@@ -29,6 +65,9 @@ class EasierConfig:
     # Counting rule (depthcut.entropy): "paper" on the unaugmented training split; "easier-code"
     # counts on a replay of the augmented training loader's last epoch; "egp-code" as "paper".
     entropy_variant: str = "paper"
+    choose: str = "entropy"  # "entropy" | "payoff" (see the class docstring)
+    payoff_weight: float = 1.0  # w in score = entropy - w * saving ("payoff" only)
+    payoff_cost: str = "macs"  # what a saving is measured in: "macs" | "latency"
 
     def __post_init__(self) -> None:
         if not (self.delta >= 0 and math.isfinite(self.delta)):
@@ -43,6 +82,16 @@ class EasierConfig:
                 f"entropy_variant must be one of {', '.join(map(repr, ENTROPY_VARIANTS))}, "
                 f"got {self.entropy_variant!r}"
             )
+        if self.choose not in CHOICES:
+            raise ConfigError(
+                f"choose must be one of {', '.join(map(repr, CHOICES))}, got {self.choose!r}")
+        if not (self.payoff_weight >= 0 and math.isfinite(self.payoff_weight)):
+            raise ConfigError(
+                f"payoff_weight must be a finite number >= 0, got {self.payoff_weight}")
+        if self.payoff_cost not in PAYOFF_COSTS:
+            raise ConfigError(
+                f"payoff_cost must be one of {', '.join(map(repr, PAYOFF_COSTS))}, "
+                f"got {self.payoff_cost!r}")
 
 
 def choose_sites(entropies: dict[str, float], k: int) -> list[str]:
@@ -51,13 +100,65 @@ def choose_sites(entropies: dict[str, float], k: int) -> list[str]:
     return [name for _, _, name in sorted(measured)[:k]]
 
 
+def folded_cost(model: nn.Module, example: Tensor, cost: str = "macs") -> float:
+    """The cost of `model` folded (policy "macs") on `example`: its MACs for the whole batch,
+    or for "latency" the median seconds of one batch-1 forward. Raises FoldError."""
+    folded = fold(model, example, "macs")
+    if cost == "macs":
+        return float(folded.fold_report.macs_after)
+    x = example[:1]
+    return median_seconds(lambda: folded(x), repeats=PAYOFF_LATENCY_REPEATS)
+
+
+def payoff_savings(model: nn.Module, example: Tensor, sites: Iterable[str],
+                   cost: str = "macs") -> dict[str, float]:
+    """For each of `sites`, the fraction of `model`'s folded cost (`folded_cost`) that
+    linearizing that site alone saves: (cost_now - cost_with_site) / cost_now. Dry runs on CPU
+    copies: `model` and the random number generators are left as they were. A site whose fold
+    raises FoldError (or all, when the model itself does not fold) saves 0."""
+    sites = list(sites)
+    with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
+        base = clone_model(model).cpu()
+        example = example.detach().cpu()
+        try:
+            now = folded_cost(base, example, cost)
+        except FoldError:
+            return dict.fromkeys(sites, 0.0)
+        savings = {}
+        for site in sites:
+            try:
+                after = folded_cost(linearize(clone_model(base), [site]), example, cost)
+            except FoldError:
+                savings[site] = 0.0
+                continue
+            savings[site] = (now - after) / now if now > 0 else 0.0
+    return savings
+
+
+def payoff_scores(entropies: dict[str, float], savings: dict[str, float], weight: float
+                  ) -> dict[str, float]:
+    """score = entropy - weight * saving per measured site (NaN entropies are left out)."""
+    return {name: h - weight * savings.get(name, 0.0) for name, h in entropies.items()
+            if not math.isnan(h)}
+
+
+def example_batch(batches: Iterable, size: int = PAYOFF_EXAMPLES) -> Tensor:
+    """The first `size` inputs of `batches`, read from a shallow copy so that a BatchLoader's
+    epoch counter is not advanced."""
+    inputs = next(iter(copy.copy(batches)))
+    if isinstance(inputs, (tuple, list)):
+        inputs = inputs[0]
+    return inputs[:size]
+
+
 def within_delta(dense_top1: float, top1: float, delta: float) -> bool:
     """The stop rule: a stage is acceptable while dense - current <= delta."""
     return dense_top1 - top1 <= delta
 
 
 class Easier(Method):
-    """Chooses the k lowest-entropy sites, linearizes them; stops beyond delta."""
+    """Chooses the k lowest-entropy sites (or lowest payoff scores), linearizes them; stops
+    beyond delta."""
 
     name, title, needs_val = "easier", "EASIER", True
 
@@ -80,13 +181,33 @@ class Easier(Method):
 
     def change(self, run: StageRun) -> dict | str:
         entropies = layer_entropies(run.count(self.remaining, self.config))
-        chosen = choose_sites(entropies, self.config.k)
+        extras = {}
+        if self.config.choose == "payoff":
+            extras = self.payoff(run, entropies)
+            chosen = choose_sites(extras["score"], self.config.k)
+        else:
+            chosen = choose_sites(entropies, self.config.k)
         if not chosen:
             return "no remaining site was reached by the forward pass"
         linearize(run.model, chosen)
         self.linearized += chosen
         return {"sites_linearized": len(self.linearized), "linearized": list(self.linearized),
-                "chosen": chosen, "entropy": entropies}
+                "chosen": chosen, "entropy": entropies, **extras}
+
+    def payoff(self, run: StageRun, entropies: dict[str, float]) -> dict:
+        """The record's "payoff" (saving per measured site) and "score" (see EasierConfig)."""
+        measured: Sequence[str] = [s for s, h in entropies.items() if not math.isnan(h)]
+        savings = payoff_savings(run.model, example_batch(run.splits.train_eval), measured,
+                                 self.config.payoff_cost) if measured else {}
+        if self.config.payoff_cost == "latency" and measured and world_size() > 1:
+            # Timings differ between processes: average them so every rank chooses alike.
+            device = next(run.model.parameters()).device
+            summed = all_reduce_sum(torch.tensor([savings[s] for s in measured],
+                                               dtype=torch.float64, device=device))
+            savings = {s: float(v) / world_size() for s, v in zip(measured, summed.tolist(),
+                                                                   strict=True)}
+        return {"payoff": savings,
+                "score": payoff_scores(entropies, savings, self.config.payoff_weight)}
 
     def accept(self, run: StageRun, record: StageRecord) -> bool:
         return within_delta(run.dense.val_top1, record.val_top1, self.config.delta)
