@@ -332,7 +332,8 @@ def compose_chain(ops: list[Affine], input_size: tuple[int, int] | None = None
 
 def identity_affine(channels: int, kind: str, like: Tensor) -> Affine:
     if kind == "linear":
-        return Affine("linear", torch.eye(channels, dtype=like.dtype), like.new_zeros(channels))
+        eye = torch.eye(channels, dtype=like.dtype, device=like.device)
+        return Affine("linear", eye, like.new_zeros(channels))
     return Affine("conv", like.new_ones(channels, 1, 1, 1), like.new_zeros(channels),
                   groups=channels)
 

@@ -34,6 +34,7 @@ from depthcut.entropy import ENTROPY_VARIANTS
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.experiment import COMPARABLE, ExperimentConfig
 from depthcut.fold import POLICIES
+from depthcut.memory_format import normalize_setting
 from depthcut.methods.easier import CHOICES, PAYOFF_COSTS, EasierConfig
 from depthcut.methods.layer_folding import LayerFoldingConfig
 from depthcut.methods.rounds import PruningConfig
@@ -552,9 +553,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
             "no_fair_reference", "resume", "print_config"}
     settings.update({k: v for k, v in vars(args).items() if k not in skip})
     # Older config files wrote channels_last as true / false / null.
-    legacy = {True: "on", False: "off", None: "auto"}
-    if settings["channels_last"] is None or isinstance(settings["channels_last"], bool):
-        settings["channels_last"] = legacy[settings["channels_last"]]
+    settings["channels_last"] = normalize_setting(settings["channels_last"])
     if settings["lr"] is None:  # the paper preset: Table 4's rate for this architecture
         settings["lr"] = PAPER_LR.get(settings["model"], PAPER_LR_OTHER)
     for key in ("finetune_lr", "slope_lr"):

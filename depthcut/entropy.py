@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from depthcut.distributed import all_reduce_sum, world_size
 from depthcut.errors import ConfigError
 from depthcut.faults import die_at
+from depthcut.layers import default_channel_dim
 from depthcut.sites import SiteError, find_sites
 
 # A float32 sum of +-1/0 values is exact while it stays below 2**24 in magnitude.
@@ -100,7 +101,7 @@ def _channel_dim(z: torch.Tensor, override: int | None = None, name: str = "") -
     `override` (the caller's channel_dim) picks the axis; the batch axis 0 cannot be it.
     """
     if override is None:
-        return 1 if z.dim() >= 4 else z.dim() - 1
+        return default_channel_dim(z.dim())
     if isinstance(override, bool) or not isinstance(override, int):
         raise ConfigError(f"channel_dim must be an int, got {override!r} for site {name!r}")
     dim = override + z.dim() if override < 0 else override

@@ -386,12 +386,8 @@ def fold_answer(model: nn.Module, splits: DataSplits, policy: str = "macs"
 def _settings(cls: type, values: dict):
     """A settings dataclass from its config.json form (training schedules rebuilt)."""
     kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-    return cls(**{key: _train_config(value) if kinds.get(key) in ("TrainConfig", TrainConfig)
+    return cls(**{key: TrainConfig(**value) if kinds.get(key) in ("TrainConfig", TrainConfig)
                   else value for key, value in values.items()})
-
-
-def _train_config(values: dict) -> TrainConfig:
-    return TrainConfig(**{**values, "milestones": tuple(values.get("milestones", ()))})
 
 
 def resume_run(path: str | Path, *, progress: bool = True) -> MethodResult:

@@ -41,7 +41,7 @@ class ChannelScale(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
         shape[self.channel_dim(x.dim())] = -1
-        return x * self.scale.to(x.dtype).view(shape)
+        return x * self.scale.to(dtype=x.dtype, device=x.device).view(shape)
 
 
 class InputSizeError(DepthcutError, ValueError):

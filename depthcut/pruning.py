@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from depthcut.entropy import SiteCounts
 from depthcut.errors import ConfigError
 from depthcut.graph import PASS_THROUGH, is_add, module_of, output_depends_on_input, trace
+from depthcut.layers import Zero
 from depthcut.masks import PRUNABLE_TYPES, clone_model
 from depthcut.sites import SiteError, find_sites, silence
 
@@ -266,7 +267,7 @@ def causes_layer_collapse(
     """True if making those sites output zeros leaves no path from the input to the output.
 
     Works on a copy (`clone_model`: the model is untouched, pruned or not): the named sites
-    become `sites.Zero`, and the graph says whether the output still depends on the input (the
+    become `layers.Zero`, and the graph says whether the output still depends on the input (the
     same question `fold`'s dead-branch pass asks). The check is structural: `example_input` is
     kept for the callers' signature and not run. An untraceable model raises
     `graph.TraceError`.
@@ -274,5 +275,7 @@ def causes_layer_collapse(
     names = list(site_names)
     if not names:
         return False
-    silenced = silence(clone_model(model), names)
-    return not output_depends_on_input(trace(silenced))
+    copy = clone_model(model)
+    # Sites an earlier round already silenced are Zero modules: only the others need silencing.
+    live = [name for name in names if not isinstance(copy.get_submodule(name), Zero)]
+    return not output_depends_on_input(trace(silence(copy, live)))

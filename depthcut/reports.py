@@ -119,6 +119,7 @@ def summary_markdown(
     dense = records[0]
     method = settings.get("method", "?")
     experiment = settings.get("experiment", {})
+    removed = answer["linearized"] + answer.get("silenced", []) + answer.get("scaled", [])
     lines = [
         f"# {method.upper()} on {dataset}",
         "",
@@ -127,7 +128,7 @@ def summary_markdown(
         "",
         f"**Answer: stage {answer['stage']}**, {answer['sites_linearized']} of "
         f"{answer['sites_total']} sites removed "
-        f"({', '.join(answer['linearized'] + answer.get('silenced', [])) or 'none'})"
+        f"({', '.join(removed) or 'none'})"
         f"{_sparsity(answer)}: val top-1 {_fmt(answer['val_top1'])}, "
         f"test top-1 {_fmt(answer['test_top1'])} (dense: val {_fmt(dense['val_top1'])}, "
         f"test {_fmt(dense['test_top1'])}). Checkpoint: `{answer.get('checkpoint', '-')}`.",

@@ -393,12 +393,13 @@ def freeze(model: nn.Module, always_on: dict[str, torch.Tensor],
     (None: the default rule). Returns each site's form: "on", "off" or "scale"."""
     names = list(always_on)
     _check_sites(model, names, "freeze")
+    device = next(iter(model.parameters()), torch.empty(0)).device
     forms: dict[str, str] = {}
     for name in names:
         form, scale = frozen_form(model.get_submodule(name), always_on[name])
         stand_in = {"on": nn.Identity, "off": Zero}.get(form)
         replace_module(model, name, stand_in() if stand_in else
-                       ChannelScale(scale, (dims or {}).get(name)))
+                       ChannelScale(scale, (dims or {}).get(name)).to(device))
         forms[name] = form
     return forms
 

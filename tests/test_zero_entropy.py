@@ -186,3 +186,17 @@ def test_resume_after_an_act2_was_removed_is_bit_identical(tmp_path):
         expected = torch.load(tmp_path / "ref" / name, weights_only=True)["state_dict"]
         for key, tensor in expected.items():
             assert torch.equal(got[key], tensor), (stage, key)
+
+
+def test_collapse_check_accepts_sites_an_earlier_round_silenced():
+    """Rounds pass every silenced site so far; those are Zero modules already, not rectifiers."""
+    from depthcut.pruning import causes_layer_collapse
+    from depthcut.sites import silence
+
+    model = ModelSpec(name="resnet18", num_classes=10, in_channels=3, width=0.0625,
+                      activation="relu").build().eval()
+    silence(model, ["layer1.0.act1"])
+    x = torch.randn(1, 3, 32, 32)
+    assert causes_layer_collapse(model, ["layer1.0.act1", "layer1.1.act1"], x) is False
+    assert causes_layer_collapse(model, ["layer1.0.act1", "act"], x) is True
+    assert isinstance(model.layer1[1].act1, nn.ReLU)  # worked on a copy
