@@ -32,7 +32,7 @@ from depthcut import experiment, reports, workflows
 from depthcut.data import DATASETS
 from depthcut.entropy import ENTROPY_VARIANTS
 from depthcut.errors import ConfigError, DepthcutError
-from depthcut.experiment import COMPARABLE, ExperimentConfig
+from depthcut.experiment import COMPARABLE, EASIER_VARIANTS, ExperimentConfig
 from depthcut.fold import POLICIES
 from depthcut.memory_format import normalize_setting
 from depthcut.methods.easier import CHOICES, PAYOFF_COSTS, EasierConfig
@@ -183,8 +183,9 @@ def _plain(value: Any) -> Any:
 
 
 DEFAULTS: dict = {key: _plain(field_default(*targets[0])) for key, targets in FIELDS.items()}
-# compare's methods are arguments of run_comparison, no dataclass field: all but easier-k2.
-DEFAULTS["methods"] = [m for m in COMPARABLE if m != "easier-k2"]
+# compare's methods are arguments of run_comparison, no dataclass field: all but the EASIER
+# variants.
+DEFAULTS["methods"] = [m for m in COMPARABLE if m not in EASIER_VARIANTS]
 
 
 def build_config(cls: type, settings: dict, **extra: Any) -> Any:
@@ -385,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train dense once, run several methods from it, write the report")
     _experiment_options(compare)
     compare.add_argument("--methods", nargs="+", default=argparse.SUPPRESS,
-                         help="from: easier easier-k2 nepenthe egp imp layer-folding "
-                         "(default: all but easier-k2)")
+                         help=f"from: {' '.join(COMPARABLE)} (default: all but "
+                         f"{' and '.join(EASIER_VARIANTS)})")
     compare.add_argument("--no-fair-reference", action="store_true",
                          help="skip training the dense model as long as each method")
     group = compare.add_argument_group("EASIER (delta also serves EGP and IMP)")

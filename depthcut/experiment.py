@@ -233,7 +233,9 @@ def run_dense_longer(
 
 
 PRUNING_METHODS = ("nepenthe", "egp", "imp")
-COMPARABLE = ("easier", "easier-k2", *PRUNING_METHODS, "layer-folding")
+# EASIER with other settings, as `compare` runs them beside plain EASIER (same dense model).
+EASIER_VARIANTS = {"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"}}
+COMPARABLE = ("easier", *EASIER_VARIANTS, *PRUNING_METHODS, "layer-folding")
 
 
 def run_comparison(
@@ -259,10 +261,10 @@ def run_comparison(
         if dirs:
             run_config = dataclasses.replace(
                 config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt"))
-        name = "easier" if method == "easier-k2" else method.replace("-", "_")
+        name = "easier" if method in EASIER_VARIANTS else method.replace("-", "_")
         method_config = settings[METHODS[name][0]]
-        if method == "easier-k2":
-            method_config = dataclasses.replace(method_config, k=2)
+        if method in EASIER_VARIANTS:
+            method_config = dataclasses.replace(method_config, **EASIER_VARIANTS[method])
         if name == "layer_folding" and method_config.k is None and "easier" in answers:
             method_config = dataclasses.replace(
                 method_config, k=answers["easier"]["sites_linearized"])

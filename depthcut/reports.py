@@ -227,6 +227,8 @@ class Run:
         k = self.config.get(self.method, {}).get("k")
         if self.method == "easier" and k and k > 1:
             label += f" {k}-x"
+        if self.method == "easier" and self.config.get("easier", {}).get("choose") == "payoff":
+            label += " (payoff)"
         return label
 
     @property
@@ -279,14 +281,15 @@ def measure_stage_costs(run: Run, progress: bool = True) -> dict:
     costs = dict(run.stage_costs)
     for record in run.records:
         key = str(record["stage"])
-        if key in costs or not record.get("checkpoint"):
-            continue
+        if "depth_folded" in costs.get(key, {}) or not record.get("checkpoint"):
+            continue  # measured already (caches before depth and exactness are remeasured)
         model, info = load_checkpoint(run.path / record["checkpoint"])
         # Runs written before config.json kept the input shape were timed at 32x32.
         shape = run.config.get("input_shape") or (info["spec"].in_channels, 32, 32)
         _, measured = measure_stage(model, torch.randn(128, *shape), latency={1: 30, 128: 3})
-        costs[key] = {"macs_unfolded": measured["macs_unfolded"],
-                      "macs_folded": measured["macs_folded"]}
+        costs[key] = {name: measured[name] for name in (
+            "macs_unfolded", "macs_folded", "depth_unfolded", "depth_folded", "exact",
+            "relative_error", "bias_maps")}
         for batch in (1, 128):
             for form in ("unfolded", "folded"):
                 costs[key][f"ms_batch{batch}_{form}"] = measured[f"latency_ms_batch{batch}_{form}"]
@@ -346,18 +349,37 @@ def table1(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], int | None]
 
 
 def table3(run: Run) -> tuple[list[str], list[list[str]]]:
+    """Per stage: MACs, conv/linear depth, exactness and latency (batch 1 and 128) unfolded and
+    folded, and the folded figures as a ratio of stage 0 folded (the BN-folded dense model)."""
     headers = ["stage", "sites removed", "test top-1", "MMACs unfolded", "MMACs folded",
-               "ms b1 unfolded", "ms b1 folded", "ms b128 unfolded", "ms b128 folded"]
+               "MACs vs dense", "depth unfolded", "depth folded", "fold exact (rel. error)",
+               "ms b1 unfolded", "ms b1 folded", "b1 vs dense", "ms b128 unfolded",
+               "ms b128 folded", "b128 vs dense"]
+    dense = run.stage_costs.get(str(run.records[0]["stage"]), {}) if run.records else {}
+
+    def ratio(cost: dict, key: str) -> str:
+        if not dense.get(key) or cost.get(key) is None:
+            return "-"
+        return f"{cost[key] / dense[key]:.3f}x"
+
     rows = []
     for record in run.records:
         cost = run.stage_costs.get(str(record["stage"]), {})
+        exact = "-"
+        if "exact" in cost:
+            exact = (f"{'yes' if cost['exact'] else 'border-approx.'} "
+                     f"({cost['relative_error']:.1e})")
         rows.append([
             str(record["stage"]), f"{record['sites_linearized']}/{record['sites_total']}",
             _fmt(record["test_top1"]),
             _fmt(cost["macs_unfolded"] / 1e6, 1) if cost else "-",
             _fmt(cost["macs_folded"] / 1e6, 1) if cost else "-",
+            ratio(cost, "macs_folded"),
+            str(cost.get("depth_unfolded", "-")), str(cost.get("depth_folded", "-")), exact,
             _fmt(cost.get("ms_batch1_unfolded"), 3), _fmt(cost.get("ms_batch1_folded"), 3),
+            ratio(cost, "ms_batch1_folded"),
             _fmt(cost.get("ms_batch128_unfolded"), 1), _fmt(cost.get("ms_batch128_folded"), 1),
+            ratio(cost, "ms_batch128_folded"),
         ])
     return headers, rows
 
@@ -469,15 +491,18 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
         lines += ["'Dense trained as long' is the dense model trained further for as many "
                   "total epochs as that method's answer consumed (no site removed), so gains "
                   "from extra training are not credited to depth reduction.", ""]
-    if easier:
+    for number, run in enumerate(easier):
         if measure:
-            measure_stage_costs(easier[0], progress=progress)
-        headers3, rows3 = table3(easier[0])
-        atomic_write_text(out / "table3.md", markdown_table(headers3, rows3) + "\n")
-        atomic_write_text(out / "table3.csv", _csv(headers3, rows3))
-        lines += [f"## {easier[0].label}: cost per stage, folded (Table 3 style)", "",
-                  "Each stage checkpoint folded with policy `macs`; latency is the median on "
-                  "this machine's CPU (eager), batch 1 and 128.", "",
+            measure_stage_costs(run, progress=progress)
+        headers3, rows3 = table3(run)
+        name = "table3" if number == 0 else f"table3_{run.path.name}"
+        atomic_write_text(out / f"{name}.md", markdown_table(headers3, rows3) + "\n")
+        atomic_write_text(out / f"{name}.csv", _csv(headers3, rows3))
+        lines += [f"## {run.label}: cost per stage, folded (Table 3 style)", "",
+                  "Each stage checkpoint folded with policy `macs`; depth = conv/linear ops on "
+                  "the longest path; 'vs dense' = folded figure / stage 0 folded (the "
+                  "BN-folded dense model); latency is the median on this machine's CPU "
+                  "(eager), batch 1 and 128, timed stage after stage in one run.", "",
                   markdown_table(headers3, rows3), ""]
     if plot_accuracy_vs_sites(runs, out / "accuracy_vs_sites.png"):
         lines += ["![test top-1 against sites removed](accuracy_vs_sites.png)", ""]
