@@ -37,10 +37,13 @@ from depthcut.fold import POLICIES
 from depthcut.memory_format import normalize_setting
 from depthcut.methods.easier import CHOICES, PAYOFF_COSTS, EasierConfig
 from depthcut.methods.layer_folding import LayerFoldingConfig
+from depthcut.methods.progressive import ProgressiveConfig
 from depthcut.methods.rounds import PruningConfig
 from depthcut.models import ACTIVATIONS, MODELS
 from depthcut.pruning import REALLOCATE
 from depthcut.run import RunDirError
+from depthcut.stages import METRICS
+from depthcut.text import TEXT_DATASETS
 from depthcut.train import SCHEDULES, TrainConfig
 
 PRESETS: dict[str, dict] = {
@@ -59,6 +62,7 @@ PRESETS: dict[str, dict] = {
         "rounds": 5,
         "slope_epochs": 3,
         "slope_lr": 0.02,
+        "progressive_epochs": 1,
     },
     # EASIER Table 4 (CIFAR-10): full width, 160 epochs per stage, lr per architecture
     # (PAPER_LR), milestones 80/120, gamma 0.1, momentum 0.9, weight decay 1e-4 on every
@@ -79,7 +83,35 @@ PRESETS: dict[str, dict] = {
         "rounds": None,  # pruning methods: until their stop rule
         "slope_epochs": 160,
         "slope_lr": None,  # same as lr
+        "progressive_epochs": 40,  # a quarter of an EASIER stage (not in any paper)
     },
+}
+
+# On a text dataset (fortunes-lang, fortunes-topic) a preset is followed by its overlay here
+# ("*": every text dataset, then the dataset's own): the byte-level transformer (the one model
+# that reads tokens) and, for quick, SGD settings that trained it here in minutes: a one-epoch
+# warm-up (it serves every training, so a one-epoch finetune ramps up to finetune_lr), lr 0.2
+# (0.3 trained the language model to 76% instead of 91% in 6 epochs, and the topic model not at
+# all; 0.1 was slower), 16,000 of the ~47,000 language training texts for 6 epochs, all ~6,000
+# topic texts for 15 (the topic model learns slowly: 10-15% for 7 epochs, then 36-40%).
+TEXT_PRESETS: dict[str, dict[str, dict]] = {
+    "quick": {
+        "*": {
+            "model": "transformer",
+            "epochs": 6,
+            "lr": 0.2,
+            "warmup_epochs": 1.0,
+            "finetune_epochs": 1,
+            "finetune_lr": 0.04,
+            "max_stages": 4,
+            "rounds": 3,
+            "slope_epochs": 1,
+            "slope_lr": 0.04,
+        },
+        "fortunes-lang": {"train_subset": 16000},
+        "fortunes-topic": {"epochs": 15},
+    },
+    "paper": {"*": {"model": "transformer"}},
 }
 
 # EASIER Table 4 learning rates. Table 4 gives none for the sequence transformer or for
@@ -107,6 +139,7 @@ FIELDS: dict[str, tuple[tuple[type, str], ...]] = {
     "channels_last": ((ExperimentConfig, "channels_last"),),
     "amp": ((ExperimentConfig, "amp"),),
     "dense_checkpoint": ((ExperimentConfig, "dense_checkpoint"),),
+    "metric": ((ExperimentConfig, "metric"),),
     # dense training; the optimizer and schedule settings serve every training of a run
     "epochs": ((ExperimentConfig, "dense.epochs"),),
     "lr": ((ExperimentConfig, "dense.lr"),),
@@ -118,17 +151,21 @@ FIELDS: dict[str, tuple[tuple[type, str], ...]] = {
     "weight_decay": ((TrainConfig, "weight_decay"),),
     "decay_norm_and_bias": ((TrainConfig, "decay_norm_and_bias"),),
     "warmup_epochs": ((TrainConfig, "warmup_epochs"),),
+    "distill": ((TrainConfig, "distill"),),
+    "distill_temperature": ((TrainConfig, "distill_temperature"),),
     # finetuning and entropy counting (every method that has them)
     "finetune_epochs": ((EasierConfig, "finetune.epochs"), (PruningConfig, "finetune.epochs"),
                         (LayerFoldingConfig, "finetune.epochs")),
     "finetune_lr": ((EasierConfig, "finetune.lr"), (PruningConfig, "finetune.lr"),
-                    (LayerFoldingConfig, "finetune.lr")),
-    "entropy_mode": ((EasierConfig, "entropy_mode"), (PruningConfig, "entropy_mode")),
-    "entropy_variant": ((EasierConfig, "entropy_variant"), (PruningConfig, "entropy_variant")),
-    # EASIER (delta also serves EGP and IMP)
-    "delta": ((EasierConfig, "delta"), (PruningConfig, "delta")),
+                    (LayerFoldingConfig, "finetune.lr"), (ProgressiveConfig, "finetune.lr")),
+    "entropy_mode": ((EasierConfig, "entropy_mode"), (PruningConfig, "entropy_mode"),
+                     (ProgressiveConfig, "entropy_mode")),
+    "entropy_variant": ((EasierConfig, "entropy_variant"), (PruningConfig, "entropy_variant"),
+                        (ProgressiveConfig, "entropy_variant")),
+    # EASIER (delta also serves EGP, IMP and progressive)
+    "delta": ((EasierConfig, "delta"), (PruningConfig, "delta"), (ProgressiveConfig, "delta")),
     "k": ((EasierConfig, "k"),),
-    "max_stages": ((EasierConfig, "max_stages"),),
+    "max_stages": ((EasierConfig, "max_stages"), (ProgressiveConfig, "max_stages")),
     "choose": ((EasierConfig, "choose"),),
     "payoff_weight": ((EasierConfig, "payoff_weight"),),
     "payoff_cost": ((EasierConfig, "payoff_cost"),),
@@ -144,6 +181,11 @@ FIELDS: dict[str, tuple[tuple[type, str], ...]] = {
     "lam": ((LayerFoldingConfig, "lam"),),
     "slope_epochs": ((LayerFoldingConfig, "slope_training.epochs"),),
     "slope_lr": ((LayerFoldingConfig, "slope_training.lr"),),
+    # progressive linearization
+    "progressive_epochs": ((ProgressiveConfig, "finetune.epochs"),),
+    "first_step": ((ProgressiveConfig, "first_step"),),
+    "max_sites": ((ProgressiveConfig, "max_sites"),),
+    "blend": ((ProgressiveConfig, "blend"),),
 }
 
 # The config dataclasses each method command builds (compare builds them all).
@@ -153,7 +195,8 @@ METHOD_CONFIGS: dict[str, tuple[type, ...]] = {
     "egp": (PruningConfig,),
     "imp": (PruningConfig,),
     "layer-folding": (LayerFoldingConfig,),
-    "compare": (EasierConfig, PruningConfig, LayerFoldingConfig),
+    "progressive": (ProgressiveConfig,),
+    "compare": (EasierConfig, PruningConfig, LayerFoldingConfig, ProgressiveConfig),
 }
 
 
@@ -318,6 +361,10 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
                        help="bf16 autocast for training, evaluation and entropy counting")
     group.add_argument("--dense-checkpoint", default=S,
                        help="start from this trained checkpoint instead of training a dense model")
+    group.add_argument("--metric", choices=tuple(METRICS), default=S,
+                       help="what every method's stop rule (delta, theta) compares on the "
+                       "validation split: top1 (default) or balanced (balanced accuracy, the "
+                       "mean per-class recall: for unbalanced classes)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=S, help="dense training epochs")
     train.add_argument("--lr", type=float, default=S,
@@ -382,6 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
     _folding_options(group, "--k")
     _finetune_options(group)
 
+    progressive = commands.add_parser(
+        "progressive", help="progressive linearization: several sites per short finetune, "
+        "blended into identity; the step halves after a stage beyond delta")
+    _experiment_options(progressive)
+    group = progressive.add_argument_group("progressive")
+    group.add_argument("--delta", type=float, default=argparse.SUPPRESS,
+                       help="validation points the answer may lose against dense (default 1)")
+    group.add_argument("--max-stages", type=int, default=argparse.SUPPRESS,
+                       help="stop after this many stages, undone ones included (quick: 8)")
+    _progressive_options(group)
+    _entropy_variant_option(group)
+    _finetune_options(group, epochs=False)
+
     compare = commands.add_parser(
         "compare", help="train dense once, run several methods from it, write the report")
     _experiment_options(compare)
@@ -395,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _entropy_variant_option(group)
     _pruning_options(compare.add_argument_group("NEPENTHE, EGP, IMP"), "nepenthe")
     _folding_options(compare.add_argument_group("Layer Folding"), "--lf-k")
+    _progressive_options(compare.add_argument_group("progressive"))
     _finetune_options(compare.add_argument_group("finetuning (every method)"))
 
     report = commands.add_parser("report", help="rebuild the comparison report from run dirs")
@@ -444,10 +505,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _finetune_options(group: argparse._ArgumentGroup) -> None:
+def _progressive_options(group: argparse._ArgumentGroup) -> None:
     S = argparse.SUPPRESS
-    group.add_argument("--finetune-epochs", type=int, default=S,
-                       help="retraining epochs per stage/round (quick: 3; paper: 160)")
+    group.add_argument("--progressive-epochs", type=int, default=S,
+                       help="finetune epochs per progressive stage (quick: 1; paper: 40)")
+    group.add_argument("--first-step", type=int, default=S,
+                       help="sites per progressive stage at first, halved after a stage "
+                       "beyond delta (default 4)")
+    group.add_argument("--max-sites", type=int, default=S,
+                       help="progressive: stop once this many sites are linear (default: none)")
+    group.add_argument("--blend", type=float, default=S,
+                       help="share of each progressive finetune over which the chosen "
+                       "activations blend into identity (default 0.5)")
+
+
+def _finetune_options(group: argparse._ArgumentGroup, epochs: bool = True) -> None:
+    S = argparse.SUPPRESS
+    if epochs:
+        group.add_argument("--finetune-epochs", type=int, default=S,
+                           help="retraining epochs per stage/round (quick: 3; paper: 160)")
+    group.add_argument("--distill", type=float, default=S,
+                       help="weight in [0, 1] of distillation from the dense model's logits in "
+                       "every finetune (default 0: off; the fair-compute reference never "
+                       "distills)")
+    group.add_argument("--distill-temperature", type=float, default=S,
+                       help="softmax temperature of the distillation (default 4)")
     group.add_argument("--finetune-lr", type=float, default=S,
                        help="retraining learning rate (default: preset; paper: same as --lr)")
     group.add_argument("--entropy-mode", choices=("eval", "train"), default=S,
@@ -531,8 +613,10 @@ def _data_options(parser: argparse.ArgumentParser, workflow: str, split_help: st
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
-    """Preset, then config file, then explicit flags."""
+    """Preset (with its text overlay for a text dataset), then config file, then explicit
+    flags."""
     settings = {**DEFAULTS, **PRESETS[args.preset]}
+    loaded: dict = {}
     if args.config is not None:
         try:
             loaded = json.loads(args.config.read_text())
@@ -547,7 +631,11 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                 f"{', '.join(sorted(settings))}"
             )
         check_types(loaded, args.config)
-        settings.update(loaded)
+    dataset = getattr(args, "dataset", None) or loaded.get("dataset", settings["dataset"])
+    if dataset in TEXT_DATASETS:  # part of the preset: the config file and flags win
+        overlay = TEXT_PRESETS.get(args.preset, {})
+        settings.update({**overlay.get("*", {}), **overlay.get(dataset, {})})
+    settings.update(loaded)
     if args.out is None and not getattr(args, "print_config", False):
         raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
     skip = {"command", "preset", "config", "out", "overwrite", "no_progress",
@@ -643,6 +731,23 @@ def cmd_layer_folding(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_progressive(args: argparse.Namespace) -> int:
+    settings = resolve_settings(args)
+    method = build_config(ProgressiveConfig, settings)
+    result = experiment.run_progressive(
+        experiment_config(settings, not args.no_progress), method, args.out,
+        overwrite=args.overwrite)
+    answer = result.answer
+    print()
+    print(reports.stage_table(result.records))
+    print(f"\nAnswer: stage {answer['stage']}, {answer['sites_linearized']}/"
+          f"{answer['sites_total']} sites linearized after {answer['total_epochs']} total "
+          f"epochs, test top-1 {answer['test_top1']:.2f} (dense "
+          f"{result.records[0]['test_top1']:.2f}). Stopped: {result.stop_reason}.")
+    print(f"Records, checkpoints and summary.md in {args.out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     report = experiment.run_comparison(
@@ -650,6 +755,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         easier_config=build_config(EasierConfig, settings),
         pruning_config=build_config(PruningConfig, settings),
         folding_config=build_config(LayerFoldingConfig, settings),
+        progressive_config=build_config(ProgressiveConfig, settings),
         fair_reference=not args.no_fair_reference, overwrite=args.overwrite,
     )
     print(report.read_text())
@@ -724,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"easier": cmd_easier, "nepenthe": cmd_pruning, "egp": cmd_pruning,
                 "imp": cmd_pruning, "layer-folding": cmd_layer_folding, "entropy": cmd_entropy,
                 "fold": cmd_fold, "heal": cmd_heal, "compare": cmd_compare,
-                "report": cmd_report}
+                "report": cmd_report, "progressive": cmd_progressive}
     if getattr(args, "resume", None) is not None:
         handlers[args.command] = cmd_resume
     if getattr(args, "print_config", False):

@@ -10,6 +10,8 @@ Supported formats (the user gives a data root):
 - ``cifar10-jpeg``: CIFAR-10 re-encoded as JPEG in an ImageFolder layout, as a ``.tar.gz``
   archive (read in place) or an extracted folder; decoded once, then cached as ``.npz``.
 - ``fashion-mnist``: the original IDX files, gzipped or not.
+- ``fortunes-lang``, ``fortunes-topic``: texts of ``fortunes.tar.gz`` as byte tokens, read by
+  `depthcut.text` (a `TextDataset`: int64 (N, T) token ids in place of images).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from tqdm import tqdm
 from depthcut import distributed
 from depthcut.errors import ConfigError, DepthcutError
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar10-jpeg", "fashion-mnist")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar10-jpeg", "fashion-mnist", "fortunes-lang",
+                             "fortunes-topic")
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -170,6 +173,10 @@ def load_dataset(
         return _load_cifar10_pickle(root)
     if key == "cifar10-jpeg":
         return _load_cifar10_jpeg(root, cache_dir, progress)
+    if key.startswith("fortunes-"):
+        from depthcut.text import load_fortunes  # text.py builds on this module
+
+        return load_fortunes(key, root, cache_dir)
     return _load_fashion_mnist(root)
 
 
@@ -177,6 +184,8 @@ _DISPLAY_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar10-jpeg": "CIFAR-10 (JPEG)",
     "fashion-mnist": "Fashion-MNIST",
+    "fortunes-lang": "fortunes (language)",
+    "fortunes-topic": "fortunes (English topic)",
 }
 DATASET_NAMES = dict(_DISPLAY_NAMES)  # option value -> the dataset's true name, for reports
 
@@ -192,6 +201,9 @@ def _layouts(key: str, root: Path) -> list[str]:
             f"{root / _JPEG_FOLDER}/train/<class>/*.jpg and .../test/<class>/*.jpg",
             f"{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg",
         ]
+    if key.startswith("fortunes-"):
+        return [f"{root / 'fortunes.tar.gz'} (fortunes/<language>/<topic file> inside, texts "
+                "separated by lines holding only %)"]
     names = ", ".join(f"{n}[.gz]" for n in _FASHION_FILES.values())
     return [f"{folder}/{{{names}}}" for folder in _fashion_folders(root)]
 
@@ -211,7 +223,12 @@ _HINTS = {
         "on a machine with internet (or download the four IDX files from "
         "https://github.com/zalandoresearch/fashion-mnist into root/fashion-mnist/)."
     ),
+    "fortunes-lang": (
+        "put fortunes.tar.gz (the texts of Debian's fortune-cookie packages, see the data "
+        "README) in root."
+    ),
 }
+_HINTS["fortunes-topic"] = _HINTS["fortunes-lang"]
 
 
 def _layout_text(key: str, root: Path, problems: Sequence[str] = ()) -> str:
@@ -687,6 +704,10 @@ class BatchLoader:
     The images are moved to `device` once, as uint8; each batch is converted to float32 there.
     Epoch `e` (the e-th call of ``iter``) shuffles with seed ``seed + e`` and augments from a
     stream seeded from the same, so a run is reproducible batch for batch.
+
+    Integer (N, T) token ids (a `depthcut.text.TextDataset`) are served as they are, int64:
+    no normalisation, augmentation or memory format applies to them (`mean`, `std`,
+    `augment`, `channels_last` are ignored).
     """
 
     def __init__(
@@ -707,9 +728,14 @@ class BatchLoader:
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
     ) -> None:
-        if images.dim() != 4 or images.dtype != torch.uint8:
+        self.tokens = images.dim() == 2 and images.dtype in (torch.int16, torch.int32,
+                                                             torch.int64)
+        if self.tokens:
+            images, mean, std, augment, channels_last = images.long(), (), (), False, False
+        elif images.dim() != 4 or images.dtype != torch.uint8:
             raise ConfigError(
-                f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+                f"images must be uint8 (N, C, H, W) or integer (N, T) token ids, got "
+                f"{images.dtype} {tuple(images.shape)}"
             )
         if labels.shape != (len(images),):
             raise ConfigError(f"need one label per image: {tuple(labels.shape)} for {len(images)}")
@@ -717,7 +743,7 @@ class BatchLoader:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if crop_padding < 0:
             raise ConfigError(f"crop_padding must be >= 0, got {crop_padding}")
-        channels = images.shape[1]
+        channels = 0 if self.tokens else images.shape[1]
         if len(mean) != channels or len(std) != channels:
             raise ConfigError(f"mean and std need {channels} value(s) each, got {mean} and {std}")
         if any(s <= 0 for s in std):
@@ -778,6 +804,9 @@ class BatchLoader:
             else:
                 index = order[start : start + self.batch_size]
                 images, labels = self.images[index], self.labels[index]
+            if self.tokens:
+                yield images, labels
+                continue
             if self.augment:  # on uint8: a quarter of the bytes to gather
                 images = augment(
                     images, self.crop_padding, self.flip, generator=self._augment_generator

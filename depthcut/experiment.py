@@ -28,6 +28,7 @@ from depthcut.methods.easier import EasierConfig, easier
 from depthcut.methods.imp import imp
 from depthcut.methods.layer_folding import LayerFoldingConfig, layer_folding
 from depthcut.methods.nepenthe import egp, nepenthe
+from depthcut.methods.progressive import ProgressiveConfig, progressive
 from depthcut.methods.rounds import PruningConfig
 from depthcut.models import ModelSpec, count_parameters, default_activation
 from depthcut.reports import build_report, stage_table, summary_markdown
@@ -41,7 +42,8 @@ from depthcut.run import (
     write_json,
 )
 from depthcut.sites import find_sites
-from depthcut.stages import MethodResult, StageRecord
+from depthcut.stages import MethodResult, StageRecord, check_metric
+from depthcut.text import TEXT_DATASETS, is_text
 from depthcut.train import (
     TrainConfig,
     evaluate,
@@ -73,6 +75,9 @@ class ExperimentConfig:
     dense: TrainConfig = field(default_factory=TrainConfig)
     dense_checkpoint: str | None = None  # start from this trained model instead of training
     amp: bool = False  # bf16 autocast for training, evaluation and entropy counting alike
+    # What every method's stop rule compares on the validation split: "top1" or "balanced"
+    # (balanced accuracy, the mean per-class recall: for unbalanced classes).
+    metric: str = "top1"
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -93,21 +98,36 @@ class Prepared:
 def prepare(config: ExperimentConfig) -> Prepared:
     """Load the dataset, check the dense checkpoint, choose the memory format, build the splits."""
     device = resolve_device(config.device)
+    check_metric(config.metric)
     dataset = load_dataset(
         config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
     )
+    # A text dataset's byte tokens need the sequence model, built for its vocabulary, length
+    # and padding id (kept in the spec, so checkpoints rebuild the same model).
+    sequence = {}
+    if is_text(dataset):
+        if config.model != "transformer":
+            raise ConfigError(f"{dataset.name} holds byte tokens, not images: use --model "
+                              f"transformer (got {config.model!r})")
+        sequence = {"vocab_size": dataset.vocab_size, "max_len": dataset.seq_len,
+                    "pad_id": dataset.pad_id}
+    elif config.model == "transformer":
+        raise ConfigError(f"the transformer reads token ids, {dataset.name} holds images: use a "
+                          f"text dataset ({', '.join(TEXT_DATASETS)}) or an image model")
     spec = ModelSpec(
         name=config.model,
         num_classes=dataset.num_classes,
         in_channels=dataset.in_channels,
         width=config.width,
         activation=config.activation or default_activation(config.model),
+        **sequence,
     )
     dense, info = None, None
     if config.dense_checkpoint:
         dense, info = load_checkpoint(config.dense_checkpoint)
         mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(spec, key)})"
-                      for key in ("name", "num_classes", "in_channels", "width", "activation")
+                      for key in ("name", "num_classes", "in_channels", "width", "activation",
+                                  "vocab_size", "max_len", "pad_id")
                       if getattr(info["spec"], key) != getattr(spec, key)]
         if mismatched:
             raise ConfigError(
@@ -151,14 +171,19 @@ def dense_model(
         train(model, splits.train, config.dense, progress=config.progress, desc="dense",
               checkpointing=run.snapshot("dense"))
     sites = find_sites(model)
+    val = (evaluate(model, splits.val, balanced=True) if splits.val is not None
+           else (None, None))
+    test = evaluate(model, splits.test, balanced=True)
     record = StageRecord(
         method="dense",
         stage=0,
         sites_total=len(sites) + len(linearized),
         sites_linearized=len(linearized),
         linearized=list(linearized),
-        val_top1=evaluate(model, splits.val) if splits.val is not None else None,
-        test_top1=evaluate(model, splits.test),
+        val_top1=val[0],
+        test_top1=test[0],
+        val_balanced=val[1],
+        test_balanced=test[1],
         drop=0.0,
         epochs=epochs,
         total_epochs=trained,
@@ -195,6 +220,7 @@ METHODS: dict[str, tuple[type, Runner]] = {
     "egp": (PruningConfig, egp),
     "imp": (PruningConfig, imp),
     "layer_folding": (LayerFoldingConfig, layer_folding),
+    "progressive": (ProgressiveConfig, progressive),
     "dense_longer": (DenseLongerConfig, dense_longer),
 }
 
@@ -222,6 +248,14 @@ def run_layer_folding(
     return _run_method(config, "layer_folding", method, out, overwrite, resume)
 
 
+def run_progressive(
+    config: ExperimentConfig, method: ProgressiveConfig, out: str | Path, *,
+    overwrite: bool = False, resume: bool = False,
+) -> MethodResult:
+    """Train (or load) the dense model, run progressive linearization, write the run."""
+    return _run_method(config, "progressive", method, out, overwrite, resume)
+
+
 def run_dense_longer(
     config: ExperimentConfig, finetune: TrainConfig, chunks: int, out: str | Path, *,
     overwrite: bool = False, resume: bool = False,
@@ -235,13 +269,14 @@ def run_dense_longer(
 PRUNING_METHODS = ("nepenthe", "egp", "imp")
 # EASIER with other settings, as `compare` runs them beside plain EASIER (same dense model).
 EASIER_VARIANTS = {"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"}}
-COMPARABLE = ("easier", *EASIER_VARIANTS, *PRUNING_METHODS, "layer-folding")
+COMPARABLE = ("easier", *EASIER_VARIANTS, *PRUNING_METHODS, "layer-folding", "progressive")
 
 
 def run_comparison(
     config: ExperimentConfig, methods: Sequence[str], out: str | Path, *,
     easier_config: EasierConfig, pruning_config: PruningConfig,
-    folding_config: LayerFoldingConfig, fair_reference: bool = True, overwrite: bool = False,
+    folding_config: LayerFoldingConfig, progressive_config: ProgressiveConfig | None = None,
+    fair_reference: bool = True, overwrite: bool = False,
 ) -> Path:
     """Train the dense model once (inside the first run), run every method from it into
     `out/<method>`, the fair-compute reference into `out/dense_longer`, and the report into
@@ -253,7 +288,8 @@ def run_comparison(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {EasierConfig: easier_config, PruningConfig: pruning_config,
-                LayerFoldingConfig: folding_config}
+                LayerFoldingConfig: folding_config,
+                ProgressiveConfig: progressive_config or ProgressiveConfig()}
     dirs: list[Path] = []
     answers: dict[str, Mapping] = {}
     for method in methods:
@@ -281,7 +317,9 @@ def run_comparison(
         chunks = max(1, math.ceil(extra / chunk))
         run_dense_longer(dataclasses.replace(
             config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt")),
-            easier_config.finetune, chunks, out / "dense_longer", overwrite=overwrite)
+            # The reference is plain training: no distillation even where the methods use it.
+            dataclasses.replace(easier_config.finetune, distill=0.0), chunks,
+            out / "dense_longer", overwrite=overwrite)
         dirs.append(out / "dense_longer")
     return build_report(dirs, out / "report", progress=config.progress)
 
@@ -313,16 +351,27 @@ def _run_method(config: ExperimentConfig, name: str, method, out: str | Path, ov
     if check is not None:
         check(prepared)
     settings["memory_format"] = prepared.memory_format.to_dict()
-    # The shape of one input image: the report times stages at it.
+    # The shape of one input image (a text's token count): the report times stages at it.
     settings["input_shape"] = list(prepared.splits.dataset.test_images.shape[1:])
+    if is_text(prepared.splits.dataset):
+        text = prepared.splits.dataset
+        settings["text"] = {"seq_len": text.seq_len, "vocab_size": text.vocab_size,
+                            "pad_id": text.pad_id, "classes": text.classes,
+                            "train_texts": len(text.train_images),
+                            "test_texts": len(text.test_images),
+                            **{k: v for k, v in text.stats.items() if k != "cache"}}
     run_dir.start()
     history = run_dir.records if resume else []
     if not resume:
         run_dir.write_config(settings)
     if history:
         model, info = load_checkpoint(run_dir.path / history[-1]["checkpoint"])
-        model = prepare_model(model, prepared.device, prepared.channels_last)
         prepared.splits.train.epoch = info["extra"].get("loader_epoch", 0)
+        if "continue_from" in history[-1]:  # the method undid that stage: go on from this one
+            stage = history[-1]["continue_from"]
+            source = next(r for r in history if r["stage"] == stage)
+            model, _ = load_checkpoint(run_dir.path / source["checkpoint"])
+        model = prepare_model(model, prepared.device, prepared.channels_last)
         dense, spec = StageRecord.from_dict(history[0]), info["spec"]
         run_start -= history[-1].get("elapsed_s", 0.0)
     else:
@@ -345,7 +394,8 @@ def _run_method(config: ExperimentConfig, name: str, method, out: str | Path, ov
     with _autocast(config, prepared):
         result = runner(model, prepared.splits, method, dense_record=dense,
                         history=history[1:], on_stage=on_stage, progress=config.progress,
-                        snapshots=run_dir.snapshot)
+                        snapshots=run_dir.snapshot, metric=config.metric,
+                        teacher=_teacher(method, run_dir, prepared))
     distributed.barrier()  # rank 0 has written every checkpoint
     answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
     folded_model, folded = fold_answer(answer_model, prepared.splits)
@@ -369,6 +419,15 @@ def _run_method(config: ExperimentConfig, name: str, method, out: str | Path, ov
         )
     )
     return result
+
+
+def _teacher(method, run_dir: RunDir, prepared: Prepared) -> nn.Module | None:
+    """The run's dense model (its stage 0 checkpoint) when a training of `method` distills."""
+    trainings = [value for value in vars(method).values() if isinstance(value, TrainConfig)]
+    if not any(training.distill > 0 for training in trainings):
+        return None
+    teacher, _ = load_checkpoint(run_dir.checkpoint_path(0))
+    return prepare_model(teacher, prepared.device, prepared.channels_last).eval()
 
 
 def _autocast(config: ExperimentConfig, prepared: Prepared) -> torch.autocast:

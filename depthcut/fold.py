@@ -61,7 +61,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from depthcut.affine import (
     Affine,
@@ -217,9 +217,20 @@ def _timing(merge: Merge) -> str:
 # Measures
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's flop counter has formulas for the CUDA attention kernels, not for the CPU one that
+# F.scaled_dot_product_attention runs here (timm's and torchvision's ViTs): without this its
+# two matrix products would count as nothing.
+_EXTRA_FLOPS = {op: _cpu_attention_flops for op in (
+    getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),) if op}
+
+
 def count_macs(model: nn.Module, example_input: Tensor) -> int:
-    """Forward multiply-adds by torch's flop counter (FLOPs / 2)."""
-    counter = FlopCounterMode(display=False)
+    """Forward multiply-adds by torch's flop counter (FLOPs / 2), CPU attention included."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     with torch.no_grad(), counter:
         model(example_input)
     return counter.get_total_flops() // 2
@@ -493,7 +504,8 @@ def into_bias(state: FoldState, node: torch.fx.Node) -> bool:
         if not (isinstance(other, torch.fx.Node) and other.op == "get_attr"
                 and isinstance(op_node, torch.fx.Node)):
             continue
-        constant = getattr(state.gm, other.target)
+        owner, _, attr = other.target.rpartition(".")  # a dotted target: a submodule's tensor
+        constant = getattr(state.gm.get_submodule(owner), attr)
         source = input_of(op_node)
         if source is None or len(op_node.users) != 1:
             continue

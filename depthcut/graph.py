@@ -37,10 +37,11 @@ class TraceError(DepthcutError, ValueError):
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's default leaf rule, plus the stand-ins kept as one call each."""
+    """torch.fx's default leaf rule, plus the stand-ins and modules marked `depthcut_leaf`
+    (external.py: library attention plain torch.fx cannot trace) kept as one call each."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, STAND_IN_TYPES)
+        return (isinstance(module, STAND_IN_TYPES) or getattr(module, "depthcut_leaf", False)
                 or super().is_leaf_module(module, qualified_name))
 
 
@@ -136,3 +137,31 @@ def longest_linear_path(gm: torch.fx.GraphModule) -> int:
         if node.op == "output":
             return depth[node]
     return 0
+
+
+def chain_neighbours(model: nn.Module, sites: list[str]) -> dict[str, list[str]]:
+    """For each site, the sites one linear run away: reached from its output through ops that
+    are linear once folded (conv, linear, BatchNorm, no-ops, stand-ins) with one reader each,
+    and no branch. Linearizing both merges the run between them into a longer chain, which
+    can fold into fewer MACs where either alone saves nothing (a MobileNetV2 block needs both
+    of its sites linear to become one convolution). Symmetric; [] for an isolated site."""
+    graph = trace_graph(model)
+    wanted = set(sites)
+    neighbours: dict[str, set[str]] = {site: set() for site in sites}
+    linear = (*LINEAR_TYPES, nn.modules.batchnorm._BatchNorm, *PASS_THROUGH, *STAND_IN_TYPES)
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in wanted:
+            continue
+        current = node
+        while len(current.users) == 1:
+            (user,) = current.users
+            if user.op != "call_module":
+                break
+            if user.target in wanted:
+                neighbours[node.target].add(user.target)
+                neighbours[user.target].add(node.target)
+                break
+            if not isinstance(model.get_submodule(str(user.target)), linear):
+                break
+            current = user
+    return {site: sorted(found) for site, found in neighbours.items()}

@@ -64,7 +64,8 @@ def risky_convs(model: nn.Module) -> list[str]:
 def choose_memory_format(model: nn.Module, device: torch.device,
                          setting: str | bool | None = "auto") -> MemoryFormat:
     """`auto`: channels_last on CPU unless the model has a strided 1x1 conv with few input
-    channels; contiguous on GPUs. `on`/`off` force it (on: with a warning where it is unsafe)."""
+    channels or no 2-D convolution at all (the transformer); contiguous on GPUs. `on`/`off`
+    force it (on: with a warning where it is unsafe)."""
     setting = normalize_setting(setting)
     risky = risky_convs(model) if device.type == "cpu" else []
     if setting == "off":
@@ -84,4 +85,7 @@ def choose_memory_format(model: nn.Module, device: torch.device,
             False, setting,
             f"contiguous: strided 1x1 conv(s) with < {SAFE_INPUT_CHANNELS} input channels "
             "(oneDNN channels_last backward bug, issue 6035)", risky)
+    if not any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        # channels_last only changes 4-D tensors: a sequence model (token ids) has none.
+        return MemoryFormat(False, setting, "contiguous: no 2-D convolution", risky)
     return MemoryFormat(True, setting, "channels_last: faster on CPU, no risky conv", risky)

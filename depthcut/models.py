@@ -252,6 +252,9 @@ def _init_transformer_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+MASKED_SCORE = -1e4  # attention score of a padding key (fits float16 and bfloat16 too)
+
+
 def _split_heads(x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """(B, T, 3C) from a qkv linear -> q, k, v each (B, heads, T, C / heads); no shape reads."""
     qkv = x.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
@@ -444,9 +447,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padded: Tensor | None = None) -> Tensor:
+        """`padded`: bool (B, 1, 1, T), True at padding keys, which then get no attention: their
+        score becomes `MASKED_SCORE` (finite, so a row of padding only stays finite; exp of it
+        underflows to 0 next to any real score)."""
         q, k, v = _split_heads(self.qkv(x), self.heads)
         scores = (q * self.scale) @ k.transpose(-2, -1)
+        if padded is not None:
+            scores = scores.masked_fill(padded, MASKED_SCORE)
         return self.proj(_merge_heads(scores.softmax(dim=-1) @ v))
 
 
@@ -462,8 +470,8 @@ class EncoderBlock(nn.Module):
         self.act = make_activation(activation)
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, padded: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), padded)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
@@ -474,6 +482,12 @@ class TransformerEncoder(nn.Module):
     activation, GELU by default); its input is (B, T, 4C), so entropy is counted per hidden
     feature over every token. `in_channels` is accepted for the common ModelSpec interface and
     ignored. Width scales the model dim (128 * width, rounded to a multiple of the heads).
+
+    Padding: with `pad_id` set (text datasets: 0), tokens equal to it are padding. They get no
+    attention (as keys) and are left out of the mean pooling, with tensor ops only (a mask
+    `tokens == pad_id`, no data-dependent branch), so the model traces and folds as before;
+    `depthcut.entropy.count_states` reads the same `pad_id` attribute and counts a site's
+    states over the real tokens only. `pad_id=None` (default): every token is real.
     """
 
     def __init__(
@@ -487,9 +501,11 @@ class TransformerEncoder(nn.Module):
         depth: int = 4,
         heads: int = 4,
         dim: int = 128,
+        pad_id: int | None = None,
     ) -> None:
         super().__init__()
         del in_channels  # token ids have no channels
+        self.pad_id = pad_id
         dim = heads * max(1, round(dim * width / heads))
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Parameter(torch.zeros(1, max_len, dim))
@@ -501,7 +517,14 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed(tokens) + self.position[:, : tokens.shape[1]]
-        return self.head(self.norm(self.blocks(x)).mean(dim=1))
+        if self.pad_id is None:
+            return self.head(self.norm(self.blocks(x)).mean(dim=1))
+        padded = tokens == self.pad_id  # (B, T)
+        for block in self.blocks:
+            x = block(x, padded[:, None, None, :])
+        keep = (~padded).unsqueeze(-1).type_as(x)  # (B, T, 1)
+        pooled = (self.norm(x) * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+        return self.head(pooled)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -519,7 +542,9 @@ class ModelSpec:
 
     `activation=None` means the architecture's own default (ReLU for resnet18 and vgg16, ReLU6
     for mobilenetv2, GELU for swin-t and transformer); a stored None rebuilds the same model.
-    `in_channels` is ignored by `transformer`, which reads token ids.
+    `in_channels` is ignored by `transformer`, which reads token ids; `vocab_size`, `max_len`
+    and `pad_id` are the transformer's (set from a text dataset; None: the constructor's
+    defaults, as in checkpoints written before they existed).
     """
 
     name: str = "resnet18"
@@ -527,6 +552,9 @@ class ModelSpec:
     in_channels: int = 3
     width: float = 1.0
     activation: str | None = None
+    vocab_size: int | None = None
+    max_len: int | None = None
+    pad_id: int | None = None
 
     def build(self) -> nn.Module:
         from depthcut.external import build_external, is_external
@@ -539,6 +567,12 @@ class ModelSpec:
         if not self.width > 0:
             raise ConfigError(f"width multiplier must be positive, got {self.width}")
         chosen = {} if self.activation is None else {"activation": self.activation}
+        sequence = {key: getattr(self, key) for key in ("vocab_size", "max_len", "pad_id")
+                    if getattr(self, key) is not None}
+        if sequence and self.name != "transformer":
+            raise ConfigError(f"model {self.name!r} reads images, not token ids "
+                              f"({', '.join(sequence)} given): use model 'transformer'")
+        chosen.update(sequence)
         return MODELS[self.name](
             num_classes=self.num_classes,
             in_channels=self.in_channels,

@@ -71,7 +71,8 @@ def _chosen(record: Mapping) -> str:
     return ", ".join(f"{name} ({_fmt(entropy.get(name), 3)})" for name in record["chosen"])
 
 
-def stage_row(record: Mapping, with_sparsity: bool = False) -> list[str]:
+def stage_row(record: Mapping, with_sparsity: bool = False, with_balanced: bool = False
+              ) -> list[str]:
     row = [
         str(record["stage"]),
         f"{record['sites_linearized']}/{record['sites_total']}",
@@ -83,6 +84,8 @@ def stage_row(record: Mapping, with_sparsity: bool = False) -> list[str]:
         str(record.get("epochs", "")),
         _fmt(record.get("seconds"), 0),
     ]
+    if with_balanced:
+        row[5:5] = [_fmt(record.get("val_balanced")), _fmt(record.get("test_balanced"))]
     if with_sparsity:
         sparsity = record.get("sparsity")
         row.insert(1, "0.0%" if sparsity is None else f"{100 * sparsity:.1f}%")
@@ -92,14 +95,20 @@ def stage_row(record: Mapping, with_sparsity: bool = False) -> list[str]:
 def stage_table(records: Sequence[Mapping], *, header: bool = True) -> str:
     """One Markdown row per stage; without header, only the rows (for printing as stages end).
 
-    Pruning records (which carry "sparsity") get a sparsity column.
+    Pruning records (which carry "sparsity") get a sparsity column; records with balanced
+    accuracy (mean per-class recall; every record since it was added) get val and test
+    balanced columns.
     """
     with_sparsity = any("sparsity" in r for r in records)
+    with_balanced = any("test_balanced" in r for r in records)
     headers = list(STAGE_HEADERS)
+    if with_balanced:
+        headers[5:5] = ["val balanced", "test balanced"]
     if with_sparsity:
         headers.insert(1, "sparsity")
         headers[3] = "removed (always ON/OFF, or scaled)"
-    table = markdown_table(headers, [stage_row(r, with_sparsity) for r in records])
+    rows = [stage_row(r, with_sparsity, with_balanced) for r in records]
+    table = markdown_table(headers, rows)
     return table if header else "\n".join(table.splitlines()[2:])
 
 
@@ -131,7 +140,8 @@ def summary_markdown(
         f"({', '.join(removed) or 'none'})"
         f"{_sparsity(answer)}: val top-1 {_fmt(answer['val_top1'])}, "
         f"test top-1 {_fmt(answer['test_top1'])} (dense: val {_fmt(dense['val_top1'])}, "
-        f"test {_fmt(dense['test_top1'])}). Checkpoint: `{answer.get('checkpoint', '-')}`.",
+        f"test {_fmt(dense['test_top1'])}){_balanced(answer, dense)}. "
+        f"Checkpoint: `{answer.get('checkpoint', '-')}`.",
         "",
         f"Stopped because: {stop_reason}. Wall time: {wall_seconds / 60:.1f} min.",
         "",
@@ -146,6 +156,14 @@ def summary_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _balanced(answer: Mapping, dense: Mapping) -> str:
+    if "test_balanced" not in answer:
+        return ""
+    return (f"; balanced accuracy: val {_fmt(answer.get('val_balanced'))}, test "
+            f"{_fmt(answer.get('test_balanced'))} (dense: val {_fmt(dense.get('val_balanced'))}, "
+            f"test {_fmt(dense.get('test_balanced'))})")
 
 
 def _sparsity(record: Mapping) -> str:
@@ -208,6 +226,7 @@ LABELS = {
     "egp": "EGP",
     "imp": "IMP",
     "layer_folding": "Layer Folding",
+    "progressive": "Progressive",
     "dense_longer": "dense, trained longer",
 }
 
@@ -286,7 +305,8 @@ def measure_stage_costs(run: Run, progress: bool = True) -> dict:
         model, info = load_checkpoint(run.path / record["checkpoint"])
         # Runs written before config.json kept the input shape were timed at 32x32.
         shape = run.config.get("input_shape") or (info["spec"].in_channels, 32, 32)
-        _, measured = measure_stage(model, torch.randn(128, *shape), latency={1: 30, 128: 3})
+        _, measured = measure_stage(model, random_inputs(info["spec"], 128, shape),
+                                    latency={1: 30, 128: 3})
         costs[key] = {name: measured[name] for name in (
             "macs_unfolded", "macs_folded", "depth_unfolded", "depth_folded", "exact",
             "relative_error", "bias_maps")}
@@ -300,15 +320,27 @@ def measure_stage_costs(run: Run, progress: bool = True) -> dict:
     return costs
 
 
+def random_inputs(spec, batch: int, shape: Sequence[int]) -> torch.Tensor:
+    """A batch to fold and time a model on: random images, or for a sequence model (its spec
+    has a vocabulary) random non-padding token ids, every text at full length."""
+    vocab = getattr(spec, "vocab_size", None)
+    if vocab is not None:
+        low = 0 if spec.pad_id is None else spec.pad_id + 1
+        return torch.randint(low, vocab, (batch, *shape))
+    return torch.randn(batch, *shape)
+
+
 def _fair_reference(runs: Sequence[Run], total_epochs: int) -> float | None:
-    """Test top-1 of the dense model trained for the same total epochs (the latest stage of the
-    dense-trained-longer run that has not trained longer than that)."""
+    """Test top-1 of the dense model trained for the same total epochs: the first stage of the
+    dense-trained-longer run that has trained at least as long (its chunks are the finetune's
+    length, so a method whose epochs fall between two chunks meets the longer-trained one);
+    None when that run stopped short of it."""
     for run in runs:
         if run.method != "dense_longer":
             continue
-        fitting = [r for r in run.records if r.get("total_epochs", 0) <= total_epochs]
+        fitting = [r for r in run.records if r.get("total_epochs", 0) >= total_epochs]
         if fitting:
-            return fitting[-1]["test_top1"]
+            return fitting[0]["test_top1"]
     return None
 
 
@@ -318,6 +350,7 @@ def table1(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], int | None]
     easier = [run for run in methods if run.method == "easier"]
     equal = easier[0].answer["sites_linearized"] if easier else None
     headers = ["method", "answer stage", "sites removed", "test top-1", "val top-1",
+               "test balanced", "val balanced",
                "sparsity", "total epochs", "dense trained as long: test top-1",
                f"test top-1 at {equal} sites removed" if equal is not None else "-",
                "folded MMACs/image", "folded params", "folded latency b1 (ms)"]
@@ -325,7 +358,8 @@ def table1(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], int | None]
     rows = []
     if dense is not None:
         rows.append(["dense", "0", f"0/{dense['sites_total']}", _fmt(dense["test_top1"]),
-                     _fmt(dense.get("val_top1")), "-", str(dense.get("total_epochs", "-")),
+                     _fmt(dense.get("val_top1")), _fmt(dense.get("test_balanced")),
+                     _fmt(dense.get("val_balanced")), "-", str(dense.get("total_epochs", "-")),
                      "-", "-", "-", "-", "-"])
     for run in methods:
         answer = run.answer
@@ -337,6 +371,8 @@ def table1(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], int | None]
             f"{answer['sites_linearized']}/{answer['sites_total']}",
             _fmt(answer["test_top1"]),
             _fmt(answer.get("val_top1")),
+            _fmt(answer.get("test_balanced")),
+            _fmt(answer.get("val_balanced")),
             f"{100 * answer['sparsity']:.1f}%" if "sparsity" in answer else "-",
             str(answer.get("total_epochs", "-")),
             _fmt(_fair_reference(runs, answer.get("total_epochs", 0))),
@@ -422,6 +458,42 @@ def plot_accuracy_vs_sites(runs: Sequence[Run], path: Path) -> bool:
     return True
 
 
+def plot_accuracy_vs_epochs(runs: Sequence[Run], path: Path) -> bool:
+    """Test top-1 against total training epochs (dense training included), one line per method
+    and the dense model trained on: the cost axis the papers leave out. Each method's answer is
+    a star labelled with the sites it removed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for run in runs:
+        xs = [r.get("total_epochs", 0) for r in run.records]
+        ys = [r["test_top1"] for r in run.records]
+        style = {"color": "gray", "linestyle": "--"} if run.method == "dense_longer" else {}
+        (line,) = ax.plot(xs, ys, marker=".", label=run.label, **style)
+        if run.method != "dense_longer":
+            answer = run.answer
+            ax.plot([answer.get("total_epochs", 0)], [answer["test_top1"]], marker="*",
+                    markersize=13, color=line.get_color())
+            ax.annotate(f"{answer['sites_linearized']}/{answer['sites_total']}",
+                        (answer.get("total_epochs", 0), answer["test_top1"]),
+                        textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xlabel("total training epochs (dense training included)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{runs[0].experiment('model')} x{runs[0].experiment('width')} on "
+                 f"{_dataset_name(runs[0])}; star: answer (sites removed)" if runs else "")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_entropy_heatmap(run: Run, path: Path) -> bool:
     """Entropy of every site (rows) at every stage (columns), the chosen site marked."""
     try:
@@ -488,9 +560,11 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
         lines += [f"'At {equal} sites removed' is each method's stage with as many sites removed "
                   "as EASIER's answer (- where a method never had exactly that many).", ""]
     if any(run.method == "dense_longer" for run in runs):
-        lines += ["'Dense trained as long' is the dense model trained further for as many "
-                  "total epochs as that method's answer consumed (no site removed), so gains "
-                  "from extra training are not credited to depth reduction.", ""]
+        lines += ["'Dense trained as long' is the dense model trained further (plain "
+                  "finetunes, no site removed, no distillation) for at least as many total "
+                  "epochs as that method's answer consumed (the first of its chunks that "
+                  "reaches them), so gains from extra training are not credited to depth "
+                  "reduction.", ""]
     for number, run in enumerate(easier):
         if measure:
             measure_stage_costs(run, progress=progress)
@@ -506,6 +580,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
                   markdown_table(headers3, rows3), ""]
     if plot_accuracy_vs_sites(runs, out / "accuracy_vs_sites.png"):
         lines += ["![test top-1 against sites removed](accuracy_vs_sites.png)", ""]
+    if plot_accuracy_vs_epochs(runs, out / "accuracy_vs_epochs.png"):
+        lines += ["![test top-1 against total training epochs](accuracy_vs_epochs.png)", ""]
     if easier and plot_entropy_heatmap(easier[0], out / "entropy_heatmap.png"):
         lines += ["![entropy per site and stage](entropy_heatmap.png)", ""]
     for run in runs:

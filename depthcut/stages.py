@@ -58,7 +58,10 @@ class StageRecord(Mapping):
     entropy: dict[str, float] = field(default_factory=dict)
     val_top1: float | None = None
     test_top1: float | None = None
-    drop: float | None = None
+    # Balanced accuracy (mean per-class recall, percent); unset in records of older versions.
+    val_balanced: float | None = UNSET
+    test_balanced: float | None = UNSET
+    drop: float | None = None  # dense - this stage, validation, in the run's metric
     within_delta: bool = True  # within the method's stop rule (the answer is the last such)
     epochs: int = 0
     total_epochs: int = 0
@@ -112,6 +115,26 @@ class StageRecord(Mapping):
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(StageRecord))
+
+
+# The validation score a stop rule reads (`--metric`): the record key and how text names it.
+METRICS = {"top1": ("val_top1", "top-1"), "balanced": ("val_balanced", "balanced accuracy")}
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    return metric
+
+
+def metric_label(metric: str) -> str:
+    """How summaries and stop reasons name the metric: "top-1" or "balanced accuracy"."""
+    return METRICS[check_metric(metric)][1]
+
+
+def val_score(record: Mapping, metric: str = "top1") -> float | None:
+    """The validation score of `record` in `metric`: val top-1 or val balanced accuracy."""
+    return record.get(METRICS[check_metric(metric)][0])
 
 
 def answer_stage(records: Sequence[Mapping]) -> Mapping:
@@ -171,6 +194,8 @@ class StageRun:
     records: list[StageRecord]
     progress: bool = True
     snapshots: Callable[[str], Checkpointing] | None = None
+    metric: str = "top1"  # what stop rules compare: "top1" or "balanced" (validation split)
+    teacher: nn.Module | None = None  # the dense model, for finetunes that distill
 
     @property
     def dense(self) -> StageRecord:
@@ -179,6 +204,15 @@ class StageRun:
     @property
     def last(self) -> StageRecord:
         return self.records[-1]
+
+    @property
+    def metric_label(self) -> str:
+        return metric_label(self.metric)
+
+    def score(self, record: Mapping) -> float | None:
+        """The validation score every method's stop rule reads: val top-1, or val balanced
+        accuracy with metric "balanced" (the one place the metric is chosen)."""
+        return val_score(record, self.metric)
 
     def count(self, sites: Sequence[str], settings: EntropySettings
               ) -> dict[str, SiteCounts | None]:
@@ -191,7 +225,8 @@ class StageRun:
         """The shared training loop on the training split; `name` labels the progress bar and
         the epoch snapshots a resumed run continues from."""
         return train(self.model, self.splits.train, config, progress=self.progress, desc=name,
-                     checkpointing=self.snapshots(name) if self.snapshots else None, **kwargs)
+                     checkpointing=self.snapshots(name) if self.snapshots else None,
+                     teacher=self.teacher, **kwargs)
 
 
 class Method:
@@ -251,8 +286,15 @@ def run_stages(
     on_stage: Callable[[StageRecord, nn.Module], None] | None = None,
     progress: bool = True,
     snapshots: Callable[[str], Checkpointing] | None = None,
+    metric: str = "top1",
+    teacher: nn.Module | None = None,
 ) -> MethodResult:
     """Run `method` from a trained model whose metrics are `dense_record` (stage 0).
+
+    `metric` is the validation score the method's stop rule compares with the dense model's:
+    "top1" or "balanced" (balanced accuracy; the dense record must have it).
+
+    `teacher` (the dense model) is what finetunes with `distill` > 0 learn from.
 
     `on_stage(record, model)` is called after every stage (the run directory writes the record
     and checkpoint; it may set the record's run fields). To resume, pass the stages already
@@ -263,7 +305,13 @@ def run_stages(
         raise ConfigError(f"{method.title or method.name} needs a validation split for its stop "
                          "rule: use val_fraction > 0")
     records = [StageRecord.from_dict(r) for r in (dense_record, *history)]
-    run = StageRun(model, splits, records, progress=progress, snapshots=snapshots)
+    check_metric(metric)
+    if method.needs_val and val_score(records[0], metric) is None:
+        raise ConfigError(f"{method.title or method.name}'s stop rule reads validation "
+                          f"{metric_label(metric)}, which the dense record lacks (written by an "
+                          "older version?): use metric top1 or evaluate the dense model again")
+    run = StageRun(model, splits, records, progress=progress, snapshots=snapshots,
+                   metric=metric, teacher=teacher)
     reason = method.begin(run)
     while reason is None:
         reason = method.stop_before(run) or _stage(method, run, on_stage)
@@ -280,16 +328,22 @@ def _stage(method: Method, run: StageRun, on_stage) -> str | None:
         return changed
     fit = run.train(method.finetune, method.training(stage))
     changed = {**changed, **method.after(run)}
-    dense_val = run.dense.val_top1
-    val = evaluate(run.model, run.splits.val) if run.splits.val is not None else None
+    val = val_balanced = None
+    if run.splits.val is not None:
+        val, val_balanced = evaluate(run.model, run.splits.val, balanced=True)
+    test, test_balanced = evaluate(run.model, run.splits.test, balanced=True)
+    scores = {"val_top1": val, "val_balanced": val_balanced}
+    dense_val, score = run.score(run.dense), run.score(scores)
     record = StageRecord.from_dict({
         "method": method.name,
         "stage": stage,
         "sites_total": run.dense.sites_total,
         **changed,
         "val_top1": val,
-        "test_top1": evaluate(run.model, run.splits.test),
-        "drop": dense_val - val if val is not None and dense_val is not None else None,
+        "test_top1": test,
+        "val_balanced": val_balanced,
+        "test_balanced": test_balanced,
+        "drop": dense_val - score if score is not None and dense_val is not None else None,
         "epochs": method.epochs(),
         "total_epochs": run.last.total_epochs + method.epochs(),
         "train_loss": fit.epochs[-1].loss if fit.epochs else None,

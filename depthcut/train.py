@@ -42,6 +42,12 @@ class TrainConfig:
     # False: no weight decay on 1-D parameters (BatchNorm/LayerNorm weights and biases), as is
     # usual for SGD. True: weight decay on every parameter, as the EASIER authors' code does.
     decay_norm_and_bias: bool = False
+    # Knowledge distillation from the dense model's logits (Hinton et al.): the loss becomes
+    # (1 - distill) * cross-entropy + distill * T^2 * KL(teacher_T || student_T), T the
+    # temperature. 0 = off. Only trainings given a teacher use it (the methods' finetunes, whose
+    # teacher is the run's dense model).
+    distill: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -51,6 +57,12 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         self.milestones = tuple(int(m) for m in self.milestones)
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill (the distillation loss's weight) must be in [0, 1], "
+                              f"got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill_temperature must be positive, got "
+                              f"{self.distill_temperature}")
 
     def lr_factor(self, epoch_progress: float) -> float:
         """Multiplier of `lr` after `epoch_progress` epochs (fractional)."""
@@ -157,12 +169,19 @@ def train(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
     checkpointing: Checkpointing | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.epochs` epochs; returns per-epoch statistics.
 
     `extra_loss()` is added to the task loss (e.g. Layer Folding's slope penalty) and
-    `after_step()` runs after every optimizer step (e.g. clipping a parameter).
+    `after_step()` runs after every optimizer step (e.g. clipping a parameter). With a
+    `teacher` and `config.distill` > 0 the task loss is distilled (`distillation_loss`); the
+    teacher runs in eval mode without gradients.
     """
+    if teacher is None or config.distill == 0:
+        teacher = None
+    else:
+        teacher.eval()
     device = _device_of(model)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = max(len(loader), 1)  # type: ignore[arg-type]
@@ -204,6 +223,11 @@ def train(
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device)
             outputs = net(inputs)
             loss = F.cross_entropy(outputs, targets, label_smoothing=config.label_smoothing)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_outputs = teacher(inputs)
+                loss = distillation_loss(loss, outputs, teacher_outputs, config.distill,
+                                         config.distill_temperature)
             if extra_loss is not None:
                 loss = loss + extra_loss()
             if not torch.isfinite(loss):
@@ -249,21 +273,50 @@ def train(
     return result
 
 
+def distillation_loss(task_loss: torch.Tensor, outputs: torch.Tensor, teacher_outputs: torch.Tensor,
+                      weight: float, temperature: float) -> torch.Tensor:
+    """(1 - weight) * task loss + weight * T^2 * KL(softmax(teacher/T) || softmax(outputs/T)):
+    the T^2 keeps the soft term's gradients on the scale of the hard one's."""
+    soft = F.kl_div(F.log_softmax(outputs.float() / temperature, dim=1),
+                    F.log_softmax(teacher_outputs.float() / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1 - weight) * task_loss + weight * temperature**2 * soft
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False) -> float:
-    """Top-1 accuracy in percent; the model's train/eval flag is restored afterwards."""
+def evaluate(model: nn.Module, loader: Iterable, *, progress: bool = False,
+             balanced: bool = False) -> float | tuple[float, float]:
+    """Top-1 accuracy in percent; the model's train/eval flag is restored afterwards.
+
+    With `balanced`, returns (top-1, balanced accuracy): the mean over the classes present in
+    the split of each class's recall (correct / samples of that class), in percent, which
+    weighs a rare class as much as a common one."""
     device = _device_of(model)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    per_class = hits = None
     seen = 0
     try:
         for inputs, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
             outputs = model(inputs.to(device, non_blocking=True))
-            correct += (outputs.argmax(1) == targets.to(device)).sum()
+            targets = targets.to(device)
+            right = outputs.argmax(1) == targets
+            correct += right.sum()
             seen += targets.numel()
+            if balanced:
+                classes = outputs.shape[1]
+                counts = torch.bincount(targets, minlength=classes)
+                found = torch.bincount(targets[right], minlength=classes)
+                per_class = counts if per_class is None else per_class + counts
+                hits = found if hits is None else hits + found
     finally:
         model.train(was_training)
     if seen == 0:
         raise ConfigError("cannot evaluate on an empty split")
-    return 100.0 * float(correct) / seen
+    top1 = 100.0 * float(correct) / seen
+    if not balanced:
+        return top1
+    present = per_class > 0
+    recall = hits[present].double() / per_class[present].double()
+    return top1, 100.0 * float(recall.mean())

@@ -35,13 +35,17 @@ QUICK = {
     "decay_norm_and_bias": False, "delta": 1.0, "dense_checkpoint": None, "device": "auto",
     "entropy_mode": "eval", "entropy_variant": "paper", "epochs": 15, "finetune_epochs": 3,
     "finetune_lr": 0.02, "gamma": 0.1, "k": 1, "lam": 0.25, "lf_k": None, "lr": 0.1,
-    "max_stages": 8, "methods": ["easier", "nepenthe", "egp", "imp", "layer-folding"],
+    "max_stages": 8,
+    "methods": ["easier", "nepenthe", "egp", "imp", "layer-folding", "progressive"],
     "milestones": [80, 120], "model": "resnet18", "momentum": 0.9, "nesterov": True,
     "reallocate": "fixed", "rounds": 5, "schedule": "cosine", "seed": 0, "slope_epochs": 3,
     "slope_lr": 0.02, "temperature": 1.0, "theta": 0.99, "threshold": 0.9,
     "train_subset": None, "val_fraction": 0.1, "warmup_epochs": 0.0, "weight_decay": 0.0005,
     "width": 0.25, "zeta": 0.5,
     "choose": "entropy", "payoff_weight": 1.0, "payoff_cost": "macs",
+    "metric": "top1",
+    "distill": 0.0, "distill_temperature": 4.0, "progressive_epochs": 1, "first_step": 4,
+    "max_sites": None, "blend": 0.5,
 }
 
 

@@ -19,7 +19,8 @@ def comparison(tmp_path_factory):
     args = ["compare", "--dataset", "cifar10", "--data-root", str(root), "--width", "0.0625",
             "--epochs", "1", "--finetune-epochs", "1", "--slope-epochs", "1", "--max-stages",
             "2", "--rounds", "1", "--delta", "100", "--batch-size", "32", "--device", "cpu",
-            "--methods", "easier", "imp", "layer-folding", "--out", str(out), "--no-progress"]
+            "--methods", "easier", "easier-payoff", "imp", "layer-folding", "progressive",
+            "--out", str(out), "--no-progress"]
     assert main(args) == 0
     return root, out
 
@@ -49,11 +50,33 @@ def test_report_tables_equal_the_records(comparison):
         stages = list(csv.DictReader(handle))
     assert [int(s["stage"]) for s in stages] == [r["stage"] for r in easier]
     assert all(float(s["MMACs folded"]) > 0 for s in stages)
+    assert stages[0]["MACs vs dense"] == "1.000x" and stages[0]["b1 vs dense"] == "1.000x"
+    assert all(int(s["depth folded"]) <= int(s["depth unfolded"]) for s in stages)
+    assert all(s["fold exact (rel. error)"].startswith(("yes", "border")) for s in stages)
+
+
+def test_compare_runs_the_easier_variants_and_progressive(comparison):
+    """easier-payoff is EASIER with choose=payoff, in its own Table 3; the fair reference of a
+    method is the dense model trained at least as long as that method's answer."""
+    _, out = comparison
+    payoff = json.loads((out / "easier-payoff" / "config.json").read_text())
+    assert payoff["method"] == "easier" and payoff["easier"]["choose"] == "payoff"
+    assert all("score" in r for r in read_records(out / "easier-payoff")[1:])
+    assert (out / "report" / "table3_easier-payoff.csv").is_file()
+    with open(out / "report" / "table1.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    fair = read_records(out / "dense_longer")
+    for method, label in (("easier-payoff", "EASIER (payoff)"), ("progressive", "Progressive")):
+        answer = [r for r in read_records(out / method) if r["within_delta"]][-1]
+        longer = [r for r in fair if r["total_epochs"] >= answer["total_epochs"]][0]
+        assert float(rows[label]["dense trained as long: test top-1"]) == pytest.approx(
+            longer["test_top1"], abs=0.006)
+        assert int(rows[label]["total epochs"]) == answer["total_epochs"]
 
 
 def test_plots_are_written(comparison):
     _, out = comparison
-    for name in ("accuracy_vs_sites.png", "entropy_heatmap.png"):
+    for name in ("accuracy_vs_sites.png", "accuracy_vs_epochs.png", "entropy_heatmap.png"):
         path = out / "report" / name
         assert path.stat().st_size > 5000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

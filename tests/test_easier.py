@@ -91,7 +91,8 @@ def test_stops_at_the_first_stage_beyond_delta(monkeypatch):
     splits = tiny_splits()
     model = TinyNet()
     scripted = iter([79.5, 70.0, 79.2, 70.0, 78.9, 70.0])  # (val, test) per stage
-    monkeypatch.setattr(stages_module, "evaluate", lambda m, loader: next(scripted))
+    monkeypatch.setattr(stages_module, "evaluate",
+                        lambda m, loader, balanced=False: (next(scripted),) * 2)
     dense = dense_record(model, splits) | {"val_top1": 80.0}
     config = EasierConfig(delta=1.0, finetune=TrainConfig(epochs=0))
     result = easier(model, splits, config, dense_record=dense, progress=False)

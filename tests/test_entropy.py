@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from depthcut import count_states, measure_entropy, neuron_entropy
+from depthcut.entropy import per_neuron_sum
 from depthcut.sites import SiteError
 
 
@@ -137,3 +138,27 @@ def test_train_mode_variant_and_bad_mode():
     assert torch.equal(model[1].running_mean, running_mean)
     with pytest.raises(ValueError, match="mode"):
         measure_entropy(model, data, ["2"], mode="test")
+
+
+@pytest.mark.parametrize("shape, dim, channels_last", [
+    ((4, 5, 6, 7), 1, True), ((4, 5, 6, 7), 1, False), ((4, 9, 5), 2, False),
+    ((4, 5, 9), 1, False), ((6, 5), 1, False), ((4, 5, 6, 7), 1, "sliced")])
+def test_per_neuron_sum_equals_the_sum_over_every_other_axis(shape, dim, channels_last):
+    """The fast views give exactly torch's sum over all axes but the neuron axis, for signs
+    (float) and comparisons (bool), in every memory layout a site can see."""
+    z = torch.randn(*shape)
+    if channels_last is True:
+        z = z.contiguous(memory_format=torch.channels_last)
+    elif channels_last == "sliced":  # neither contiguous nor channels_last
+        z = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
+    others = [d for d in range(z.dim()) if d != dim]
+    assert torch.equal(per_neuron_sum(torch.sign(z), dim), torch.sign(z).sum(dim=others))
+    assert torch.equal(per_neuron_sum(z > 0, dim), (z > 0).sum(dim=others))
+
+
+def test_per_neuron_sum_is_exact_under_bf16_autocast():
+    """Sign sums are counts: 3001 ON neurons must read 3001, not bf16's nearest (3008)."""
+    signs = torch.ones(3001, 4).contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = per_neuron_sum(signs, 1)
+    assert total.dtype == torch.float32 and torch.equal(total, torch.full((4,), 3001.0))

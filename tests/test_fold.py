@@ -15,6 +15,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from depthcut.fold import POLICIES, FoldError, Merge, add_parallel, affine_of, compose, fold
@@ -476,3 +477,15 @@ def test_report_keeps_no_policy_callables() -> None:
                                          "seconds_after"]
     json.dumps(record)
     assert pickle.loads(pickle.dumps(report)).to_dict() == record
+
+
+def test_macs_count_the_cpu_attention_kernel():
+    """F.scaled_dot_product_attention on CPU: Q K^T and A V, b h s s d multiply-adds each."""
+    from depthcut.fold import count_macs
+
+    class Attend(nn.Module):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, x, x)
+
+    x = torch.randn(2, 3, 16, 8)
+    assert count_macs(Attend(), x) == 2 * (2 * 3 * 16 * 16 * 8)

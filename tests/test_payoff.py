@@ -14,11 +14,13 @@ from depthcut.cli import build_config, build_parser, main, resolve_settings
 from depthcut.data import ImageDataset, make_splits
 from depthcut.errors import ConfigError
 from depthcut.fold import fold
+from depthcut.graph import chain_neighbours
 from depthcut.methods.easier import (
     EasierConfig,
     choose_sites,
     easier,
     example_batch,
+    pair_credit,
     payoff_savings,
 )
 from depthcut.models import ConvBNAct, InvertedResidual
@@ -195,3 +197,50 @@ def test_cli_run_records_payoff_and_score(tmp_path):
     assert record["chosen"] == choose_sites(record["score"], 1)
     for site, score in record["score"].items():
         assert score == pytest.approx(record["entropy"][site] - 5 * record["payoff"][site])
+
+
+def test_chain_neighbours_are_one_linear_run_apart():
+    model = TinyMobile()
+    neighbours = chain_neighbours(model, find_sites(model))
+    assert neighbours["blocks.0.expand.act"] == ["blocks.0.depthwise.act"]
+    assert neighbours["blocks.0.depthwise.act"] == ["blocks.0.expand.act"]  # then a residual add
+    assert neighbours["blocks.1.depthwise.act"] == ["blocks.1.expand.act"]
+    assert neighbours["stem.act"] == []  # its output also feeds the skip: a branch, no run
+    chain = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2),
+                          nn.ReLU(), nn.Flatten(), nn.ReLU())
+    linearize(chain, ["4"])  # an Identity passes the run on; Flatten ends it
+    assert chain_neighbours(chain, ["1", "6"]) == {"1": [], "6": []}
+    assert chain_neighbours(nn.Sequential(*list(chain)[:5], nn.ReLU()), ["1", "5"]) == {
+        "1": ["5"], "5": ["1"]}
+
+
+def test_pair_credit_is_half_the_pair_or_the_site_alone():
+    savings = {"a": 0.0, "b": 0.05, "c": 0.0, "a+b": 0.3}
+    credit = pair_credit(savings, {"a": ["b"], "b": ["a"], "c": []})
+    assert credit == {"a": 0.15, "b": 0.15, "c": 0.0}
+    assert pair_credit({"a": 0.2, "a+b": 0.3}, {"a": ["b"]}) == {"a": 0.2}
+
+
+def test_payoff_looks_one_pair_ahead(monkeypatch):
+    """With no site linear, no site of an inverted-residual block saves anything alone; the
+    pair does (the block becomes one conv), so a large weight chooses a site of that pair
+    over lower-entropy ones."""
+    entropies = {"stem.act": 0.2, "blocks.0.expand.act": 0.6, "blocks.0.depthwise.act": 0.7,
+                 "blocks.1.expand.act": 0.3, "blocks.1.depthwise.act": 0.4}
+    monkeypatch.setattr(easier_module, "layer_entropies", lambda counts: dict(entropies))
+    torch.manual_seed(0)
+    model = TinyMobile()
+    splits = tiny_splits()
+    dense = {"method": "dense", "stage": 0, "sites_total": 5, "sites_linearized": 0,
+             "linearized": [], "val_top1": evaluate(model, splits.val), "test_top1": 0.0}
+    config = EasierConfig(delta=100.0, max_stages=1, finetune=TrainConfig(epochs=0),
+                          choose="payoff", payoff_weight=10.0)
+    record = easier(model, splits, config, dense_record=dense, progress=False).records[1]
+    assert all(v == 0 for v in record["payoff"].values())
+    pair = record["payoff_pairs"]["blocks.0.depthwise.act+blocks.0.expand.act"]
+    assert pair > 0.1
+    assert record["score"]["blocks.0.expand.act"] == pytest.approx(0.6 - 10.0 * pair / 2)
+    assert record["chosen"] == [min(record["score"], key=record["score"].get)]
+    chosen = record["chosen"][0]
+    assert chosen != "stem.act"  # the lowest entropy, but it pays nothing, alone or paired
+    assert any(chosen in key for key, v in record["payoff_pairs"].items() if v > 0.1)

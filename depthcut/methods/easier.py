@@ -1,7 +1,8 @@
 """EASIER (METHODS section 3, Alg. 1): linearize the lowest-entropy site, finetune, repeat.
 
 The loop stops at the first stage whose validation top-1 falls more than `delta` points below the
-dense model's; the answer is the last stage within delta. With `choose="payoff"` a site's score
+dense model's (or validation balanced accuracy: the run's metric, `StageRun.score`); the answer
+is the last stage within delta. With `choose="payoff"` a site's score
 also weighs what folding would save once it is linear (see `EasierConfig`).
 """
 
@@ -20,6 +21,7 @@ from depthcut.distributed import all_reduce_sum, world_size
 from depthcut.entropy import ENTROPY_VARIANTS, layer_entropies
 from depthcut.errors import ConfigError
 from depthcut.fold import FoldError, fold, median_seconds
+from depthcut.graph import chain_neighbours
 from depthcut.masks import clone_model
 from depthcut.sites import find_sites, linearize
 from depthcut.stages import Method, MethodResult, StageRecord, StageRun, run_stages
@@ -44,15 +46,20 @@ class EasierConfig:
     cost that linearizing s alone would save: a dry run copies the current model, linearizes s,
     folds it (`depthcut.fold`, policy "macs") on the first `PAYOFF_EXAMPLES` inputs of the
     unaugmented training split, and compares with the current model folded the same way:
-    saving_s = (cost_now - cost_with_s) / cost_now. The cost (`payoff_cost`) is the folded
-    MACs ("macs", deterministic) or the median batch-1 latency of the folded model on CPU
-    ("latency"; noisy, and a saving may then come out negative). Ties keep forward order, as
-    `choose_sites`. The trade-off: with payoff_weight w, a site whose linearization saves a
-    fraction f of the folded cost is worth w * f bits of entropy, so w = 1 lets a site that
-    saves 10% beat one 0.1 bits less entropic; w = 0 chooses exactly as "entropy"; a large w
-    chooses by saving, entropy breaking ties. With k > 1 each site is scored alone (no joint
-    savings). The stage record gains "payoff" ({site: saving}) and "score" ({site: score}).
-    Cost: one fold per candidate site per stage (O(sites) folds), fine at these model sizes;
+    saving_s = (cost_now - cost_with_s) / cost_now, or, with one step of look-ahead, half of
+    what s saves together with a chain neighbour (a site one linear run away,
+    `depthcut.graph.chain_neighbours`) when that is more: a MobileNetV2 block folds into one
+    convolution only once both of its sites are linear, so neither saves anything alone; the
+    half credit lets the first be chosen, and the second then saves the whole amount. The cost
+    (`payoff_cost`) is the folded MACs ("macs", deterministic) or the median batch-1 latency of
+    the folded model on CPU ("latency"; noisy, and a saving may then come out negative). Ties
+    keep forward order, as `choose_sites`. The trade-off: with payoff_weight w, a site whose
+    linearization saves a fraction f of the folded cost is worth w * f bits of entropy, so w = 1
+    lets a site that saves 10% beat one 0.1 bits less entropic; w = 0 chooses exactly as
+    "entropy"; a large w chooses by saving, entropy breaking ties. With k > 1 each site is
+    scored alone (no joint savings). The stage record gains "payoff" ({site: saving alone}),
+    "payoff_pairs" ({"a+b": saving of the pair}) and "score" ({site: score}).
+    Cost: one fold per candidate site and per neighbour pair per stage, fine at these sizes;
     a candidate whose fold raises FoldError gets saving 0. The dry runs touch neither the model
     nor the random number generators training uses.
     """
@@ -111,28 +118,44 @@ def folded_cost(model: nn.Module, example: Tensor, cost: str = "macs") -> float:
 
 
 def payoff_savings(model: nn.Module, example: Tensor, sites: Iterable[str],
-                   cost: str = "macs") -> dict[str, float]:
-    """For each of `sites`, the fraction of `model`'s folded cost (`folded_cost`) that
-    linearizing that site alone saves: (cost_now - cost_with_site) / cost_now. Dry runs on CPU
-    copies: `model` and the random number generators are left as they were. A site whose fold
-    raises FoldError (or all, when the model itself does not fold) saves 0."""
-    sites = list(sites)
+                   cost: str = "macs", groups: Iterable[Sequence[str]] = ()
+                   ) -> dict[str, float]:
+    """For each of `sites` (and each group of sites in `groups`, keyed by the names joined with
+    "+"), the fraction of `model`'s folded cost (`folded_cost`) that linearizing it alone
+    saves: (cost_now - cost_after) / cost_now. Dry runs on CPU copies: `model` and the random
+    number generators are left as they were. A site whose fold raises FoldError (or all, when
+    the model itself does not fold) saves 0."""
+    candidates = [[site] for site in sites] + [list(group) for group in groups]
     with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
         base = clone_model(model).cpu()
         example = example.detach().cpu()
         try:
             now = folded_cost(base, example, cost)
         except FoldError:
-            return dict.fromkeys(sites, 0.0)
+            return {"+".join(group): 0.0 for group in candidates}
         savings = {}
-        for site in sites:
+        for group in candidates:
+            key = "+".join(group)
             try:
-                after = folded_cost(linearize(clone_model(base), [site]), example, cost)
+                after = folded_cost(linearize(clone_model(base), group), example, cost)
             except FoldError:
-                savings[site] = 0.0
+                savings[key] = 0.0
                 continue
-            savings[site] = (now - after) / now if now > 0 else 0.0
+            savings[key] = (now - after) / now if now > 0 else 0.0
     return savings
+
+
+def pair_credit(savings: dict[str, float], neighbours: dict[str, list[str]]) -> dict[str, float]:
+    """A site's saving with one step of look-ahead: the larger of what it saves alone and half
+    of what it saves together with a chain neighbour (`depthcut.graph.chain_neighbours`), so
+    the first site of a pair that only pays together is worth choosing; once it is linear, the
+    second saves the whole amount alone."""
+    credit = {}
+    for site, alone in ((s, v) for s, v in savings.items() if "+" not in s):
+        pairs = [savings.get(f"{site}+{other}", savings.get(f"{other}+{site}", 0.0))
+                 for other in neighbours.get(site, [])]
+        credit[site] = max([alone, *(pair / 2 for pair in pairs)])
+    return credit
 
 
 def payoff_scores(entropies: dict[str, float], savings: dict[str, float], weight: float
@@ -152,7 +175,8 @@ def example_batch(batches: Iterable, size: int = PAYOFF_EXAMPLES) -> Tensor:
 
 
 def within_delta(dense_top1: float, top1: float, delta: float) -> bool:
-    """The stop rule: a stage is acceptable while dense - current <= delta."""
+    """The stop rule: a stage is acceptable while dense - current <= delta (in the run's
+    metric: top-1 or balanced accuracy, `StageRun.score`)."""
     return dense_top1 - top1 <= delta
 
 
@@ -168,6 +192,7 @@ class Easier(Method):
         self.rule = f"delta {config.delta} top-1 points (validation split)"
 
     def begin(self, run: StageRun) -> str | None:
+        self.rule = f"delta {self.config.delta} {run.metric_label} points (validation split)"
         self.linearized = list(run.last.linearized)
         return self.stop_after(run, run.last)  # a resumed run may have ended on its last stage
 
@@ -197,25 +222,31 @@ class Easier(Method):
     def payoff(self, run: StageRun, entropies: dict[str, float]) -> dict:
         """The record's "payoff" (saving per measured site) and "score" (see EasierConfig)."""
         measured: Sequence[str] = [s for s, h in entropies.items() if not math.isnan(h)]
+        neighbours = chain_neighbours(run.model, list(measured)) if measured else {}
+        pairs = sorted({tuple(sorted((site, other))) for site in measured
+                        for other in neighbours[site] if other in measured})
         savings = payoff_savings(run.model, example_batch(run.splits.train_eval), measured,
-                                 self.config.payoff_cost) if measured else {}
+                                 self.config.payoff_cost, pairs) if measured else {}
         if self.config.payoff_cost == "latency" and measured and world_size() > 1:
             # Timings differ between processes: average them so every rank chooses alike.
             device = next(run.model.parameters()).device
-            summed = all_reduce_sum(torch.tensor([savings[s] for s in measured],
+            keys = list(savings)
+            summed = all_reduce_sum(torch.tensor([savings[k] for k in keys],
                                                dtype=torch.float64, device=device))
-            savings = {s: float(v) / world_size() for s, v in zip(measured, summed.tolist(),
+            savings = {k: float(v) / world_size() for k, v in zip(keys, summed.tolist(),
                                                                    strict=True)}
-        return {"payoff": savings,
-                "score": payoff_scores(entropies, savings, self.config.payoff_weight)}
+        credit = pair_credit(savings, neighbours)
+        return {"payoff": {site: savings[site] for site in measured},
+                "payoff_pairs": {key: value for key, value in savings.items() if "+" in key},
+                "score": payoff_scores(entropies, credit, self.config.payoff_weight)}
 
     def accept(self, run: StageRun, record: StageRecord) -> bool:
-        return within_delta(run.dense.val_top1, record.val_top1, self.config.delta)
+        return within_delta(run.score(run.dense), run.score(record), self.config.delta)
 
     def stop_after(self, run: StageRun, record: StageRecord) -> str | None:
         if record.within_delta:
             return None
-        return (f"stage {record.stage} lost {record.drop:.2f} val top-1 points > "
+        return (f"stage {record.stage} lost {record.drop:.2f} val {run.metric_label} points > "
                 f"delta {self.config.delta}")
 
 

@@ -44,7 +44,7 @@ class ProgressiveConfig:
     max_sites: int | None = None  # stop once this many sites are linear
     max_stages: int | None = None  # stop after this many stages (undone ones included)
     blend: float = 0.5  # share of each finetune over which the chosen activations become linear
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=0.02))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1))
     entropy_mode: str = "eval"
     entropy_variant: str = "paper"
 

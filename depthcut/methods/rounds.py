@@ -71,10 +71,11 @@ class PruningConfig:
             return val >= self.theta * dense_val
         return dense_val - val <= self.delta
 
-    def describe(self, rule: str) -> str:
+    def describe(self, rule: str, metric: str = "top-1") -> str:
+        """The stop rule in words; `metric` names the score compared (`StageRun.metric_label`)."""
         if rule == "theta":
-            return f"theta {self.theta} (val top-1 >= theta x dense val top-1)"
-        return f"delta {self.delta} top-1 points (validation split)"
+            return f"theta {self.theta} (val {metric} >= theta x dense val {metric})"
+        return f"delta {self.delta} {metric} points (validation split)"
 
 
 class PruningRounds(Method):
@@ -98,6 +99,7 @@ class PruningRounds(Method):
         return len(self.linearized) + len(self.silenced) + len(self.scaled)
 
     def begin(self, run: StageRun) -> str | None:
+        self.rule = self.config.describe(self.kind, run.metric_label)
         last = run.last
         self.linearized, self.silenced, self.scaled, self.surrogates = (
             list(last.get(key, [])) for key in ("linearized", "silenced", "scaled", "surrogates"))
@@ -165,7 +167,7 @@ class PruningRounds(Method):
         return fields
 
     def accept(self, run: StageRun, record: StageRecord) -> bool:
-        ok = self.config.acceptable(self.kind, run.dense.val_top1, record.val_top1)
+        ok = self.config.acceptable(self.kind, run.score(run.dense), run.score(record))
         return ok and not record["layer_collapse"]
 
     def stop_after(self, run: StageRun, record: StageRecord) -> str | None:
