@@ -20,6 +20,7 @@ from torch import nn
 from depthcut import distributed
 from depthcut.data import DataSplits, load_dataset, make_splits
 from depthcut.errors import ConfigError
+from depthcut.external import is_external
 from depthcut.faults import die_at
 from depthcut.measure import measure_stage
 from depthcut.memory_format import MemoryFormat, choose_memory_format
@@ -114,6 +115,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     elif config.model == "transformer":
         raise ConfigError(f"the transformer reads token ids, {dataset.name} holds images: use a "
                           f"text dataset ({', '.join(TEXT_DATASETS)}) or an image model")
+    elif is_external(config.model):  # built for the dataset's image size (a ViT's img_size)
+        sequence = {"image_size": dataset.image_size}
     spec = ModelSpec(
         name=config.model,
         num_classes=dataset.num_classes,
@@ -127,7 +130,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
         dense, info = load_checkpoint(config.dense_checkpoint)
         mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(spec, key)})"
                       for key in ("name", "num_classes", "in_channels", "width", "activation",
-                                  "vocab_size", "max_len", "pad_id")
+                                  "vocab_size", "max_len", "pad_id", "image_size")
                       if getattr(info["spec"], key) != getattr(spec, key)]
         if mismatched:
             raise ConfigError(

@@ -16,7 +16,8 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
     """Fold `model` (on CPU, eval mode) on `example`, a batch at the run's real input shape,
     and measure unfolded and folded: MACs per image, parameters, operators, conv/linear depth,
     exactness, top-1 on `data` when given, and the median latency in ms at each batch size of
-    `latency` (batch size -> repeats; default batch 1, 30 repeats) on slices of `example`.
+    `latency` (batch size -> repeats; default batch 1, 30 repeats; {} times nothing) on slices
+    of `example`.
     Returns (folded model, measurements)."""
     model = model.cpu().eval()
     example = example.cpu()
@@ -44,7 +45,7 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
         "folded_at": report.input_size,
         "bias_maps": len(report.bias_maps),
     }
-    for size, repeats in (latency or {1: 30}).items():
+    for size, repeats in ({1: 30} if latency is None else latency).items():
         x = example[:size]
         for name, module in (("unfolded", model), ("folded", folded)):
             measured[f"latency_ms_batch{size}_{name}"] = 1e3 * median_seconds(

@@ -555,12 +555,14 @@ class ModelSpec:
     vocab_size: int | None = None
     max_len: int | None = None
     pad_id: int | None = None
+    image_size: int | None = None  # torchvision:/timm: models only (None: 32, as before)
 
     def build(self) -> nn.Module:
         from depthcut.external import build_external, is_external
 
         if is_external(self.name):
-            return build_external(self.name, self.num_classes, self.in_channels)
+            return build_external(self.name, self.num_classes, self.in_channels,
+                                  image_size=self.image_size)
         if self.name not in MODELS:
             raise ConfigError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}, "
                              "or torchvision:NAME / timm:NAME when those are installed")

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from depthcut.data import DATASET_NAMES
 from depthcut.entropy import SiteCounts
 from depthcut.errors import ConfigError
+from depthcut.fold import median_seconds
 from depthcut.measure import measure_stage
 from depthcut.models import default_activation
 from depthcut.run import atomic_write_text, load_checkpoint, read_records, write_json
@@ -294,27 +296,47 @@ def check_compatible(runs: Sequence[Run]) -> None:
             )
 
 
-def measure_stage_costs(run: Run, progress: bool = True) -> dict:
-    """Fold every stage checkpoint of a run and time it (batch 1 and 128) on random inputs at
-    the run's input shape; cached in the run."""
-    costs = dict(run.stage_costs)
-    for record in run.records:
+def measure_stage_costs(run: Run, progress: bool = True, rounds: int = 7) -> dict:
+    """Fold every stage checkpoint of a run and time it, unfolded and folded, at batch 1 and
+    128 on random inputs at the run's input shape; cached in the run.
+
+    The timing is round-robin: each of `rounds` rounds times every stage's two models once
+    (batch 1: the median of 5 calls; batch 128: one call), and a stage's figure is the median
+    over rounds, so a burst of load from another process spreads over all stages instead of
+    landing on one. A cache missing any stage (or written before depth and exactness were
+    kept) is measured again as a whole."""
+    stages = [r for r in run.records if r.get("checkpoint")]
+    if all("depth_folded" in run.stage_costs.get(str(r["stage"]), {}) for r in stages):
+        return run.stage_costs
+    costs: dict[str, dict] = {}
+    models: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
+    inputs = None
+    for record in stages:
         key = str(record["stage"])
-        if "depth_folded" in costs.get(key, {}) or not record.get("checkpoint"):
-            continue  # measured already (caches before depth and exactness are remeasured)
         model, info = load_checkpoint(run.path / record["checkpoint"])
         # Runs written before config.json kept the input shape were timed at 32x32.
         shape = run.config.get("input_shape") or (info["spec"].in_channels, 32, 32)
-        _, measured = measure_stage(model, random_inputs(info["spec"], 128, shape),
-                                    latency={1: 30, 128: 3})
+        inputs = random_inputs(info["spec"], 128, shape)
+        folded, measured = measure_stage(model, inputs, latency={})
         costs[key] = {name: measured[name] for name in (
             "macs_unfolded", "macs_folded", "depth_unfolded", "depth_folded", "exact",
             "relative_error", "bias_maps")}
-        for batch in (1, 128):
-            for form in ("unfolded", "folded"):
-                costs[key][f"ms_batch{batch}_{form}"] = measured[f"latency_ms_batch{batch}_{form}"]
+        models[key] = (model.eval(), folded)
         if progress:
-            print(f"{run.path}: stage {key} folded and timed", flush=True)
+            print(f"{run.path}: stage {key} folded", flush=True)
+    times: dict[str, dict[str, list[float]]] = {key: {} for key in models}
+    for _ in range(rounds):
+        for key, pair in models.items():
+            for batch, repeats in ((1, 5), (128, 1)):
+                x = inputs[:batch]
+                for form, module in zip(("unfolded", "folded"), pair, strict=True):
+                    seconds = median_seconds(lambda m=module, x=x: m(x), repeats=repeats,
+                                             warmup=1)
+                    times[key].setdefault(f"ms_batch{batch}_{form}", []).append(1e3 * seconds)
+    for key, measured in times.items():
+        costs[key].update({name: statistics.median(values) for name, values in measured.items()})
+    if progress:
+        print(f"{run.path}: {len(models)} stages timed, {rounds} rounds", flush=True)
     write_json(run.path / STAGE_COSTS, costs)
     run.stage_costs = costs
     return costs
