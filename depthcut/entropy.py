@@ -162,11 +162,32 @@ def _sum_dtype(values: torch.Tensor) -> torch.dtype | None:
     return torch.int64 if values.dtype == torch.bool else None
 
 
+class _Scratch:
+    """One reusable buffer for the sign tensors of every site in a counting pass: a fresh
+    batch-sized tensor per site and batch costs page faults that, at small widths, rival the
+    convolutions (sites run one after another, so one buffer, grown to the largest, serves all)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def like(self, z: torch.Tensor) -> torch.Tensor:
+        n = z.numel()
+        if (self.buffer is None or self.buffer.numel() < n or self.buffer.dtype != z.dtype
+                or self.buffer.device != z.device):
+            self.buffer = torch.empty(n, dtype=z.dtype, device=z.device)
+        flat = self.buffer[:n]
+        # The same strides as z (channels_last maps stay channels_last).
+        return flat.as_strided(z.shape, z.stride()) if z.is_contiguous(
+            memory_format=torch.channels_last) and z.dim() == 4 else flat.view(z.shape)
+
+
 class _SignCounter:
     """Forward pre-hook that adds one site's sign counts, read before the op can run in place."""
 
-    def __init__(self, name: str, variant: str = "paper", channel_dim: int | None = None) -> None:
+    def __init__(self, name: str, variant: str = "paper", channel_dim: int | None = None,
+                 scratch: _Scratch | None = None) -> None:
         self.name = name
+        self.scratch = scratch or _Scratch()
         self.variant = variant
         self.channel_dim = channel_dim
         self.signed_sum: torch.Tensor | None = None  # sum of sign(z) = n_on - n_off
@@ -195,7 +216,10 @@ class _SignCounter:
             self._add_batch(z, dim, per_neuron, mask)
             return
         dtype = torch.float32 if per_neuron < _FLOAT32_EXACT else torch.float64
-        signs = torch.sign(z).to(dtype)
+        if z.dtype == dtype:
+            signs = torch.sign(z, out=self.scratch.like(z))
+        else:
+            signs = torch.sign(z).to(dtype)
         if mask is not None:  # padding positions count neither ON nor OFF
             signs = signs * mask.to(dtype)
         signed = per_neuron_sum(signs, dim).to(torch.float64)
@@ -319,7 +343,8 @@ def count_states(
     dims = _channel_dims(channel_dim, names)
     device = _model_device(model)
     flags = {module: module.training for module in model.modules()}
-    counters = {name: _SignCounter(name, variant, dims.get(name)) for name in names}
+    scratch = _Scratch()
+    counters = {name: _SignCounter(name, variant, dims.get(name), scratch) for name in names}
     handles = [modules[name].register_forward_pre_hook(counters[name]) for name in names]
     pad_id = getattr(model, "pad_id", None)
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):

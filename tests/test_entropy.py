@@ -162,3 +162,20 @@ def test_per_neuron_sum_is_exact_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         total = per_neuron_sum(signs, 1)
     assert total.dtype == torch.float32 and torch.equal(total, torch.full((4,), 3001.0))
+
+
+def test_counts_agree_in_every_memory_layout_with_one_scratch_buffer():
+    """The sign buffer is shared by every site and reused across batches; channels_last maps
+    keep their strides in it. Counts must equal the contiguous model's exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7 * 7, 6), nn.ReLU())
+    batches = [torch.randn(5, 3, 16, 16) for _ in range(3)] + [torch.randn(2, 3, 16, 16)]
+    plain = count_states(model, batches)
+    last = count_states(model.to(memory_format=torch.channels_last),
+                        [b.contiguous(memory_format=torch.channels_last) for b in batches])
+    for site, counts in plain.items():
+        assert torch.equal(counts.n_on, last[site].n_on), site
+        assert torch.equal(counts.n_off, last[site].n_off), site
+        positions = {"1": 17 * 16 * 16, "3": 17 * 7 * 7, "6": 17}[site]  # per neuron
+        assert torch.all(counts.n_on + counts.n_off == positions), site  # each counted once
