@@ -1,6 +1,7 @@
 """Test top-1 against total training epochs for the README's budget section: EASIER (from the
-earlier `depthcut compare` in docs/comparison, same dense model, 3 epochs per stage), the
-progressive runs kept in docs/budget/records, and the dense model trained on (both runs).
+earlier `depthcut compare` in docs/comparison, same dense model, 3 epochs per stage), EASIER
+with distillation and the progressive runs kept in docs/budget/records, and the dense model
+trained on (both times).
 
     .venv/bin/python scripts/budget_plot.py   # writes docs/budget/accuracy_vs_epochs_all.png
 """
@@ -48,9 +49,12 @@ def main() -> None:
         ax.annotate(f"{accepted['sites_linearized']}/17",
                     (accepted["total_epochs"], accepted["test_top1"]),
                     textcoords="offset points", xytext=(4, 6), fontsize=8)
-    longer = records(DOCS / "budget" / "records" / "cmp" / "dense_longer.jsonl")
+    distilled = records(DOCS / "budget" / "records" / "easier_distill.jsonl")
+    ax.plot([r["total_epochs"] for r in distilled], [r["test_top1"] for r in distilled],
+            marker="o", label="EASIER, distillation 0.5")
+    longer = records(DOCS / "budget" / "records" / "dense_longer39.jsonl")
     ax.plot([r["total_epochs"] for r in longer], [r["test_top1"] for r in longer], "k--",
-            marker=".", label="dense trained on (this run)")
+            marker=".", label="dense trained on (beside the runs above)")
     ax.plot(list(EARLIER_DENSE_LONGER), list(EARLIER_DENSE_LONGER.values()), ":", color="gray",
             marker=".", label="dense trained on (earlier run)")
     ax.set_xlabel("total training epochs (15 dense included)")
