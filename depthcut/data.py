@@ -26,7 +26,7 @@ import secrets
 import tarfile
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -487,28 +487,43 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
 _CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "classes")
 
 
-def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None if absent or unusable (then the caller rebuilds it)."""
+def read_cache(path: Path, keys: Sequence[str], check: Callable[[dict], None]
+               ) -> dict[str, np.ndarray] | None:
+    """The arrays `keys` of a cache file, or None if absent or unusable (`check(arrays)` raises:
+    then the caller rebuilds it, after a warning)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as content:
-            arrays = {k: content[k] for k in _CACHE_KEYS}
-        classes = arrays["classes"]
-        for split in ("train", "test"):
-            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
-                raise DatasetError(f"bad {split} images {images.dtype} {images.shape}")
-            if labels.dtype != np.int64 or labels.shape != (len(images),):
-                raise DatasetError(f"bad {split} labels {labels.dtype} {labels.shape}")
-            if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-                raise DatasetError(f"{split} labels out of range")
-        if classes.ndim != 1 or classes.dtype.kind != "U":
-            raise DatasetError("bad class list")
+            arrays = {k: content[k] for k in keys}
+        check(arrays)
     except Exception as error:  # any damage means: decode again
-        warnings.warn(f"ignoring unusable cache file {path} ({error}); rebuilding it", stacklevel=3)
+        warnings.warn(f"ignoring unusable cache file {path} ({error}); rebuilding it", stacklevel=4)
         return None
     return arrays
+
+
+def check_splits(arrays: dict[str, np.ndarray], rows: str,
+                 rows_ok: Callable[[np.ndarray], bool]) -> None:
+    """Raise DatasetError unless the cached class list and both splits' `{split}_{rows}` and
+    labels have the expected kinds and shapes (`rows_ok`) and the labels index the classes."""
+    classes = arrays["classes"]
+    if classes.ndim != 1 or classes.dtype.kind != "U":
+        raise DatasetError("bad class list")
+    for split in ("train", "test"):
+        data, labels = arrays[f"{split}_{rows}"], arrays[f"{split}_labels"]
+        if not rows_ok(data):
+            raise DatasetError(f"bad {split} {rows} {data.dtype} {data.shape}")
+        if labels.dtype != np.int64 or labels.shape != (len(data),):
+            raise DatasetError(f"bad {split} labels {labels.dtype} {labels.shape}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise DatasetError(f"{split} labels out of range")
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached CIFAR-10 (JPEG) arrays, or None if absent or unusable."""
+    return read_cache(path, _CACHE_KEYS, lambda arrays: check_splits(
+        arrays, "images", lambda a: a.dtype == np.uint8 and a.ndim == 4 and a.shape[1] == 3))
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:

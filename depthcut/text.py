@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
-import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -55,6 +54,8 @@ from depthcut.data import (
     _not_found,
     _sha256_file,
     _write_cache,
+    check_splits,
+    read_cache,
 )
 
 TEXT_DATASETS = ("fortunes-lang", "fortunes-topic")
@@ -299,28 +300,13 @@ _CACHE_KEYS = ("train_tokens", "train_labels", "test_tokens", "test_labels", "cl
 
 def _read_cache(path: Path, max_bytes: int) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None if absent or unusable (then they are built again)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as content:
-            arrays = {key: content[key] for key in _CACHE_KEYS}
-        classes = arrays["classes"]
-        if classes.ndim != 1 or classes.dtype.kind != "U":
-            raise DatasetError("bad class list")
-        for split in ("train", "test"):
-            rows, labels = arrays[f"{split}_tokens"], arrays[f"{split}_labels"]
-            if rows.dtype != np.int16 or rows.ndim != 2 or rows.shape[1] != max_bytes:
-                raise DatasetError(f"bad {split} tokens {rows.dtype} {rows.shape}")
-            if labels.dtype != np.int64 or labels.shape != (len(rows),):
-                raise DatasetError(f"bad {split} labels {labels.dtype} {labels.shape}")
-            if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-                raise DatasetError(f"{split} labels out of range")
+
+    def check(arrays: dict[str, np.ndarray]) -> None:
+        check_splits(arrays, "tokens",
+                     lambda a: a.dtype == np.int16 and a.ndim == 2 and a.shape[1] == max_bytes)
         json.loads(str(arrays["stats"]))
-    except Exception as error:  # any damage means: read the archive again
-        warnings.warn(f"ignoring unusable cache file {path} ({error}); rebuilding it",
-                      stacklevel=3)
-        return None
-    return arrays
+
+    return read_cache(path, _CACHE_KEYS, check)
 
 
 def load_fortunes(key: str, root: Path, cache_dir: str | Path | None = None,
