@@ -54,7 +54,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     data = load_dataset(args.dataset, args.data_root)
-    images = data.test_images[: args.samples]
+    images = data.test_inputs[: args.samples]
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
     model = build_model(args.model, num_classes=data.num_classes, width=args.width).to(device)

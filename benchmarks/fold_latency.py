@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from depthcut.fold import count_macs, fold
+from depthcut.cost import count_macs
+from depthcut.fold import fold
 from depthcut.graph import longest_linear_path, trace
 from depthcut.models import build_model
 from depthcut.sites import find_sites, linearize

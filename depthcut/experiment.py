@@ -1,7 +1,9 @@
 """One experiment, end to end: data, dense model, a method's stages, run directory, summary.
 
-This is the Python API behind the CLI: `run_easier(ExperimentConfig(...), EasierConfig(...))`,
-`run_pruning(ExperimentConfig(...), "nepenthe" | "egp" | "imp", PruningConfig(...))`.
+This is the Python API behind the CLI: `run_method(ExperimentConfig(...), "easier",
+EasierConfig(...), out)` for any registered method (`depthcut.methods.methods()`), and
+`run_comparison` for several from one dense model. Nothing here names a method: what differs
+between methods is in their `MethodSpec`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,20 +20,22 @@ import torch
 from torch import nn
 
 from depthcut import distributed
-from depthcut.data import DataSplits, load_dataset, make_splits
+from depthcut.data import (
+    DataSplits,
+    ImageDataset,
+    TokenDataset,
+    dataset_names,
+    load_dataset,
+    make_splits,
+)
 from depthcut.errors import ConfigError
 from depthcut.external import is_external
 from depthcut.faults import die_at
 from depthcut.measure import measure_stage
 from depthcut.memory_format import MemoryFormat, choose_memory_format
-from depthcut.methods.dense_longer import DenseLongerConfig, dense_longer
-from depthcut.methods.easier import EasierConfig, easier
-from depthcut.methods.imp import imp
-from depthcut.methods.layer_folding import LayerFoldingConfig, layer_folding
-from depthcut.methods.nepenthe import egp, nepenthe
-from depthcut.methods.progressive import ProgressiveConfig, progressive
-from depthcut.methods.rounds import PruningConfig
-from depthcut.models import ModelSpec, count_parameters, default_activation
+from depthcut.methods import MethodSpec, comparable, get_method, reference_method
+from depthcut.models import ACTIVATIONS, MODELS, ModelSpec, count_parameters, default_activation
+from depthcut.options import Option
 from depthcut.reports import build_report, stage_table, summary_markdown
 from depthcut.run import (
     RunDir,
@@ -43,8 +47,7 @@ from depthcut.run import (
     write_json,
 )
 from depthcut.sites import find_sites
-from depthcut.stages import MethodResult, StageRecord, check_metric
-from depthcut.text import TEXT_DATASETS, is_text
+from depthcut.stages import METRICS, MethodResult, StageRecord, check_metric
 from depthcut.train import (
     TrainConfig,
     evaluate,
@@ -85,6 +88,73 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+# The settings of ExperimentConfig: the CLI's "data and model" group, then the dense training's
+# epochs and lr, which head its "training" group (depthcut.train.TRAIN_OPTIONS follow them).
+DATA_MODEL_OPTIONS: tuple[Option, ...] = (
+    Option("model", f"{', '.join(sorted(MODELS))}, or torchvision:NAME / timm:NAME (optional "
+           "packages; random init, stem adapted to 32x32)", argparse={"metavar": "MODEL"}),
+    Option("width", "width multiplier", argparse={"type": float}),
+    Option("activation", "default: the architecture's own",
+           argparse={"choices": sorted(ACTIVATIONS)}),
+    Option("dataset", argparse={"choices": dataset_names}),
+    Option("data_root", "folder holding the dataset"),
+    Option("cache_dir", "where decoded datasets are cached"),
+    Option("val_fraction", "share of the training split held out for validation",
+           argparse={"type": float}),
+    Option("train_subset", "train on only this many images of the training split",
+           argparse={"type": int}),
+    Option("batch_size", argparse={"type": int}),
+    Option("seed", argparse={"type": int}),
+    Option("device", "auto, cpu, cuda, cuda:1, ..."),
+    Option("channels_last", "memory format of images and convolutions: on, off, or auto "
+           "(default): depthcut picks per model: channels_last on CPU, but contiguous when a "
+           "strided 1x1 convolution has fewer than 16 input channels (a oneDNN bug on some "
+           "CPUs); contiguous on GPU", argparse={"choices": ("on", "off", "auto")}),
+    Option("channels_last", "same as --channels-last off", flags=("--no-channels-last",),
+           argparse={"action": "store_const", "const": "off"}),
+    Option("amp", "bf16 autocast for training, evaluation and entropy counting",
+           argparse={"action": "store_true"}),
+    Option("dense_checkpoint",
+           "start from this trained checkpoint instead of training a dense model"),
+    Option("metric", "what every method's stop rule (delta, theta) compares on the validation "
+           "split: top1 (default) or balanced (balanced accuracy, the mean per-class recall: "
+           "for unbalanced classes)", argparse={"choices": tuple(METRICS)}),
+)
+DENSE_TRAINING_OPTIONS: tuple[Option, ...] = (
+    Option("epochs", "dense training epochs", path="dense.epochs", argparse={"type": int}),
+    Option("lr", "dense learning rate (quick: 0.1; paper: Table 4 per model: 0.1 ResNet-18 and "
+           "MobileNetV2, 0.01 VGG-16, 0.001 Swin-T; 0.1 for models Table 4 does not list)",
+           path="dense.lr", argparse={"type": float}),
+)
+# The presets' data, model and training values (every training of a run); each method adds its
+# own (`MethodSpec.presets`). quick: minutes on a 2-core CPU (a narrow ResNet-18, short cosine
+# training). paper: EASIER Table 4 (CIFAR-10): full width, 160 epochs per stage, lr per
+# architecture (`depthcut.models.paper_lr`; None here), milestones 80/120, gamma 0.1, momentum
+# 0.9, weight decay 1e-4 on every parameter as in the authors' code.
+EXPERIMENT_PRESETS: dict[str, dict] = {
+    "quick": {
+        "width": 0.25,
+        "epochs": 15,
+        "lr": 0.1,
+        "schedule": "cosine",
+        "weight_decay": 5e-4,
+        "decay_norm_and_bias": False,  # no weight decay on BatchNorm weights and biases
+        "nesterov": True,
+    },
+    "paper": {
+        "width": 1.0,
+        "epochs": 160,
+        "lr": None,  # paper_lr of the model
+        "schedule": "multistep",
+        "milestones": [80, 120],
+        "gamma": 0.1,
+        "weight_decay": 1e-4,
+        "decay_norm_and_bias": True,
+        "nesterov": False,
+    },
+}
+
+
 @dataclass
 class Prepared:
     splits: DataSplits
@@ -106,7 +176,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
     # A text dataset's byte tokens need the sequence model, built for its vocabulary, length
     # and padding id (kept in the spec, so checkpoints rebuild the same model).
     sequence = {}
-    if is_text(dataset):
+    if isinstance(dataset, TokenDataset):
         if config.model != "transformer":
             raise ConfigError(f"{dataset.name} holds byte tokens, not images: use --model "
                               f"transformer (got {config.model!r})")
@@ -114,13 +184,14 @@ def prepare(config: ExperimentConfig) -> Prepared:
                     "pad_id": dataset.pad_id}
     elif config.model == "transformer":
         raise ConfigError(f"the transformer reads token ids, {dataset.name} holds images: use a "
-                          f"text dataset ({', '.join(TEXT_DATASETS)}) or an image model")
+                          f"text dataset ({', '.join(dataset_names(kind='tokens'))}) or an image "
+                          "model")
     elif is_external(config.model):  # built for the dataset's image size (a ViT's img_size)
         sequence = {"image_size": dataset.image_size}
     spec = ModelSpec(
         name=config.model,
         num_classes=dataset.num_classes,
-        in_channels=dataset.in_channels,
+        in_channels=dataset.in_channels if isinstance(dataset, ImageDataset) else 1,
         width=config.width,
         activation=config.activation or default_activation(config.model),
         **sequence,
@@ -211,157 +282,104 @@ def _origin(config: ExperimentConfig, record: StageRecord, splits: DataSplits | 
     return origin
 
 
-# A method's runner: (model, splits, its config, *, dense_record, history, on_stage, progress,
-# snapshots) -> MethodResult, as `depthcut.stages.run_stages` takes them.
-Runner = Callable[..., MethodResult]
-
-# Every method a run can use, by the name its records and config.json carry: its settings
-# class and its runner. Adding a method is one line here (and one in the CLI's method table).
-METHODS: dict[str, tuple[type, Runner]] = {
-    "easier": (EasierConfig, easier),
-    "nepenthe": (PruningConfig, nepenthe),
-    "egp": (PruningConfig, egp),
-    "imp": (PruningConfig, imp),
-    "layer_folding": (LayerFoldingConfig, layer_folding),
-    "progressive": (ProgressiveConfig, progressive),
-    "dense_longer": (DenseLongerConfig, dense_longer),
-}
-
-
-def run_easier(
-    config: ExperimentConfig, method: EasierConfig, out: str | Path, *, overwrite: bool = False,
-    resume: bool = False,
-) -> MethodResult:
-    """Train (or load) the dense model, run EASIER, write records, checkpoints and summary."""
-
-    def check(prepared: Prepared) -> None:
-        sites = len(find_sites(prepared.dense_model or prepared.spec.build()))
-        if method.k > sites:
-            raise ConfigError(f"k={method.k} sites per stage, but the model has only {sites} "
-                              "sites left to linearize")
-
-    return _run_method(config, "easier", method, out, overwrite, resume, check)
-
-
-def run_layer_folding(
-    config: ExperimentConfig, method: LayerFoldingConfig, out: str | Path, *,
-    overwrite: bool = False, resume: bool = False,
-) -> MethodResult:
-    """Train (or load) the dense model, run the Layer Folding baseline, write the run."""
-    return _run_method(config, "layer_folding", method, out, overwrite, resume)
-
-
-def run_progressive(
-    config: ExperimentConfig, method: ProgressiveConfig, out: str | Path, *,
-    overwrite: bool = False, resume: bool = False,
-) -> MethodResult:
-    """Train (or load) the dense model, run progressive linearization, write the run."""
-    return _run_method(config, "progressive", method, out, overwrite, resume)
-
-
-def run_dense_longer(
-    config: ExperimentConfig, finetune: TrainConfig, chunks: int, out: str | Path, *,
-    overwrite: bool = False, resume: bool = False,
-) -> MethodResult:
-    """The fair-compute reference: keep training the dense model in `chunks` runs of the
-    methods' finetune schedule, recording test top-1 after each (no site removed)."""
-    method = DenseLongerConfig(finetune=finetune, chunks=chunks)
-    return _run_method(config, "dense_longer", method, out, overwrite, resume)
-
-
-PRUNING_METHODS = ("nepenthe", "egp", "imp")
-# EASIER with other settings, as `compare` runs them beside plain EASIER (same dense model).
-EASIER_VARIANTS = {"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"}}
-COMPARABLE = ("easier", *EASIER_VARIANTS, *PRUNING_METHODS, "layer-folding", "progressive")
+def run_method(config: ExperimentConfig, method: str | MethodSpec, settings: object | None,
+               out: str | Path, *, overwrite: bool = False, resume: bool = False
+               ) -> MethodResult:
+    """Train (or load) the dense model, run `method` (a registered method's name or spec) with
+    `settings` (its config dataclass; None: the defaults), write records, checkpoints, the
+    folded answer and summary.md into `out`."""
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
+    if settings is None:
+        settings = spec.config()
+    if not isinstance(settings, spec.config):
+        raise ConfigError(f"{spec.label} takes a {spec.config.__name__}, got "
+                          f"{type(settings).__name__}")
+    return _run_method(config, spec, settings, out, overwrite, resume)
 
 
 def run_comparison(
     config: ExperimentConfig, methods: Sequence[str], out: str | Path, *,
-    easier_config: EasierConfig, pruning_config: PruningConfig,
-    folding_config: LayerFoldingConfig, progressive_config: ProgressiveConfig | None = None,
-    fair_reference: bool = True, overwrite: bool = False,
+    method_configs: Mapping[str, object] | None = None, fair_reference: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Train the dense model once (inside the first run), run every method from it into
-    `out/<method>`, the fair-compute reference into `out/dense_longer`, and the report into
-    `out/report`. Layer Folding linearizes as many sites as EASIER's answer when k is unset."""
-    unknown = [m for m in methods if m not in COMPARABLE]
+    """Train the dense model once (inside the first run), run every method (a command name or
+    a variant, `depthcut.methods.comparable()`) from it into `out/<method>`, the fair-compute
+    reference into `out/<reference>`, and the report into `out/report`. `method_configs` maps a
+    method's name to its settings (default: the config class's defaults); a variant replaces
+    some of them. A method with `with_depth` (Layer Folding) gets the depth reference's
+    (EASIER's) answer count."""
+    names = comparable()
+    unknown = [m for m in methods if m not in names]
     if unknown or not methods:
-        raise ConfigError(f"unknown or no methods {unknown}; choose from "
-                          f"{', '.join(COMPARABLE)}")
+        raise ConfigError(f"unknown or no methods {unknown}; choose from {', '.join(names)}")
+    configs = dict(method_configs or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {EasierConfig: easier_config, PruningConfig: pruning_config,
-                LayerFoldingConfig: folding_config,
-                ProgressiveConfig: progressive_config or ProgressiveConfig()}
     dirs: list[Path] = []
     answers: dict[str, Mapping] = {}
+    depth: int | None = None
+    used: list = []  # the settings each method ran with
     for method in methods:
+        spec, variant = names[method]
         run_config = config
         if dirs:
             run_config = dataclasses.replace(
                 config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt"))
-        name = "easier" if method in EASIER_VARIANTS else method.replace("-", "_")
-        method_config = settings[METHODS[name][0]]
-        if method in EASIER_VARIANTS:
-            method_config = dataclasses.replace(method_config, **EASIER_VARIANTS[method])
-        if name == "layer_folding" and method_config.k is None and "easier" in answers:
-            method_config = dataclasses.replace(
-                method_config, k=answers["easier"]["sites_linearized"])
-        if name == "easier":  # with its check of k against the model
-            result = run_easier(run_config, method_config, out / method, overwrite=overwrite)
-        else:
-            result = _run_method(run_config, name, method_config, out / method, overwrite)
+        settings = configs.get(spec.name) or spec.config()
+        settings = dataclasses.replace(settings, **variant)
+        if spec.with_depth is not None and depth is not None:
+            settings = spec.with_depth(settings, depth)
+        used.append(settings)
+        result = _run_method(run_config, spec, settings, out / method, overwrite)
+        if spec.depth_reference and not variant and depth is None:
+            depth = result.answer["sites_linearized"]
         answers[method] = result.answer
         dirs.append(out / method)
-    if fair_reference:
+    reference = reference_method()
+    if fair_reference and reference is not None:
         dense_epochs = read_records(dirs[0])[0].get("total_epochs", 0)
         extra = max(a.get("total_epochs", 0) - dense_epochs for a in answers.values())
-        chunk = max(easier_config.finetune.epochs, 1)
-        chunks = max(1, math.ceil(extra / chunk))
-        run_dense_longer(dataclasses.replace(
+        settings = configs.get(reference.name)
+        if settings is None:  # train as the methods finetune (the first that does)
+            finetunes = [c.finetune for c in used if hasattr(c, "finetune")]
+            settings = reference.config(**({"finetune": finetunes[0]} if finetunes else {}))
+        chunk = max(settings.finetune.epochs, 1)
+        # The reference is plain training: no distillation even where the methods use it.
+        settings = dataclasses.replace(
+            settings, finetune=dataclasses.replace(settings.finetune, distill=0.0),
+            chunks=max(1, math.ceil(extra / chunk)))
+        _run_method(dataclasses.replace(
             config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt")),
-            # The reference is plain training: no distillation even where the methods use it.
-            dataclasses.replace(easier_config.finetune, distill=0.0), chunks,
-            out / "dense_longer", overwrite=overwrite)
-        dirs.append(out / "dense_longer")
+            reference, settings, out / reference.name, overwrite)
+        dirs.append(out / reference.name)
     return build_report(dirs, out / "report", progress=config.progress)
 
 
-def run_pruning(
-    config: ExperimentConfig, method_name: str, method: PruningConfig, out: str | Path, *,
-    overwrite: bool = False, resume: bool = False,
-) -> MethodResult:
-    """Train (or load) the dense model, run NEPENTHE, EGP or IMP rounds, write the run."""
-    if method_name not in PRUNING_METHODS:
-        raise ConfigError(f"unknown pruning method {method_name!r}; choose one of "
-                          f"{', '.join(PRUNING_METHODS)}")
-    return _run_method(config, method_name, method, out, overwrite, resume)
-
-
-def _run_method(config: ExperimentConfig, name: str, method, out: str | Path, overwrite: bool,
-                resume: bool = False, check: Callable[[Prepared], None] | None = None
-                ) -> MethodResult:
+def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: str | Path,
+                overwrite: bool, resume: bool = False) -> MethodResult:
     """What every method shares: run directory, dense stage 0, per-stage records and
     checkpoints, the folded answer, and the summary. Every input is checked (data, dense
-    checkpoint, `check(prepared)`) before anything is written. With `resume`, the stages in
-    the run directory are kept and the method goes on from the last one (and from the last
-    finished epoch of the stage that was interrupted)."""
+    checkpoint, the method's settings against the model's sites) before anything is written.
+    With `resume`, the stages in the run directory are kept and the method goes on from the
+    last one (and from the last finished epoch of the stage that was interrupted)."""
     run_start = time.perf_counter()
     run_dir = RunDir(out, overwrite=overwrite, resume=resume)
+    name = method_spec.name
     settings = {"method": name, "experiment": config.to_dict(), name: dataclasses.asdict(method)}
     prepared = prepare(config)
-    find_sites(prepared.dense_model or prepared.spec.build())  # model errors before any write
-    if check is not None:
-        check(prepared)
+    # Model errors before any write.
+    sites = find_sites(prepared.dense_model or prepared.spec.build())
+    if method_spec.check is not None:
+        method_spec.check(method, len(sites))
     settings["memory_format"] = prepared.memory_format.to_dict()
     # The shape of one input image (a text's token count): the report times stages at it.
-    settings["input_shape"] = list(prepared.splits.dataset.test_images.shape[1:])
-    if is_text(prepared.splits.dataset):
+    settings["input_shape"] = list(prepared.splits.dataset.test_inputs.shape[1:])
+    if isinstance(prepared.splits.dataset, TokenDataset):
         text = prepared.splits.dataset
         settings["text"] = {"seq_len": text.seq_len, "vocab_size": text.vocab_size,
                             "pad_id": text.pad_id, "classes": text.classes,
-                            "train_texts": len(text.train_images),
-                            "test_texts": len(text.test_images),
+                            "train_texts": len(text.train_inputs),
+                            "test_texts": len(text.test_inputs),
                             **{k: v for k, v in text.stats.items() if k != "cache"}}
     run_dir.start()
     history = run_dir.records if resume else []
@@ -393,9 +411,8 @@ def _run_method(config: ExperimentConfig, name: str, method, out: str | Path, ov
         if config.progress:
             print(stage_table([record], header=record.stage == 1), flush=True)
 
-    runner = METHODS[name][1]
     with _autocast(config, prepared):
-        result = runner(model, prepared.splits, method, dense_record=dense,
+        result = method_spec.runner(model, prepared.splits, method, dense_record=dense,
                         history=history[1:], on_stage=on_stage, progress=config.progress,
                         snapshots=run_dir.snapshot, metric=config.metric,
                         teacher=_teacher(method, run_dir, prepared))
@@ -461,10 +478,10 @@ def resume_run(path: str | Path, *, progress: bool = True) -> MethodResult:
         raise RunDirError(f"nothing to resume in {path}: it holds no run (no config.json)")
     settings = json.loads(config_path.read_text())
     name = settings.get("method")
-    if name not in METHODS:
-        raise RunDirError(f"{path} holds a run of unknown method {name!r}")
+    try:
+        spec = get_method(name)
+    except ConfigError:
+        raise RunDirError(f"{path} holds a run of unknown method {name!r}") from None
     config = _settings(ExperimentConfig, {**settings["experiment"], "progress": progress})
-    method = _settings(METHODS[name][0], settings[name])
-    if name == "easier":
-        return run_easier(config, method, path, resume=True)
-    return _run_method(config, name, method, path, overwrite=False, resume=True)
+    method = _settings(spec.config, settings[name])
+    return _run_method(config, spec, method, path, overwrite=False, resume=True)

@@ -23,15 +23,15 @@ over one `FoldState` (`PASSES`, in order):
   and again until nothing changes: a residual block whose branch is linear becomes one op, then
   one op with its shortcut (centre tap), and the chains that makes longer are decided again.
 
-Chains and policies. The presets ("macs", "all", "latency") carry a `chain_cost`: the cost of
-one segment (a `Merge` with rule "chain"; a single op is a segment too) or None where the
-policy does not allow it. "macs" prices a segment by its multiply-adds, "latency" by its
-median time here, both for exact segments only; "all" by one per op left (the fewest ops,
-whatever the border). Ties go to fewer MACs, then fewer ops. Each segment taken is recorded as
-a Merge (rule "chain", MACs before and after, exactness, why); when the whole chain is not one
-op, a declined Merge for the whole chain says why. A callable policy without `chain_cost`
-decides merge by merge (sequential, then parallel) as before; give it a `chain_cost` attribute
-to decide chains as a whole.
+Chains and policies (`depthcut.fold_policy`). A policy that prices segments (`segment_cost`:
+the cost of one segment, a `Merge` with rule "chain", a single op being a segment too, or None
+where the policy does not allow it) decides chains as a whole: "macs" prices a segment by its
+multiply-adds, "latency" by its median time here (a `depthcut.cost` timer), both for exact
+segments only; "all" by one per op left (the fewest ops, whatever the border). Ties go to fewer
+MACs, then fewer ops. Each segment taken is recorded as a Merge (rule "chain", MACs before and
+after, exactness, why); when the whole chain is not one op, a declined Merge for the whole
+chain says why. A policy without a segment cost (a plain callable, for one) decides merge by
+merge (sequential, then parallel).
 
 Every linear op is first read as an `Affine` (`depthcut.affine`: conv or linear weight, bias,
 stride, padding, groups, optional bias map); merges are computed in float64. A merged chain is
@@ -43,17 +43,16 @@ original(0) - merged(0), computed for the input size the model is folded at
 `input_size` and `bias_maps`). Otherwise (a padded op after a spatial op: the border error
 depends on the input) the merge is border-approximate: the merged conv computes the inner ops
 beyond their borders, and the report gives the measured deviation. Each proposed merge is a
-`Merge` record; the policy, a callable `(Merge) -> bool` ("macs", "all" and "latency" are
-presets in `POLICIES`), decides whether it is taken ("macs" and "latency" take exact merges
-only). Folding a bias never costs: it is always taken.
+`Merge` record; the policy (a `FoldPolicy`: "macs", "all" and "latency" are presets in
+`POLICIES`; or a plain callable `(Merge) -> bool`) decides whether it is taken, with both sides
+at hand to run (`MergeSides`); "macs" and "latency" take exact merges only. Folding a bias never
+costs: it is always taken.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 
@@ -61,7 +60,6 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from depthcut.affine import (
     Affine,
@@ -73,7 +71,16 @@ from depthcut.affine import (
     identity_affine,
     linear_parts_agree,
 )
+from depthcut.cost import count_macs
 from depthcut.errors import ConfigError, DepthcutError
+from depthcut.fold_policy import (  # noqa: F401 (re-exported: part of the fold API)
+    APPROXIMATE,
+    POLICIES,
+    CallablePolicy,
+    FoldPolicy,
+    Merge,
+    MergeSides,
+)
 from depthcut.graph import (
     PASS_THROUGH,
     TraceError,
@@ -97,36 +104,6 @@ class FoldError(DepthcutError, ValueError):
 
 # --------------------------------------------------------------------------------------------
 # The report
-
-
-@dataclass
-class Merge:
-    """One merge considered: what it replaced, whether it was taken, and why.
-
-    The policy sees it before `taken` is final; `unmerged`, `merged` and `make_input` let it run
-    both sides on an input of the real shape (they are cleared once it has decided).
-    """
-
-    rule: str
-    replaces: list[str]
-    exact: bool
-    macs_before: int
-    macs_after: int
-    taken: bool
-    reason: str = ""
-    seconds_before: float | None = None
-    seconds_after: float | None = None
-    unmerged: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
-    merged: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
-    make_input: Callable[[], Tensor] | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict:
-        """The recorded fields (not the callables a policy may run)."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
-                if f.name not in _POLICY_ONLY}
-
-
-_POLICY_ONLY = ("unmerged", "merged", "make_input")
 
 
 @dataclass
@@ -214,130 +191,20 @@ def _timing(merge: Merge) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Measures
+# Policies: which merges to take (`depthcut.fold_policy`)
 
 
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-# torch's flop counter has formulas for the CUDA attention kernels, not for the CPU one that
-# F.scaled_dot_product_attention runs here (timm's and torchvision's ViTs): without this its
-# two matrix products would count as nothing.
-_EXTRA_FLOPS = {op: _cpu_attention_flops for op in (
-    getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),) if op}
-
-
-def count_macs(model: nn.Module, example_input: Tensor) -> int:
-    """Forward multiply-adds by torch's flop counter (FLOPs / 2), CPU attention included."""
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
-    with torch.no_grad(), counter:
-        model(example_input)
-    return counter.get_total_flops() // 2
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 15, warmup: int = 3) -> float:
-    """Median wall time of `fn()` under no_grad, after warm-up (synchronizing CUDA)."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-# --------------------------------------------------------------------------------------------
-# Policies: which merges to take
-
-
-Policy = Callable[[Merge], bool]
-# A policy's optional `chain_cost` attribute: the cost of one segment of a chain, or None where
-# the policy does not allow it (see `merge_chains`).
-ChainCost = Callable[[Merge], "float | None"]
-
-APPROXIMATE = "border-approximate (the border error depends on the input)"
-
-
-def fewer_macs(merge: Merge) -> bool:
-    """Preset "macs": take an exact merge that needs no more multiply-adds than the ops it
-    replaces (a border-approximate merge changes the function: "all" takes those)."""
-    if not merge.exact:
-        merge.reason = f"{APPROXIMATE}; policy macs takes exact merges only"
-        return False
-    if merge.macs_after <= merge.macs_before:
-        return True
-    merge.reason = f"would raise MACs {merge.macs_before:,} -> {merge.macs_after:,}"
-    return False
-
-
-def least_macs(merge: Merge) -> float | None:
-    """Chain cost of "macs": the segment's multiply-adds, exact segments only."""
-    return float(merge.macs_after) if merge.exact else None
-
-
-def every_merge(merge: Merge) -> bool:
-    """Preset "all": the shallowest graph, whatever a merge costs."""
-    return True
-
-
-def fewest_ops(merge: Merge) -> float | None:
-    """Chain cost of "all": one per op left (ties go to fewer MACs)."""
-    return 1.0
-
-
-def faster_here(merge: Merge) -> bool:
-    """Preset "latency": time both sides here at the fold's batch size; take the faster (exact
-    merges only, as "macs")."""
-    if not merge.exact:
-        merge.reason = f"{APPROXIMATE}; policy latency takes exact merges only"
-        return False
-    unmerged, merged = merge.unmerged, merge.merged
-    if unmerged is None or merged is None or merge.make_input is None:
-        return True
-    x = merge.make_input()
-    merge.seconds_before = median_seconds(lambda: unmerged(x))
-    merge.seconds_after = median_seconds(lambda: merged(x))
-    if merge.seconds_after < merge.seconds_before:
-        return True
-    merge.reason = (f"slower here: {merge.seconds_before * 1e3:.3f} -> "
-                    f"{merge.seconds_after * 1e3:.3f} ms at batch {x.shape[0]}")
-    return False
-
-
-def least_time(merge: Merge) -> float | None:
-    """Chain cost of "latency": the segment's median time here (exact segments only)."""
-    if not merge.exact or merge.merged is None or merge.make_input is None:
-        return None
-    x, op = merge.make_input(), merge.merged
-    merge.seconds_after = median_seconds(lambda: op(x))
-    return merge.seconds_after
-
-
-fewer_macs.chain_cost = least_macs  # type: ignore[attr-defined]
-every_merge.chain_cost = fewest_ops  # type: ignore[attr-defined]
-faster_here.chain_cost = least_time  # type: ignore[attr-defined]
-
-
-def chain_cost_of(policy: Policy) -> ChainCost | None:
-    """The policy's chain cost, or None: it then decides merge by merge."""
-    cost = getattr(policy, "chain_cost", None)
-    return cost if callable(cost) else None
-
-
-POLICIES: dict[str, Policy] = {"macs": fewer_macs, "all": every_merge, "latency": faster_here}
-
-
-def _resolve(policy: str | Policy) -> tuple[str, Policy]:
-    """(name for the report, callable) of a preset name or a user's callable."""
+def _resolve(policy: str | FoldPolicy | Callable[[Merge], bool]) -> FoldPolicy:
+    """A preset's name, a FoldPolicy, or a user's callable `(Merge) -> bool` (wrapped)."""
     if isinstance(policy, str) and policy in POLICIES:
-        return policy, POLICIES[policy]
+        return POLICIES[policy]
+    if isinstance(policy, FoldPolicy):
+        return policy
     if callable(policy):
-        return getattr(policy, "__name__", type(policy).__name__), policy
+        if hasattr(policy, "chain_cost"):
+            raise FoldError("a policy's `chain_cost` attribute is no longer read: subclass "
+                            "depthcut.fold_policy.FoldPolicy and override `segment_cost`")
+        return CallablePolicy(policy)
     raise FoldError(f"unknown fold policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
@@ -371,8 +238,7 @@ class FoldState:
 
     gm: torch.fx.GraphModule
     example: Tensor
-    policy: Policy
-    policy_name: str
+    policy: FoldPolicy
     merges: list[Merge] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     declined: set[tuple] = field(default_factory=set)  # never proposed twice
@@ -418,7 +284,7 @@ class _Candidate:
     merged: Affine
     exact: bool
     macs_before: int  # per sample
-    unmerged: Callable[[Tensor], Tensor] | None = None  # the replaced ops, for timing
+    unmerged: nn.Module | None = None  # the replaced ops as one module, for timing
     always: bool = False  # taken without asking the policy: it never costs anything
 
 
@@ -433,17 +299,21 @@ def _fits(candidate: _Candidate) -> bool:
     return expect == tuple(out_shape[2:])
 
 
+def _input_maker(state: FoldState, source: torch.fx.Node, like: Tensor) -> Callable[[], Tensor]:
+    """Random inputs of the shape `source` has, at the fold's batch size, dtype and device."""
+    shape, batch = _shape(source), state.example.shape[0]
+    return lambda: torch.randn(batch, *shape[1:], dtype=like.dtype, device=like.device)
+
+
 def _decide(state: FoldState, merge: Merge, candidate: _Candidate, module: nn.Module,
             like: Tensor) -> None:
-    """Ask the policy (with what it needs to time both sides), then drop the callables."""
-    shape, batch = _shape(candidate.source), state.example.shape[0]
-    merge.unmerged, merge.merged = candidate.unmerged, module
-    merge.make_input = lambda: torch.randn(batch, *shape[1:], dtype=like.dtype,
-                                           device=like.device)
-    merge.taken = bool(state.policy(merge))
+    """Ask the policy, with both sides at hand for it to run."""
+    unmerged = candidate.unmerged
+    sides = MergeSides(lambda: unmerged, lambda: module,
+                       _input_maker(state, candidate.source, like))
+    merge.taken = bool(state.policy.decide(merge, sides))
     if not merge.taken and not merge.reason:
-        merge.reason = f"declined by policy {state.policy_name}"
-    merge.unmerged = merge.merged = merge.make_input = None
+        merge.reason = f"declined by policy {state.policy.name}"
 
 
 def _replace(state: FoldState, candidate: _Candidate, module: nn.Module,
@@ -530,10 +400,10 @@ def sequential(state: FoldState, node: torch.fx.Node, diagonal_only: bool = Fals
     result = compose_chain([a, b], _spatial(first.args[0]))
     if result is None:
         return False
-    module_a, module_b = state.module(first), state.module(node)
     return _apply(state, _Candidate(
         "sequential", [first, node], first.args[0], *result,
-        a.macs(_shape(first)) + b.macs(_shape(node)), lambda x: module_b(module_a(x))))
+        a.macs(_shape(first)) + b.macs(_shape(node)),
+        nn.Sequential(state.module(first), state.module(node))))
 
 
 def per_channel_sequential(state: FoldState, node: torch.fx.Node) -> bool:
@@ -563,23 +433,18 @@ def _parallel_candidate(state: FoldState, add: torch.fx.Node, op_node: torch.fx.
     a = state.affine(op_node, source)
     if a is None:
         return None
-    module_a = state.module(op_node)
     if other is source:
         if a.in_features != a.out_features or a.stride != (1, 1):
             return None
         b = identity_affine(a.in_features, a.kind, a.weight)
         parts, macs_b = [op_node], 0
-
-        def unmerged(x: Tensor) -> Tensor:
-            return module_a(x) + x
+        unmerged = _SumOf(state.module(op_node), None)
     elif input_of(other) is source and len(other.users) == 1:
         b = state.affine(other, source)
         if b is None:
             return None
-        parts, macs_b, module_b = [op_node, other], b.macs(_shape(other)), state.module(other)
-
-        def unmerged(x: Tensor) -> Tensor:
-            return module_a(x) + module_b(x)
+        parts, macs_b = [op_node, other], b.macs(_shape(other))
+        unmerged = _SumOf(state.module(op_node), state.module(other))
     else:
         return None
     merged = add_parallel(a, b)
@@ -587,6 +452,17 @@ def _parallel_candidate(state: FoldState, add: torch.fx.Node, op_node: torch.fx.
         return None
     return _Candidate("parallel", [*parts, add], source, merged, True,
                       a.macs(_shape(op_node)) + macs_b, unmerged)
+
+
+class _SumOf(nn.Module):
+    """a(x) + b(x), or a(x) + x without b: the ops a parallel merge replaces, for timing."""
+
+    def __init__(self, a: nn.Module, b: nn.Module | None) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a(x) + (x if self.b is None else self.b(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,18 +494,6 @@ def _chain_at(state: FoldState, node: torch.fx.Node) -> list[torch.fx.Node]:
     return nodes
 
 
-class _Lazy:
-    """A module built on its first call (most segments of a chain are never run)."""
-
-    def __init__(self, build: Callable[[], nn.Module]) -> None:
-        self.build, self.module = build, None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.module is None:
-            self.module = self.build()
-        return self.module(x)
-
-
 @dataclass
 class _Segment:
     """Ops start..stop of a chain as one op: its exactness, its Merge record and its cost."""
@@ -641,18 +505,18 @@ class _Segment:
     cost: float | None
 
 
-def _segments(state: FoldState, nodes: list[torch.fx.Node], ops: list[Affine],
-              cost_of: ChainCost) -> dict[tuple[int, int], _Segment]:
-    """Every contiguous segment of the chain that one op can compute, priced by the policy.
-    Segments are priced in shape (`compose_shape`); a merged op is computed only when it is
-    run (a "latency" cost times it) or taken."""
+def _segments(state: FoldState, nodes: list[torch.fx.Node], ops: list[Affine]
+              ) -> dict[tuple[int, int], _Segment]:
+    """Every contiguous segment of the chain that one op can compute, priced by the policy's
+    `segment_cost`. Segments are priced in shape (`compose_shape`); a merged op is computed
+    only when it is run (a "latency" cost times it) or taken."""
     batch, like = state.example.shape[0], _like(state, input_of(nodes[0]))
     singles = [op.macs(_shape(node)) for op, node in zip(ops, nodes, strict=True)]
     modules = [state.module(node) for node in nodes]
     result: dict[tuple[int, int], _Segment] = {}
     for i in range(len(nodes)):
         source = input_of(nodes[i])
-        shape, size = _shape(source), _spatial(source)
+        size, make_input = _spatial(source), _input_maker(state, source, like)
         merged: Affine | None = ops[i]
         for j in range(i, len(nodes)):
             if j > i:
@@ -664,30 +528,23 @@ def _segments(state: FoldState, nodes: list[torch.fx.Node], ops: list[Affine],
                 continue
             segment_ops = ops[i:j + 1]
             exact = merged.kind == "linear" or linear_parts_agree(segment_ops)
-            if j == i:
-                module: Callable[[Tensor], Tensor] = modules[i]
-            else:
-                module = _Lazy(lambda ops=segment_ops, size=size: _finish(
-                    ops, size).to_module(like, state.folded_at))
+
+            def build(i=i, j=j, ops=segment_ops, size=size) -> nn.Module:
+                if j == i:
+                    return modules[i]
+                return _finish(ops, size).to_module(like, state.folded_at)
+
             merge = Merge(
                 "chain", [name for node in nodes[i:j + 1] for name in state.names(node)], exact,
-                sum(singles[i:j + 1]) * batch, merged.macs(_shape(nodes[j])) * batch, False,
-                unmerged=lambda x, parts=modules[i:j + 1]: _run(parts, x), merged=module,
-                make_input=lambda shape=shape: torch.randn(
-                    batch, *shape[1:], dtype=like.dtype, device=like.device))
-            cost = cost_of(merge)
-            merge.unmerged = merge.merged = merge.make_input = None
+                sum(singles[i:j + 1]) * batch, merged.macs(_shape(nodes[j])) * batch, False)
+            sides = MergeSides(lambda parts=modules[i:j + 1]: nn.Sequential(*parts), build,
+                               make_input)
+            cost = state.policy.segment_cost(merge, sides)
             if cost is None and j == i:
-                raise FoldError(f"the chain cost of policy {state.policy_name} gave no cost for "
+                raise FoldError(f"the chain cost of policy {state.policy.name} gave no cost for "
                                 f"the single op {nodes[i].target}; it must price every op")
             result[i, j] = _Segment(i, j, exact, merge, cost)
     return result
-
-
-def _run(modules: list[nn.Module], x: Tensor) -> Tensor:
-    for module in modules:
-        x = module(x)
-    return x
 
 
 def _finish(ops: list[Affine], size: tuple[int, int] | None) -> Affine:
@@ -723,20 +580,19 @@ def _best_partition(segments: dict[tuple[int, int], _Segment], n: int) -> list[_
 
 def chain(state: FoldState, node: torch.fx.Node) -> bool:
     """The maximal chain of linear ops starting at `node`, as the partition into merged segments
-    of least total cost under the policy's `chain_cost` (MACs for "macs", ops for "all", time
+    of least total cost under the policy's `segment_cost` (MACs for "macs", ops for "all", time
     for "latency"), over every contiguous segment: the whole chain is weighed at once, so a
     merge that raises the cost on its own but lowers it with its neighbours is found (a
     MobileNetV2 block, 1x1 C->6C, depthwise 3x3, 1x1 6C->C: one 3x3 C->C conv). Each segment
     taken is one Merge (rule "chain"); if the whole chain is not one op, a declined Merge for
     the whole chain says why."""
-    cost_of = chain_cost_of(state.policy)
-    nodes = _chain_at(state, node) if cost_of is not None else []
+    nodes = _chain_at(state, node) if state.policy.prices_segments else []
     key = ("chain", *(str(n.target) for n in nodes))
     if len(nodes) < 2 or key in state.declined:
         return False
     state.declined.add(key)
     ops = [state.affine(n, input_of(n)) for n in nodes]
-    segments = _segments(state, nodes, ops, cost_of)
+    segments = _segments(state, nodes, ops)
     chosen = _best_partition(segments, len(nodes))
     kept = []
     for segment in chosen:
@@ -783,10 +639,8 @@ def _declined_chain(state: FoldState, whole: _Segment, chosen: list[_Segment],
         chosen_cost = sum(s.cost for s in chosen)
         if merge.seconds_after is not None:
             cost = f"{merge.seconds_after * 1e3:.3f} ms against {chosen_cost * 1e3:.3f} ms; "
-        elif chain_cost_of(state.policy) in (least_macs, fewest_ops):
-            cost = ""
         else:
-            cost = f"cost {whole.cost:.6g} against {chosen_cost:.6g}; "
+            cost = state.policy.compare_costs(whole.cost, chosen_cost)
         merge.reason = f"cheaper as {len(chosen)} ops under the policy ({cost}{macs})"
     return merge
 
@@ -852,7 +706,7 @@ def merge_linear_ops(state: FoldState) -> None:
     and parallel merges, as the policy allows. A chain is decided before the add that follows
     it (graph order), so a residual block whose branch is linear becomes one op, then one with
     its shortcut; a chain that a parallel merge makes longer is decided again."""
-    if chain_cost_of(state.policy) is None:
+    if not state.policy.prices_segments:
         _rewrite(state, (into_bias, sequential, parallel))
         return
     while True:  # every chain, then every parallel merge, until nothing changes
@@ -937,24 +791,26 @@ def compare_outputs(unfolded: nn.Module, folded: nn.Module,
     return result
 
 
-def fold(model: nn.Module, example_input: Tensor, policy: str | Policy = "macs",
+def fold(model: nn.Module, example_input: Tensor,
+         policy: str | FoldPolicy | Callable[[Merge], bool] = "macs",
          data: Iterable | None = None) -> torch.fx.GraphModule:
     """A new eval-mode module computing the same function as `model` with fewer operators.
 
     `model` is not modified. `policy` decides merges that change the work: "macs" (default)
     folds each chain of linear ops into the exact partition of least multiply-adds, "all" into
     the fewest ops whatever the border, "latency" into the exact partition of least measured
-    time on `example_input`'s batch size and device; or pass a callable `(Merge) -> bool` (it
-    may set `merge.reason` when it declines; with a `chain_cost` attribute it decides chains as
-    a whole, see the module docstring). The returned module carries `fold_report` (a
-    FoldReport); with `data` (batches of inputs or (input, target) pairs) the report also gives
-    top-1 agreement and top-1 of both models.
+    time on `example_input`'s batch size and device (`LatencyPolicy(timer=...)` times with
+    another `depthcut.cost` timer); or pass your own `FoldPolicy` (override `segment_cost` to
+    decide chains as a whole), or a plain callable `(Merge) -> bool`, which decides merge by
+    merge and may set `merge.reason` when it declines. The returned module carries
+    `fold_report` (a FoldReport); with `data` (batches of inputs or (input, target) pairs) the
+    report also gives top-1 agreement and top-1 of both models.
 
     Exact merges may carry a bias map (the border correction of a bias seen by zero padding):
     it holds for `example_input`'s spatial size only, and the folded model raises
     `InputSizeError` on inputs of another size (fold at the size you will run).
     """
-    policy_name, decide = _resolve(policy)
+    chosen = _resolve(policy)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise FoldError("example_input must be a batched tensor, e.g. one batch of test images")
     unfolded = make_permanent(clone_model(model)).eval()  # pruning masks baked into weights
@@ -962,7 +818,7 @@ def fold(model: nn.Module, example_input: Tensor, policy: str | Policy = "macs",
     with torch.no_grad():
         reference = unfolded(example_input)
     ops_before, depth_before = count_ops(gm), longest_linear_path(gm)
-    state = FoldState(gm, example_input, decide, policy_name)
+    state = FoldState(gm, example_input, chosen)
     for fold_pass in PASSES:
         fold_pass(state)
     folded = state.gm
@@ -974,7 +830,7 @@ def fold(model: nn.Module, example_input: Tensor, policy: str | Policy = "macs",
     diff = float((output - reference).abs().max())
     scale = float(reference.abs().max()) or 1.0
     report = FoldReport(
-        policy=policy_name,
+        policy=chosen.name,
         ops_before=ops_before,
         ops_after=count_ops(folded),
         macs_before=count_macs(unfolded, example_input),

@@ -7,17 +7,18 @@ from collections.abc import Iterable, Mapping
 
 from torch import Tensor, nn
 
-from depthcut.fold import fold, median_seconds
+from depthcut.cost import DEFAULT_TIMER, Timer, get_timer
+from depthcut.fold import fold
 
 
 def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
-                  data: Iterable | None = None, latency: Mapping[int, int] | None = None
-                  ) -> tuple[nn.Module, dict]:
+                  data: Iterable | None = None, latency: Mapping[int, int] | None = None,
+                  timer: str | Timer = DEFAULT_TIMER) -> tuple[nn.Module, dict]:
     """Fold `model` (on CPU, eval mode) on `example`, a batch at the run's real input shape,
     and measure unfolded and folded: MACs per image, parameters, operators, conv/linear depth,
     exactness, top-1 on `data` when given, and the median latency in ms at each batch size of
     `latency` (batch size -> repeats; default batch 1, 30 repeats; {} times nothing) on slices
-    of `example`.
+    of `example`, timed by `timer` (a `depthcut.cost` timer or its name).
     Returns (folded model, measurements)."""
     model = model.cpu().eval()
     example = example.cpu()
@@ -45,10 +46,11 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
         "folded_at": report.input_size,
         "bias_maps": len(report.bias_maps),
     }
+    timing = get_timer(timer)
     for size, repeats in ({1: 30} if latency is None else latency).items():
         x = example[:size]
         for name, module in (("unfolded", model), ("folded", folded)):
-            measured[f"latency_ms_batch{size}_{name}"] = 1e3 * median_seconds(
-                lambda m=module, x=x: m(x), repeats=repeats)
+            measured[f"latency_ms_batch{size}_{name}"] = 1e3 * timing.seconds(
+                module, x, repeats=repeats)
     measured["merges_taken"] = sum(m.taken for m in report.merges)
     return folded, measured

@@ -535,6 +535,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "transformer": TransformerEncoder,
 }
 
+# EASIER Table 4 learning rates (the paper preset's lr). Table 4 gives none for the sequence
+# transformer or for torchvision:/timm: models: they get PAPER_LR_OTHER (the ResNet-18 value).
+PAPER_LR: dict[str, float] = {"resnet18": 0.1, "mobilenetv2": 0.1, "vgg16": 0.01, "swin-t": 0.001}
+PAPER_LR_OTHER = 0.1
+
+
+def paper_lr(name: str) -> float:
+    """The learning rate EASIER's Table 4 trains `name` with."""
+    return PAPER_LR.get(name, PAPER_LR_OTHER)
+
 
 @dataclass(frozen=True)
 class ModelSpec:

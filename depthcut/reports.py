@@ -2,7 +2,7 @@
 summary, and the side-by-side comparison of finished runs (EASIER Table 1, Fig. 3, Table 3), so
 `depthcut report RUN_DIR...` needs no training.
 
-The one measurement a report may add is the cost of each EASIER stage folded (MACs and latency
+The one measurement a report may add is the cost of each stage folded (MACs and latency
 on the current device, at the run's input shape), cached in the run directory as
 `stage_costs.json`.
 """
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from depthcut.data import DATASET_NAMES
+from depthcut.cost import get_timer
+from depthcut.data import display_name
 from depthcut.entropy import SiteCounts
 from depthcut.errors import ConfigError
-from depthcut.fold import median_seconds
 from depthcut.measure import measure_stage
+from depthcut.methods import MethodSpec, get_method
 from depthcut.models import default_activation
 from depthcut.run import atomic_write_text, load_checkpoint, read_records, write_json
 from depthcut.stages import answer_stage
@@ -222,15 +223,6 @@ def entropy_table(counts: Mapping[str, SiteCounts | None]) -> str:
 # Comparing runs
 
 STAGE_COSTS = "stage_costs.json"
-LABELS = {
-    "easier": "EASIER",
-    "nepenthe": "NEPENTHE",
-    "egp": "EGP",
-    "imp": "IMP",
-    "layer_folding": "Layer Folding",
-    "progressive": "Progressive",
-    "dense_longer": "dense, trained longer",
-}
 
 
 @dataclass
@@ -243,14 +235,26 @@ class Run:
     stage_costs: dict = field(default_factory=dict)
 
     @property
+    def spec(self) -> MethodSpec | None:
+        """The registered method that wrote the run (None: a method unknown here)."""
+        try:
+            return get_method(self.method)
+        except ConfigError:
+            return None
+
+    @property
     def label(self) -> str:
-        label = LABELS.get(self.method, self.method)
-        k = self.config.get(self.method, {}).get("k")
-        if self.method == "easier" and k and k > 1:
-            label += f" {k}-x"
-        if self.method == "easier" and self.config.get("easier", {}).get("choose") == "payoff":
-            label += " (payoff)"
-        return label
+        spec = self.spec
+        return spec.run_label(self.config.get(self.method, {})) if spec else self.method
+
+    @property
+    def is_reference(self) -> bool:
+        """The fair-compute reference (dense trained longer), not a method."""
+        return self.spec is not None and self.spec.reference
+
+    @property
+    def has_cost_table(self) -> bool:
+        return self.spec is not None and self.spec.cost_table
 
     @property
     def answer(self) -> dict:
@@ -324,15 +328,15 @@ def measure_stage_costs(run: Run, progress: bool = True, rounds: int = 7) -> dic
         models[key] = (model.eval(), folded)
         if progress:
             print(f"{run.path}: stage {key} folded", flush=True)
+    timer, repeats = get_timer(), {1: 5, 128: 1}  # batch size -> calls per round
+    calls = {(key, batch, form): timer.prepare(module, inputs[:batch])
+             for key, pair in models.items() for batch in repeats
+             for form, module in zip(("unfolded", "folded"), pair, strict=True)}
     times: dict[str, dict[str, list[float]]] = {key: {} for key in models}
     for _ in range(rounds):
-        for key, pair in models.items():
-            for batch, repeats in ((1, 5), (128, 1)):
-                x = inputs[:batch]
-                for form, module in zip(("unfolded", "folded"), pair, strict=True):
-                    seconds = median_seconds(lambda m=module, x=x: m(x), repeats=repeats,
-                                             warmup=1)
-                    times[key].setdefault(f"ms_batch{batch}_{form}", []).append(1e3 * seconds)
+        for (key, batch, form), call in calls.items():
+            seconds = timer.measure(call, inputs.device, repeats[batch], warmup=1)
+            times[key].setdefault(f"ms_batch{batch}_{form}", []).append(1e3 * seconds)
     for key, measured in times.items():
         costs[key].update({name: statistics.median(values) for name, values in measured.items()})
     if progress:
@@ -358,7 +362,7 @@ def _fair_reference(runs: Sequence[Run], total_epochs: int) -> float | None:
     length, so a method whose epochs fall between two chunks meets the longer-trained one);
     None when that run stopped short of it."""
     for run in runs:
-        if run.method != "dense_longer":
+        if not run.is_reference:
             continue
         fitting = [r for r in run.records if r.get("total_epochs", 0) >= total_epochs]
         if fitting:
@@ -367,10 +371,11 @@ def _fair_reference(runs: Sequence[Run], total_epochs: int) -> float | None:
 
 
 def table1(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], int | None]:
-    """Per method: the answer stage, and top-1 at equal sites removed (EASIER's answer count)."""
-    methods = [run for run in runs if run.method != "dense_longer"]
-    easier = [run for run in methods if run.method == "easier"]
-    equal = easier[0].answer["sites_linearized"] if easier else None
+    """Per method: the answer stage, and top-1 at equal sites removed (the answer count of the
+    depth reference, EASIER)."""
+    methods = [run for run in runs if not run.is_reference]
+    depth = [run for run in methods if run.spec is not None and run.spec.depth_reference]
+    equal = depth[0].answer["sites_linearized"] if depth else None
     headers = ["method", "answer stage", "sites removed", "test top-1", "val top-1",
                "test balanced", "val balanced",
                "sparsity", "total epochs", "dense trained as long: test top-1",
@@ -460,7 +465,7 @@ def plot_accuracy_vs_sites(runs: Sequence[Run], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    methods = [run for run in runs if run.method != "dense_longer"]
+    methods = [run for run in runs if not run.is_reference]
     for run in methods:
         xs = [r["sites_linearized"] for r in run.records]
         ys = [r["test_top1"] for r in run.records]
@@ -495,9 +500,9 @@ def plot_accuracy_vs_epochs(runs: Sequence[Run], path: Path) -> bool:
     for run in runs:
         xs = [r.get("total_epochs", 0) for r in run.records]
         ys = [r["test_top1"] for r in run.records]
-        style = {"color": "gray", "linestyle": "--"} if run.method == "dense_longer" else {}
+        style = {"color": "gray", "linestyle": "--"} if run.is_reference else {}
         (line,) = ax.plot(xs, ys, marker=".", label=run.label, **style)
-        if run.method != "dense_longer":
+        if not run.is_reference:
             answer = run.answer
             ax.plot([answer.get("total_epochs", 0)], [answer["test_top1"]], marker="*",
                     markersize=13, color=line.get_color())
@@ -556,13 +561,14 @@ def plot_entropy_heatmap(run: Run, path: Path) -> bool:
 
 def _dataset_name(run: Run) -> str:
     name = run.experiment("dataset")
-    return DATASET_NAMES.get(name, name)
+    return display_name(name)
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bool = True,
                  progress: bool = True) -> Path:
     """Write the comparison of `run_dirs` into `out`: Markdown and CSV tables, PNG plots and
-    `report.md`. With `measure`, EASIER stages are folded and timed once (cached)."""
+    `report.md`. With `measure`, the stages of every method that removes sites are folded and
+    timed once (cached)."""
     start = time.perf_counter()
     runs = [load_run(path) for path in run_dirs]
     check_compatible(runs)
@@ -571,7 +577,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
     headers, rows, equal = table1(runs)
     atomic_write_text(out / "table1.md", markdown_table(headers, rows) + "\n")
     atomic_write_text(out / "table1.csv", _csv(headers, rows))
-    easier = [run for run in runs if run.method == "easier"]
+    costed = [run for run in runs if run.has_cost_table]
     lines = [f"# Comparison on {_dataset_name(runs[0])}", "",
              f"Model: {runs[0].experiment('model')} (width x{runs[0].experiment('width')}, "
              f"{runs[0].experiment('activation')}); runs: "
@@ -579,15 +585,16 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
              "## Methods at their answer stage (Table 1 style)", "",
              markdown_table(headers, rows), ""]
     if equal is not None:
+        depth = next(run.label for run in runs if run.spec and run.spec.depth_reference)
         lines += [f"'At {equal} sites removed' is each method's stage with as many sites removed "
-                  "as EASIER's answer (- where a method never had exactly that many).", ""]
-    if any(run.method == "dense_longer" for run in runs):
+                  f"as {depth}'s answer (- where a method never had exactly that many).", ""]
+    if any(run.is_reference for run in runs):
         lines += ["'Dense trained as long' is the dense model trained further (plain "
                   "finetunes, no site removed, no distillation) for at least as many total "
                   "epochs as that method's answer consumed (the first of its chunks that "
                   "reaches them), so gains from extra training are not credited to depth "
                   "reduction.", ""]
-    for number, run in enumerate(easier):
+    for number, run in enumerate(costed):
         if measure:
             measure_stage_costs(run, progress=progress)
         headers3, rows3 = table3(run)
@@ -604,7 +611,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
         lines += ["![test top-1 against sites removed](accuracy_vs_sites.png)", ""]
     if plot_accuracy_vs_epochs(runs, out / "accuracy_vs_epochs.png"):
         lines += ["![test top-1 against total training epochs](accuracy_vs_epochs.png)", ""]
-    if easier and plot_entropy_heatmap(easier[0], out / "entropy_heatmap.png"):
+    if costed and plot_entropy_heatmap(costed[0], out / "entropy_heatmap.png"):
         lines += ["![entropy per site and stage](entropy_heatmap.png)", ""]
     for run in runs:
         wall = run.records[-1].get("elapsed_s")

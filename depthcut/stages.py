@@ -17,8 +17,9 @@ from typing import Any, Protocol
 from torch import nn
 
 from depthcut.data import DataSplits
-from depthcut.entropy import SiteCounts, count_states
+from depthcut.entropy import ENTROPY_VARIANTS, SiteCounts, count_states
 from depthcut.errors import ConfigError
+from depthcut.options import Option
 from depthcut.train import Checkpointing, TrainConfig, TrainResult, evaluate, train
 
 
@@ -31,14 +32,18 @@ class _Unset:
 
 UNSET: Any = _Unset()
 
-# Where today's method-specific extras sit in a JSON line: before this common key. Extras not
-# listed (a new method's) follow `seconds`. Keeping the places keeps records.jsonl unchanged.
-_EXTRA_BEFORE = {
-    "silenced": "chosen", "scaled": "chosen", "surrogates": "chosen",
-    "zero_entropy": "entropy", "layer_collapse": "entropy", "alphas": "entropy",
-    "entropy_before": "val_top1", "pruned": "val_top1", "sparsity": "val_top1",
-    "sparsity_layers": "val_top1",
-}
+# Where a method's extra record fields sit in a JSON line: before this common key. Each method
+# declares its own (`MethodSpec.record_fields`, placed here when it registers); extras not
+# listed follow `seconds`. Keeping the places keeps records.jsonl unchanged.
+_EXTRA_BEFORE: dict[str, str] = {}
+
+
+def place_extras(places: Mapping[str, str]) -> None:
+    """Write each extra record field `name` before the common key `places[name]`."""
+    unknown = set(places.values()) - {f.name for f in fields(StageRecord)}
+    if unknown:
+        raise ValueError(f"extras placed before unknown record keys: {sorted(unknown)}")
+    _EXTRA_BEFORE.update(places)
 
 
 @dataclass
@@ -137,9 +142,41 @@ def val_score(record: Mapping, metric: str = "top1") -> float | None:
     return record.get(METRICS[check_metric(metric)][0])
 
 
+def within_delta(dense_score: float, score: float, delta: float) -> bool:
+    """The delta stop rule (EASIER, progressive): a stage is acceptable while dense - current
+    <= delta (in the run's metric: top-1 or balanced accuracy, `StageRun.score`)."""
+    return dense_score - score <= delta
+
+
 def answer_stage(records: Sequence[Mapping]) -> Mapping:
     """The answer of a run: its last stage within the method's stop rule (stage 0 always is)."""
     return [r for r in records if r.get("within_delta", True)][-1]
+
+
+# Settings every method with a finetune shares (the CLI shows them in each method's group).
+FINETUNE_EPOCHS = Option("finetune_epochs", "retraining epochs per stage/round (quick: 3; "
+                         "paper: 160)", path="finetune.epochs", argparse={"type": int})
+FINETUNE_OPTIONS: tuple[Option, ...] = (
+    FINETUNE_EPOCHS,
+    Option("distill", "weight in [0, 1] of distillation from the dense model's logits in every "
+           "finetune (default 0: off; the fair-compute reference never distills)",
+           owner=TrainConfig, argparse={"type": float}),
+    Option("distill_temperature", "softmax temperature of the distillation (default 4)",
+           owner=TrainConfig, argparse={"type": float}),
+    Option("finetune_lr", "retraining learning rate (default: preset; paper: same as --lr)",
+           path="finetune.lr", argparse={"type": float}),
+    Option("entropy_mode", "model mode while counting: eval (default) or train (BatchNorm "
+           "batch statistics)", argparse={"choices": ("eval", "train")}),
+)
+ENTROPY_VARIANT_OPTION = Option(
+    "entropy_variant", "how site entropy is counted: paper = the METHODS definition (default); "
+    "easier-code = the EASIER authors' counting rule (z >= 0 is ON, per-batch entropies "
+    "averaged, train mode on augmented batches); egp-code = the EGP code's rule (average only "
+    "over non-constant channels per batch). IMP chooses by magnitude but still records it",
+    argparse={"choices": ENTROPY_VARIANTS})
+# The finetune's preset values (None: the dense lr, see depthcut.settings).
+FINETUNE_PRESETS = {"quick": {"finetune_epochs": 3, "finetune_lr": 0.02},
+                    "paper": {"finetune_epochs": 160, "finetune_lr": None}}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import time
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from depthcut.distributed import is_main, world_size
 from depthcut.errors import ConfigError
 from depthcut.faults import die_at
+from depthcut.options import Option
 
 SCHEDULES = ("cosine", "multistep", "constant")
 
@@ -132,6 +134,23 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+# Settings of every training of a run (dense training, finetunes, slope training): the CLI's
+# "training" group after the dense epochs and lr (depthcut.experiment).
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("schedule", argparse={"choices": SCHEDULES}),
+    Option("milestones", "multistep schedule: epochs at which lr is multiplied by gamma",
+           argparse={"type": int, "nargs": "*"}),
+    Option("gamma", argparse={"type": float}),
+    Option("momentum", argparse={"type": float}),
+    Option("nesterov", argparse={"action": argparse.BooleanOptionalAction}),
+    Option("weight_decay", "quick: 5e-4; paper: 1e-4", argparse={"type": float}),
+    Option("decay_norm_and_bias", "weight decay also on BatchNorm/LayerNorm weights and biases "
+           "(paper preset: on, as the authors' code; quick: off)", flags=("--decay-norm-bias",),
+           argparse={"action": argparse.BooleanOptionalAction}),
+    Option("warmup_epochs", argparse={"type": float}),
+)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:

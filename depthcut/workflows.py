@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from depthcut.data import BatchLoader, ImageDataset, load_dataset, make_splits
+from depthcut.data import ArrayDataset, BatchLoader, load_dataset, make_splits
 from depthcut.entropy import SiteCounts, count_states
 from depthcut.errors import ConfigError
 from depthcut.export import export_onnx
@@ -118,7 +118,7 @@ def _model_name(info: dict) -> str:
 
 
 def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None,
-                 cache_dir: str | Path | None, progress: bool) -> ImageDataset:
+                 cache_dir: str | Path | None, progress: bool) -> ArrayDataset:
     """The dataset a model was trained on, unless `dataset` / `data_root` name another."""
     name = dataset or origin.get("dataset")
     root = data_root or origin.get("data_root")
@@ -127,12 +127,12 @@ def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None
     return load_dataset(name, root, cache_dir=cache_dir, progress=progress)
 
 
-def _loader(images, labels, dataset: ImageDataset, samples: int | None, batch_size: int,
+def _loader(images, labels, dataset: ArrayDataset, samples: int | None, batch_size: int,
             device) -> BatchLoader:
     if samples is not None:
         images, labels = images[:samples], labels[:samples]
-    return BatchLoader(images, labels, batch_size=batch_size, mean=dataset.mean,
-                       std=dataset.std, device=device)
+    return BatchLoader(images, labels, batch_size=batch_size, device=device,
+                       **dataset.batch_options(train=False))
 
 
 def entropy_report(
@@ -149,14 +149,14 @@ def entropy_report(
     model, info = load_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
-    images, labels = ((data.train_images, data.train_labels) if split == "train"
-                      else (data.test_images, data.test_labels))
+    images, labels = ((data.train_inputs, data.train_labels) if split == "train"
+                      else (data.test_inputs, data.test_labels))
     loader = _loader(images, labels, data, samples, batch_size, torch_device)
     model.to(torch_device)
     counts = count_states(model, loader, find_sites(model), progress=progress)
     return EntropyReport(checkpoint=checkpoint, model=_model_name(info),
                          linearized=list(info.get("linearized", [])), dataset=data.name,
-                         split=split, images=len(loader.images), counts=dict(counts))
+                         split=split, images=len(loader.inputs), counts=dict(counts))
 
 
 def fold_checkpoint(
@@ -174,7 +174,7 @@ def fold_checkpoint(
     model, info = load_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
-    loader = _loader(data.test_images, data.test_labels, data, samples, batch_size,
+    loader = _loader(data.test_inputs, data.test_labels, data, samples, batch_size,
                      torch_device)
     example = next(iter(loader))[0]
     folded = fold(model.to(torch_device), example, policy, data=loader)
@@ -187,7 +187,7 @@ def fold_checkpoint(
         exported = export_onnx(folded, example[:1].cpu(), out.with_suffix(".onnx"))
     return FoldResult(checkpoint=checkpoint, out=out, module=folded,
                       report=folded.fold_report, model=_model_name(info),
-                      linearized=linearized, dataset=data.name, images=len(loader.images),
+                      linearized=linearized, dataset=data.name, images=len(loader.inputs),
                       onnx=exported)
 
 
@@ -210,7 +210,7 @@ def heal(
     data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
     splits = make_splits(data, val_fraction=0.0, train_subset=train_subset,
                          batch_size=batch_size, seed=seed, device=torch_device)
-    test = _loader(data.test_images, data.test_labels, data, samples, batch_size, torch_device)
+    test = _loader(data.test_inputs, data.test_labels, data, samples, batch_size, torch_device)
     module.to(torch_device)
     before = evaluate(module, test)
     seed_everything(seed)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from depthcut.experiment import ExperimentConfig, run_easier
-from depthcut.fold import count_macs
+from depthcut.cost import count_macs
+from depthcut.experiment import ExperimentConfig, run_method
 from depthcut.methods.easier import EasierConfig
 from depthcut.models import build_model, count_parameters, default_activation
 from depthcut.reports import markdown_table
@@ -43,7 +43,7 @@ def run(name: str, width: float, activation: str | None, args, out: Path, *, sub
         answer = answer_stage(records)
         return {"dense": records[0], "answer": answer, "minutes": records[-1]["elapsed_s"] / 60}
     start = time.perf_counter()
-    result = run_easier(config, method, out, overwrite=True)
+    result = run_method(config, "easier", method, out, overwrite=True)
     return {"dense": result.records[0], "answer": result.answer,
             "minutes": (time.perf_counter() - start) / 60}
 

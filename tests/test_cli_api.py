@@ -12,14 +12,16 @@ import pytest
 
 import depthcut
 from depthcut import cli, workflows
-from depthcut.cli import DEFAULTS, FIELDS, PRESETS, build_config, build_parser, main
+from depthcut.cli import build_parser, main
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.experiment import ExperimentConfig
 from depthcut.methods.easier import EasierConfig
 from depthcut.methods.layer_folding import LayerFoldingConfig
 from depthcut.methods.rounds import PruningConfig
+from depthcut.settings import build_config, defaults, experiment_config, fields_table, presets
 from depthcut.train import TrainConfig
 
+DEFAULTS, FIELDS, PRESETS = defaults(), fields_table(), presets()
 CONFIGS = (ExperimentConfig, TrainConfig, EasierConfig, PruningConfig, LayerFoldingConfig)
 # Dataclass fields no CLI setting maps to, on purpose.
 NOT_SETTINGS = {
@@ -96,7 +98,7 @@ def test_configs_are_built_from_the_settings_through_the_table():
         ["compare", "--preset", "paper", "--model", "vgg16", "--momentum", "0.8",
          "--finetune-epochs", "4", "--slope-lr", "0.5", "--lf-k", "2", "--delta", "3",
          "--out", "x"]))
-    experiment = cli.experiment_config(settings, progress=False)
+    experiment = experiment_config(settings, progress=False)
     assert (experiment.model, experiment.width, experiment.progress) == ("vgg16", 1.0, False)
     assert (experiment.dense.epochs, experiment.dense.lr) == (160, 0.01)
     assert experiment.dense.momentum == 0.8 and experiment.dense.milestones == (80, 120)

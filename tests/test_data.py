@@ -11,18 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from depthcut import data
 from depthcut.data import (
-    CIFAR10_CLASSES,
-    DATASETS,
     BatchLoader,
     DatasetNotFoundError,
     ImageDataset,
     augment,
+    dataset_names,
     load_dataset,
     make_splits,
     split_indices,
 )
+from depthcut.data.datasets import cifar10
+from depthcut.data.datasets.cifar10 import CIFAR10_CLASSES
+from depthcut.data.readers import image_folder
 
 REAL_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 
@@ -131,19 +132,19 @@ def test_cifar10_pickles_load_exactly(tmp_path, point_at_folder):
 
     assert dataset.name == "CIFAR-10"
     assert dataset.classes == CIFAR10_CLASSES
-    assert dataset.train_images.shape == (15, 3, 32, 32)
-    assert dataset.test_images.shape == (4, 3, 32, 32)
-    assert dataset.train_images.dtype == torch.uint8 and dataset.train_images.is_contiguous()
+    assert dataset.train_inputs.shape == (15, 3, 32, 32)
+    assert dataset.test_inputs.shape == (4, 3, 32, 32)
+    assert dataset.train_inputs.dtype == torch.uint8 and dataset.train_inputs.is_contiguous()
     assert dataset.train_labels.dtype == torch.int64
     train = np.concatenate(written["train_data"])
     # Row-major RGB planes: value k of a row is channel k // 1024, y (k % 1024) // 32, x k % 32.
-    assert dataset.train_images[4, 2, 5, 7].item() == train[4, 2 * 1024 + 5 * 32 + 7]
-    assert np.array_equal(dataset.train_images.numpy().reshape(15, -1), train)
-    assert np.array_equal(dataset.test_images.numpy().reshape(4, -1), written["test_data"])
+    assert dataset.train_inputs[4, 2, 5, 7].item() == train[4, 2 * 1024 + 5 * 32 + 7]
+    assert np.array_equal(dataset.train_inputs.numpy().reshape(15, -1), train)
+    assert np.array_equal(dataset.test_inputs.numpy().reshape(4, -1), written["test_data"])
     assert dataset.train_labels.tolist() == written["train_labels"]
     assert dataset.test_labels.tolist() == written["test_labels"]
     assert (dataset.num_classes, dataset.in_channels, dataset.image_size) == (10, 3, 32)
-    assert dataset.mean == data.CIFAR10_MEAN and dataset.std == data.CIFAR10_STD
+    assert dataset.mean == cifar10.CIFAR10_MEAN and dataset.std == cifar10.CIFAR10_STD
     assert dataset.crop_padding == 4 and dataset.flip
 
 
@@ -160,17 +161,17 @@ def test_cifar10_partial_copy_names_the_missing_file(tmp_path):
 def check_jpeg_dataset(dataset: ImageDataset) -> None:
     assert dataset.name == "CIFAR-10 (JPEG)"
     assert dataset.classes == CIFAR10_CLASSES
-    assert dataset.train_images.shape == (20, 3, 8, 8)
-    assert dataset.test_images.shape == (10, 3, 8, 8)
-    assert dataset.train_images.dtype == torch.uint8
+    assert dataset.train_inputs.shape == (20, 3, 8, 8)
+    assert dataset.test_inputs.shape == (10, 3, 8, 8)
+    assert dataset.train_inputs.dtype == torch.uint8
     assert dataset.train_labels.dtype == torch.int64
     assert dataset.train_labels.tolist() == [label for label in range(10) for _ in range(2)]
     assert dataset.test_labels.tolist() == list(range(10))
     # Sorted by class, then file name: sample 2 * label + index has colour(label, index).
     expected = torch.tensor([colour(label, i) for label in range(10) for i in range(2)])
-    mean_rgb = dataset.train_images.float().mean((2, 3))
+    mean_rgb = dataset.train_inputs.float().mean((2, 3))
     assert (mean_rgb - expected).abs().max() < 6  # JPEG is lossy, but solid colours survive
-    assert (dataset.test_images.float().mean((2, 3)) - expected[::2]).abs().max() < 6
+    assert (dataset.test_inputs.float().mean((2, 3)) - expected[::2]).abs().max() < 6
     assert dataset.crop_padding == 4 and dataset.flip
 
 
@@ -202,9 +203,9 @@ def test_jpeg_second_load_reads_the_cache(tmp_path, monkeypatch):
     def no_decoding(payload):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(data, "_decode_image", no_decoding)
+    monkeypatch.setattr(image_folder, "decode_image", no_decoding)
     second = load_dataset("cifar10-jpeg", root, progress=False)
-    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+    for field in ("train_inputs", "train_labels", "test_inputs", "test_labels"):
         assert torch.equal(getattr(first, field), getattr(second, field))
     assert second.classes == first.classes
 
@@ -216,7 +217,7 @@ def test_jpeg_cache_is_keyed_by_content(tmp_path):
     extra = root / "test" / "cat" / "0001.jpg"
     extra.write_bytes(jpeg_bytes(colour(3, 1)))
     dataset = load_dataset("cifar10-jpeg", root, cache_dir=cache, progress=False)
-    assert len(dataset.test_images) == 11  # the change was seen, not a stale cache
+    assert len(dataset.test_inputs) == 11  # the change was seen, not a stale cache
     assert len(list(cache.glob("*.npz"))) == 2
 
 
@@ -228,10 +229,10 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     cache_file.write_bytes(cache_file.read_bytes()[:1000])  # truncated
     with pytest.warns(UserWarning, match="cache"):
         rebuilt = load_dataset("cifar10-jpeg", root, cache_dir=cache, progress=False)
-    assert torch.equal(rebuilt.train_images, first.train_images)
-    monkeypatch.setattr(data, "_decode_image", lambda payload: 1 / 0)
+    assert torch.equal(rebuilt.train_inputs, first.train_inputs)
+    monkeypatch.setattr(image_folder, "decode_image", lambda payload: 1 / 0)
     again = load_dataset("cifar10-jpeg", root, cache_dir=cache, progress=False)  # fixed file
-    assert torch.equal(again.test_images, first.test_images)
+    assert torch.equal(again.test_inputs, first.test_inputs)
 
 
 def test_jpeg_with_mixed_sizes_is_rejected(tmp_path):
@@ -252,11 +253,11 @@ def test_fashion_mnist_idx_load_exactly(tmp_path, folder, compress):
     arrays = write_idx_files(tmp_path / folder, compress=compress)
     dataset = load_dataset("fashion-mnist", tmp_path)
     assert dataset.name == "Fashion-MNIST"
-    assert dataset.train_images.shape == (5, 1, 28, 28)
-    assert dataset.test_images.shape == (3, 1, 28, 28)
-    assert dataset.train_images.dtype == torch.uint8 and dataset.test_labels.dtype == torch.int64
-    assert np.array_equal(dataset.train_images[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
-    assert np.array_equal(dataset.test_images[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+    assert dataset.train_inputs.shape == (5, 1, 28, 28)
+    assert dataset.test_inputs.shape == (3, 1, 28, 28)
+    assert dataset.train_inputs.dtype == torch.uint8 and dataset.test_labels.dtype == torch.int64
+    assert np.array_equal(dataset.train_inputs[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(dataset.test_inputs[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
     assert dataset.train_labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     assert dataset.test_labels.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     assert dataset.classes[0] == "T-shirt/top" and dataset.classes[9] == "Ankle boot"
@@ -284,8 +285,8 @@ def test_real_fashion_mnist():
     if not (REAL_DATA / "fashion-mnist").is_dir():
         pytest.skip(f"no real Fashion-MNIST at {REAL_DATA}")
     dataset = load_dataset("fashion-mnist", REAL_DATA)
-    assert dataset.train_images.shape == (60000, 1, 28, 28)
-    assert dataset.test_images.shape == (10000, 1, 28, 28)
+    assert dataset.train_inputs.shape == (60000, 1, 28, 28)
+    assert dataset.test_inputs.shape == (10000, 1, 28, 28)
     assert dataset.train_labels.min() == 0 and dataset.train_labels.max() == 9
     assert dataset.test_labels.bincount().tolist() == [1000] * 10
 
@@ -311,7 +312,7 @@ def test_missing_dataset_says_what_was_expected(tmp_path, name, expected):
         assert text in message
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", dataset_names())
 def test_root_that_is_a_file(tmp_path, name):
     root = tmp_path / "a-file"
     root.write_text("x")
@@ -469,7 +470,7 @@ def test_batch_loader_rejects_bad_input():
 def tiny_dataset(n: int = 50) -> ImageDataset:
     images, labels = loader_data(n)
     return ImageDataset(
-        name="tiny", train_images=images, train_labels=labels, test_images=images[:7],
+        name="tiny", train_inputs=images, train_labels=labels, test_inputs=images[:7],
         test_labels=labels[:7], classes=[str(i) for i in range(n)], mean=MEAN, std=STD,
         crop_padding=1, flip=True,
     )
@@ -488,7 +489,7 @@ def test_make_splits():
     expected_train, expected_val = split_indices(50, 0.2, seed=1)
     assert torch.equal(train_ids, expected_train) and torch.equal(val_ids, expected_val)
     assert sorted(torch.cat([y for _, y in splits.train]).tolist()) == sorted(train_ids.tolist())
-    assert splits.train.images is splits.train_eval.images  # one copy of the subset
+    assert splits.train.inputs is splits.train_eval.inputs  # one copy of the subset
 
     subset = make_splits(dataset, val_fraction=0.0, train_subset=12, batch_size=8)
     assert subset.val is None and subset.train.num_samples == 12 and len(subset.train) == 1

@@ -9,9 +9,10 @@ from torch import nn
 import depthcut.stages as stages_module
 from depthcut.data import ImageDataset, make_splits
 from depthcut.entropy import measure_entropy
-from depthcut.methods.easier import EasierConfig, choose_sites, easier, within_delta
+from depthcut.methods.easier import EasierConfig, easier
+from depthcut.scorers import choose_sites
 from depthcut.sites import SiteError, find_sites
-from depthcut.stages import answer_stage
+from depthcut.stages import answer_stage, within_delta
 from depthcut.train import TrainConfig, evaluate, seed_everything, train
 
 
@@ -72,8 +73,8 @@ def tiny_splits(seed: int = 0):
     images[labels == 0, :, :, :4] += 120
     images[labels == 1, :, :, 4:] += 120
     dataset = ImageDataset(
-        name="tiny", train_images=images.to(torch.uint8), train_labels=labels,
-        test_images=images[:60].to(torch.uint8), test_labels=labels[:60], classes=["l", "r"],
+        name="tiny", train_inputs=images.to(torch.uint8), train_labels=labels,
+        test_inputs=images[:60].to(torch.uint8), test_labels=labels[:60], classes=["l", "r"],
         mean=(0.3,), std=(0.2,), crop_padding=1, flip=False,
     )
     return make_splits(dataset, val_fraction=0.25, batch_size=32, eval_batch_size=64, seed=seed)

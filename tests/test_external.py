@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from depthcut.cost import count_macs
 from depthcut.entropy import measure_entropy
 from depthcut.errors import ConfigError
 from depthcut.external import adapt_stem, build_external, parse_name, unshare_activations
-from depthcut.fold import count_macs, fold
+from depthcut.fold import fold
 from depthcut.graph import trace_graph
 from depthcut.sites import find_sites, linearize
 

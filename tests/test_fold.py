@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from depthcut.cost import count_macs
 from depthcut.fold import POLICIES, FoldError, Merge, add_parallel, affine_of, compose, fold
+from depthcut.fold_policy import FoldPolicy, MergeSides
 from depthcut.models import build_model
 from depthcut.sites import find_sites, linearize, silence
 from tests.helpers import (  # noqa: F401 (fixtures)
@@ -467,10 +469,34 @@ def test_presets_are_policy_callables() -> None:
         fold(block, x, policy=3)
 
 
-def test_report_keeps_no_policy_callables() -> None:
+class SidesSeen(FoldPolicy):
+    """Takes every exact merge, after running both sides of it on an input of the real shape."""
+
+    name = "sides_seen"
+
+    def __init__(self) -> None:
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def decide(self, merge: Merge, sides: MergeSides | None = None) -> bool:
+        assert sides is not None
+        if merge.exact:
+            x = sides.make_input()
+            with torch.no_grad():
+                self.outputs.append((sides.merged(x), sides.unmerged(x)))
+        return merge.exact
+
+
+def test_policy_runs_both_sides_and_the_report_keeps_only_records() -> None:
+    """What a policy may run comes as `decide`'s argument (`MergeSides`), not on the Merge: the
+    report holds the recorded fields only, and pickles."""
     block, x = linear_basic_block()
+    policy = SidesSeen()
+    folded = fold(block, x, policy)
+    assert policy.outputs and folded.fold_report.policy == "sides_seen"
+    for merged, unmerged in policy.outputs:
+        assert merged.shape[0] == x.shape[0]
+        assert_matches(merged, unmerged)
     report = fold(block, x, "latency").fold_report
-    assert all(m.unmerged is m.merged is m.make_input is None for m in report.merges)
     record = report.to_dict()
     assert list(record["merges"][0]) == ["rule", "replaces", "exact", "macs_before",
                                          "macs_after", "taken", "reason", "seconds_before",
@@ -481,8 +507,6 @@ def test_report_keeps_no_policy_callables() -> None:
 
 def test_macs_count_the_cpu_attention_kernel():
     """F.scaled_dot_product_attention on CPU: Q K^T and A V, b h s s d multiply-adds each."""
-    from depthcut.fold import count_macs
-
     class Attend(nn.Module):
         def forward(self, x):
             return F.scaled_dot_product_attention(x, x, x)

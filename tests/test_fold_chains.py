@@ -23,8 +23,10 @@ from depthcut.affine import (
     compose_shape,
     linear_parts_agree,
 )
+from depthcut.cost import count_macs
 from depthcut.errors import DepthcutError
-from depthcut.fold import Merge, count_macs, fewer_macs, fold
+from depthcut.fold import Merge, fold
+from depthcut.fold_policy import POLICIES, FoldPolicy, MergeSides
 from depthcut.layers import BiasMapConv2d, InputSizeError
 from depthcut.models import InvertedResidual, build_model
 from depthcut.sites import find_sites, linearize
@@ -175,7 +177,7 @@ def test_linear_inverted_residual_block_becomes_one_exact_conv(c_in: int, c_out:
     with torch.no_grad():
         assert_matches(folded(y), block(y), context)
     # Pairwise merging (a policy without a chain cost) cannot get there: each step costs more.
-    pairwise = fold(block, x, lambda merge: fewer_macs(merge)).fold_report
+    pairwise = fold(block, x, lambda merge: POLICIES["macs"].decide(merge)).fold_report
     assert pairwise.macs_after == report.macs_before, pairwise.markdown()
 
 
@@ -256,7 +258,7 @@ def test_chain_takes_the_middle_partition_of_least_macs(seed: Seed) -> None:
     with torch.no_grad():
         assert_matches(folded(y), model(y), context)
     # Merge by merge (a plain callable: no chain cost), nothing is taken.
-    greedy = fold(model, x, lambda merge: fewer_macs(merge))
+    greedy = fold(model, x, lambda merge: POLICIES["macs"].decide(merge))
     assert count_macs(greedy, x[:1]) == 100 * 2288
     # "all": the whole chain as one op (border-approximate: X is spatial, D pads after it).
     everything = fold(model, x, "all").fold_report
@@ -286,24 +288,26 @@ def test_resnet_style_spatial_after_spatial_stays_approximate_and_declined(seed:
     assert relative_deviation(got, expected) > 1e-3
 
 
-def test_policy_with_a_chain_cost_sees_every_segment() -> None:
-    """A callable with a `chain_cost` attribute decides chains as a whole (it prices every
-    segment, single ops too); one without it decides merge by merge, as before."""
+def test_policy_with_a_segment_cost_sees_every_segment() -> None:
+    """A policy with a `segment_cost` decides chains as a whole (it prices every segment,
+    single ops too); a plain callable decides merge by merge, as before."""
     g = torch.Generator().manual_seed(0)
     block = randomize_batchnorm(InvertedResidual(4, 4, 1, 6, "relu6"), g)
     linearize(block, ["expand.act", "depthwise.act"])
     x = torch.randn(2, 4, 8, 8, generator=g)
     priced: list[list[str]] = []
 
-    def exact_fewest(merge: Merge) -> bool:
-        return merge.exact
+    class ExactFewest(FoldPolicy):
+        name = "exact_fewest"
 
-    def cost(merge: Merge) -> float | None:
-        priced.append(merge.replaces)
-        return 1.0 if merge.exact else None
+        def decide(self, merge: Merge, sides: MergeSides | None = None) -> bool:
+            return merge.exact
 
-    exact_fewest.chain_cost = cost
-    report = fold(block, x, exact_fewest).fold_report
+        def segment_cost(self, merge: Merge, sides: MergeSides | None = None) -> float | None:
+            priced.append(merge.replaces)
+            return 1.0 if merge.exact else None
+
+    report = fold(block, x, ExactFewest()).fold_report
     assert len(priced) == 6  # segments of a 3-op chain: 3 singles, 2 pairs, the whole
     assert [m.rule for m in report.merges if m.taken][-2:] == ["chain", "parallel"]
     plain = fold(block, x, lambda merge: merge.exact).fold_report

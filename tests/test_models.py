@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from depthcut.cost import count_macs
 from depthcut.entropy import count_states, measure_entropy
-from depthcut.fold import count_macs, fold
+from depthcut.fold import fold
 from depthcut.models import (
     ACTIVATIONS,
     MODELS,

@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from torch import nn
 
-import depthcut.methods.easier as easier_module
-from depthcut.cli import build_config, build_parser, main, resolve_settings
+from depthcut.cli import build_parser, main, resolve_settings
 from depthcut.data import ImageDataset, make_splits
 from depthcut.errors import ConfigError
-from depthcut.fold import fold
+from depthcut.fold import FoldError, fold
 from depthcut.graph import chain_neighbours
-from depthcut.methods.easier import (
-    EasierConfig,
+from depthcut.methods.easier import EasierConfig, easier
+from depthcut.models import ConvBNAct, InvertedResidual
+from depthcut.run import read_records
+from depthcut.scorers import (
+    Candidates,
+    Scorer,
+    Scores,
     choose_sites,
-    easier,
     example_batch,
+    scorer_for,
+)
+from depthcut.scorers.payoff import (
+    PAYOFF_EXAMPLES,
+    PayoffScorer,
+    folded_latency,
+    folded_macs,
     pair_credit,
     payoff_savings,
 )
-from depthcut.models import ConvBNAct, InvertedResidual
-from depthcut.run import read_records
+from depthcut.settings import build_config
 from depthcut.sites import find_sites, linearize
 from depthcut.train import TrainConfig, evaluate
 from tests.helpers import one_thread, write_fake_cifar10  # noqa: F401 - a fixture
@@ -60,7 +70,7 @@ def tiny_splits():
     labels = torch.randint(0, 2, (64,), generator=generator)
     images = torch.randint(0, 255, (64, 1, 8, 8), generator=generator, dtype=torch.uint8)
     dataset = ImageDataset(
-        name="tiny", train_images=images, train_labels=labels, test_images=images[:16],
+        name="tiny", train_inputs=images, train_labels=labels, test_inputs=images[:16],
         test_labels=labels[:16], classes=["a", "b"], mean=(0.5,), std=(0.25,), crop_padding=1,
         flip=False)
     return make_splits(dataset, val_fraction=0.25, batch_size=16, eval_batch_size=32, seed=0)
@@ -72,10 +82,20 @@ ENTROPIES = {"stem.act": 0.2, "blocks.0.depthwise.act": 0.5, "blocks.1.expand.ac
 BIG = "blocks.0.depthwise.act"
 
 
-def one_stage(monkeypatch, **settings):
+@dataclass
+class MadeUpEntropies(Scorer):
+    """`inner` (the scorer the config names), scoring as if the sites had `entropies`."""
+
+    inner: Scorer
+    entropies: dict[str, float]
+
+    def score(self, candidates: Candidates) -> Scores:
+        return self.inner.score(replace(candidates, entropies=dict(self.entropies)))
+
+
+def one_stage(**settings):
     """One EASIER stage (no finetune) on the half-linear model with ENTROPIES: its record, and
     the model as it was before the stage."""
-    monkeypatch.setattr(easier_module, "layer_entropies", lambda counts: dict(ENTROPIES))
     model = half_linear_model()
     before = copy.deepcopy(model)
     splits = tiny_splits()
@@ -83,13 +103,14 @@ def one_stage(monkeypatch, **settings):
              "linearized": ["blocks.0.expand.act"], "val_top1": evaluate(model, splits.val),
              "test_top1": 0.0}
     config = EasierConfig(delta=100.0, max_stages=1, finetune=TrainConfig(epochs=0), **settings)
-    result = easier(model, splits, config, dense_record=dense, progress=False)
+    scorer = MadeUpEntropies(scorer_for(config), ENTROPIES)
+    result = easier(model, splits, config, scorer=scorer, dense_record=dense, progress=False)
     return result.records[1], before, splits
 
 
-def test_weight_zero_chooses_as_entropy(monkeypatch):
-    entropy, _, _ = one_stage(monkeypatch)
-    payoff, _, _ = one_stage(monkeypatch, choose="payoff", payoff_weight=0.0)
+def test_weight_zero_chooses_as_entropy():
+    entropy, _, _ = one_stage()
+    payoff, _, _ = one_stage(choose="payoff", payoff_weight=0.0)
     assert entropy["chosen"] == payoff["chosen"] == ["stem.act"]
     assert "payoff" not in entropy.extras and "score" not in entropy.extras
     assert "payoff" not in entropy.to_dict() and "score" not in entropy.to_dict()
@@ -99,8 +120,8 @@ def test_weight_zero_chooses_as_entropy(monkeypatch):
     assert payoff.to_dict()["payoff"] == payoff["payoff"]  # written to records.jsonl
 
 
-def test_large_weight_chooses_the_biggest_saving(monkeypatch):
-    record, _, _ = one_stage(monkeypatch, choose="payoff", payoff_weight=10.0)
+def test_large_weight_chooses_the_biggest_saving():
+    record, _, _ = one_stage(choose="payoff", payoff_weight=10.0)
     savings = record["payoff"]
     assert savings[BIG] > 0.2 and max(savings, key=savings.get) == BIG
     assert all(v == 0 for s, v in savings.items() if s != BIG)
@@ -110,12 +131,12 @@ def test_large_weight_chooses_the_biggest_saving(monkeypatch):
         assert score == ENTROPIES[site] - 10.0 * savings[site]
     assert record["chosen"] == choose_sites(record["score"], 1)
     # Weight 0.5: the saving (about 0.31) no longer outweighs 0.3 bits of entropy.
-    record, _, _ = one_stage(monkeypatch, choose="payoff", payoff_weight=0.5)
+    record, _, _ = one_stage(choose="payoff", payoff_weight=0.5)
     assert record["chosen"] == ["stem.act"]
 
 
-def test_savings_match_folding_by_hand(monkeypatch):
-    record, before, splits = one_stage(monkeypatch, choose="payoff", payoff_weight=1.0)
+def test_savings_match_folding_by_hand():
+    record, before, splits = one_stage(choose="payoff", payoff_weight=1.0)
     example = next(iter(splits.train_eval))[0][:8]
     now = fold(before, example).fold_report.macs_after
     after = fold(linearize(copy.deepcopy(before), [BIG]), example).fold_report.macs_after
@@ -130,25 +151,27 @@ def test_dry_run_changes_neither_model_nor_rng():
     kinds = [(name, type(m)) for name, m in model.named_modules()]
     rng = torch.get_rng_state()
     epoch = splits.train_eval.epoch
-    example = example_batch(splits.train_eval)
+    example = example_batch(splits.train_eval, PAYOFF_EXAMPLES)
     assert example.shape == (8, 1, 8, 8) and splits.train_eval.epoch == epoch
-    savings = payoff_savings(model, example, find_sites(model), "macs")
+    savings = payoff_savings(model, example, find_sites(model), folded_macs)
     assert set(savings) == set(find_sites(model)) and savings[BIG] > 0
-    latency = payoff_savings(model, example, [BIG], "latency")
+    latency = payoff_savings(model, example, [BIG], folded_latency)
     assert set(latency) == {BIG} and math.isfinite(latency[BIG])
+    scored = PayoffScorer(weight=1.0).score(Candidates(model, ENTROPIES,
+                                                       examples=splits.train_eval))
+    assert scored.record["payoff"][BIG] == savings[BIG] and splits.train_eval.epoch == epoch
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     assert [(name, type(m)) for name, m in model.named_modules()] == kinds
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
-def test_failing_folds_save_nothing(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise easier_module.FoldError("no")
+def test_failing_folds_save_nothing():
+    def refuse(model, example):
+        raise FoldError("no")
 
-    monkeypatch.setattr(easier_module, "fold", refuse)
     model = half_linear_model()
-    assert payoff_savings(model, torch.zeros(2, 1, 8, 8), [BIG, "stem.act"]) == {
+    assert payoff_savings(model, torch.zeros(2, 1, 8, 8), [BIG, "stem.act"], refuse) == {
         BIG: 0.0, "stem.act": 0.0}
 
 
@@ -160,6 +183,11 @@ def test_failing_folds_save_nothing(monkeypatch):
 def test_config_rejects_bad_payoff_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         EasierConfig(**kwargs)
+    scorer_settings = {"weight": kwargs.get("payoff_weight", 1.0),
+                       "cost": kwargs.get("payoff_cost", "macs")}
+    if "choose" not in kwargs:  # the scorer built without a config checks the same
+        with pytest.raises(ConfigError, match=message):
+            PayoffScorer(**scorer_settings)
 
 
 @pytest.mark.parametrize("command", ["easier", "compare"])
@@ -221,13 +249,12 @@ def test_pair_credit_is_half_the_pair_or_the_site_alone():
     assert pair_credit({"a": 0.2, "a+b": 0.3}, {"a": ["b"]}) == {"a": 0.2}
 
 
-def test_payoff_looks_one_pair_ahead(monkeypatch):
+def test_payoff_looks_one_pair_ahead():
     """With no site linear, no site of an inverted-residual block saves anything alone; the
     pair does (the block becomes one conv), so a large weight chooses a site of that pair
     over lower-entropy ones."""
     entropies = {"stem.act": 0.2, "blocks.0.expand.act": 0.6, "blocks.0.depthwise.act": 0.7,
                  "blocks.1.expand.act": 0.3, "blocks.1.depthwise.act": 0.4}
-    monkeypatch.setattr(easier_module, "layer_entropies", lambda counts: dict(entropies))
     torch.manual_seed(0)
     model = TinyMobile()
     splits = tiny_splits()
@@ -235,7 +262,9 @@ def test_payoff_looks_one_pair_ahead(monkeypatch):
              "linearized": [], "val_top1": evaluate(model, splits.val), "test_top1": 0.0}
     config = EasierConfig(delta=100.0, max_stages=1, finetune=TrainConfig(epochs=0),
                           choose="payoff", payoff_weight=10.0)
-    record = easier(model, splits, config, dense_record=dense, progress=False).records[1]
+    scorer = MadeUpEntropies(scorer_for(config), entropies)
+    record = easier(model, splits, config, scorer=scorer, dense_record=dense,
+                    progress=False).records[1]
     assert all(v == 0 for v in record["payoff"].values())
     pair = record["payoff_pairs"]["blocks.0.depthwise.act+blocks.0.expand.act"]
     assert pair > 0.1

@@ -6,18 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from depthcut.cli import (
-    DEFAULTS,
-    PRESETS,
-    build_config,
-    build_parser,
-    experiment_config,
-    main,
-    resolve_settings,
-)
+from depthcut.cli import build_parser, main, resolve_settings
 from depthcut.methods.easier import EasierConfig
 from depthcut.methods.rounds import PruningConfig
+from depthcut.settings import build_config, defaults, experiment_config, presets
 from depthcut.train import TrainConfig, make_optimizer
+
+DEFAULTS, PRESETS = defaults(), presets()
 
 
 def _easier_config(settings: dict) -> EasierConfig:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthcut import experiment, stages
-from depthcut.experiment import ExperimentConfig, resume_run, run_progressive
+from depthcut.experiment import ExperimentConfig, resume_run, run_method
 from depthcut.methods.progressive import Blend, ProgressiveConfig
 from depthcut.run import read_records
 from depthcut.sites import find_sites
@@ -96,7 +96,7 @@ def config(root) -> tuple[ExperimentConfig, ProgressiveConfig]:
 def test_a_stage_beyond_delta_is_undone_and_the_step_halves(tmp_path, scripted):
     root = write_fake_cifar10(tmp_path / "data")
     experiment_config, method = config(root)
-    result = run_progressive(experiment_config, method, tmp_path / "run")
+    result = run_method(experiment_config, "progressive", method, tmp_path / "run")
     records = result.records
     assert [len(r.chosen) for r in records[1:]] == [2, 1, 1]
     assert [r.within_delta for r in records[1:]] == [False, True, False]
@@ -116,9 +116,9 @@ def test_a_run_resumed_after_an_undone_stage_goes_on_from_the_accepted_weights(
     root = write_fake_cifar10(tmp_path / "data")
     experiment_config, method = config(root)
     reference = tmp_path / "reference"
-    run_progressive(experiment_config, method, reference)
+    run_method(experiment_config, "progressive", method, reference)
     stopped = tmp_path / "stopped"
-    run_progressive(experiment_config, ProgressiveConfig(
+    run_method(experiment_config, "progressive", ProgressiveConfig(
         first_step=2, max_stages=1, finetune=method.finetune), stopped)
     assert [r["within_delta"] for r in read_records(stopped)] == [True, False]
     settings = json.loads((stopped / "config.json").read_text())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from depthcut.data import BatchLoader, DataSplits
+from depthcut.methods import methods
 from depthcut.run import read_records
 from depthcut.sites import find_sites, linearize
 from depthcut.stages import Method, StageRecord, StageRun, answer_stage, run_stages
@@ -38,6 +39,7 @@ DENSE_LINE = {
 
 
 def test_record_round_trips_keys_and_their_order():
+    methods()  # the registered methods place their record fields (EGP's here)
     for line in (PRUNING_LINE, DENSE_LINE):
         record = StageRecord.from_dict(line)
         assert list(record.to_dict().items()) == list(line.items())
@@ -112,7 +114,8 @@ def test_a_new_method_plugs_into_the_loop_and_resumes():
 
 DENSE_LONGER = """
 import sys
-from depthcut.experiment import ExperimentConfig, run_dense_longer, resume_run
+from depthcut.experiment import ExperimentConfig, resume_run, run_method
+from depthcut.methods.dense_longer import DenseLongerConfig
 from depthcut.train import TrainConfig
 root, out = sys.argv[1], sys.argv[2]
 if out.endswith("resume"):
@@ -120,7 +123,8 @@ if out.endswith("resume"):
 else:
     config = ExperimentConfig(dataset="cifar10", data_root=root, width=0.0625, batch_size=32,
                               device="cpu", dense=TrainConfig(epochs=1), progress=False)
-    run_dense_longer(config, TrainConfig(epochs=1, lr=0.01), 2, out)
+    run_method(config, "dense_longer",
+               DenseLongerConfig(finetune=TrainConfig(epochs=1, lr=0.01), chunks=2), out)
 """
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from depthcut import text
 from depthcut.data import BatchLoader, DatasetError, DatasetNotFoundError, load_dataset, make_splits
+from depthcut.data.datasets.fortunes import ARCHIVE
+from depthcut.data.readers import fortunes_archive as text
 from depthcut.entropy import count_states, layer_entropies
 from depthcut.fold import fold
 from depthcut.methods.easier import Easier, EasierConfig
@@ -68,7 +69,7 @@ def write_fake_fortunes(root: Path, per_file: int = 12) -> Path:
         "fortunes/de/witze.dat": b"\x00\x00\x00\x02binary index",
     }
     root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(root / text.ARCHIVE, "w:gz") as archive:
+    with tarfile.open(root / ARCHIVE, "w:gz") as archive:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -102,7 +103,7 @@ def test_split_decode_and_normalize():
 
 
 def test_archive_parsing_counts_what_it_skips(fake):
-    texts, stats = text.read_archive(fake / text.ARCHIVE, max_bytes=64)
+    texts, stats = text.read_archive(fake / ARCHIVE, max_bytes=64)
     assert {t.language for t in texts} == {"en", "de", "cs"}  # COPYRIGHT skipped
     assert stats["empty_texts"] == 1
     assert stats["fallback_files"] == ["cs/klasik-cz"]
@@ -114,14 +115,14 @@ def test_archive_parsing_counts_what_it_skips(fake):
 
 def test_dedupe_and_hash_split(fake, tmp_path):
     data = load_dataset("fortunes-lang", fake, cache_dir=tmp_path / "cache")
-    train, test = rows(data.train_images), rows(data.test_images)
+    train, test = rows(data.train_inputs), rows(data.test_inputs)
     assert not train & test  # no text on both sides
-    assert len(train) == len(data.train_images) and len(test) == len(data.test_images)
+    assert len(train) == len(data.train_inputs) and len(test) == len(data.test_inputs)
     everything = train | test
     assert DUPLICATE.encode() in everything  # three copies, same language: kept once
     assert CONFLICT.encode() not in everything  # under two languages: dropped
     assert data.stats["duplicates_dropped"] == 3 and data.stats["conflicts_dropped"] == 1
-    ordered = [bytes(t - 1 for t in row.tolist() if t) for row in data.train_images]
+    ordered = [bytes(t - 1 for t in row.tolist() if t) for row in data.train_inputs]
     assert ordered == sorted(ordered, key=lambda b: hashlib.sha256(b).digest())  # mixed order
     for row in train:
         assert not text.in_test_split(row)
@@ -132,14 +133,14 @@ def test_dedupe_and_hash_split(fake, tmp_path):
     # The side of a text depends on its bytes only, never on the rest of the archive.
     small = write_fake_fortunes(tmp_path / "small", per_file=6)
     other = load_dataset("fortunes-lang", small, cache_dir=tmp_path / "cache")
-    assert not rows(other.train_images) & test and not rows(other.test_images) & train
+    assert not rows(other.train_inputs) & test and not rows(other.test_inputs) & train
 
 
 def test_topic_task_keeps_the_largest_english_files(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(text, "TOPICS", 2)
     data = load_dataset("fortunes-topic", fake, cache_dir=tmp_path / "cache")
     assert data.classes == ["cookie", "people"]  # zippy (3 texts) is the smallest
-    everything = rows(data.train_images) | rows(data.test_images)
+    everything = rows(data.train_inputs) | rows(data.test_inputs)
     assert DUPLICATE.encode() not in everything  # in cookie and people: ambiguous, dropped
     assert data.stats["topics"] == ["cookie", "people"]
     assert data.name == "fortunes (English topic)"
@@ -150,12 +151,12 @@ def test_byte_tokens_and_padding(fake, tmp_path):
     assert tokens.tolist() == [[73, 106, 0, 0], [0xC5 + 1, 0xBE + 1, 0, 0], [121] * 4]
     data = load_dataset("fortunes-lang", fake, cache_dir=tmp_path / "cache")
     assert data.seq_len == text.MAX_BYTES == 64
-    assert data.train_images.dtype == torch.int64 and data.vocab_size == 257
-    assert int(data.train_images.max()) <= 256 and data.pad_id == 0
+    assert data.train_inputs.dtype == torch.int64 and data.vocab_size == 257
+    assert int(data.train_inputs.max()) <= 256 and data.pad_id == 0
     splits = make_splits(data, val_fraction=0.2, batch_size=8, channels_last=True)
     inputs, labels = next(iter(splits.train))  # no augmentation or memory format on tokens
     assert inputs.dtype == torch.int64 and inputs.shape == (8, 64)
-    assert rows(inputs) <= rows(data.train_images)
+    assert rows(inputs) <= rows(data.train_inputs)
     with pytest.raises(ValueError, match="token ids"):
         BatchLoader(torch.zeros(4, 3, dtype=torch.float32), torch.zeros(4), batch_size=2,
                     mean=(), std=())
@@ -172,13 +173,13 @@ def test_cache_is_used_and_rebuilt_when_damaged(fake, tmp_path, monkeypatch):
 
     monkeypatch.setattr(text, "build_arrays", fail)
     second = load_dataset("fortunes-lang", fake, cache_dir=cache)
-    assert torch.equal(first.train_images, second.train_images)
+    assert torch.equal(first.train_inputs, second.train_inputs)
     assert torch.equal(first.test_labels, second.test_labels)
     monkeypatch.undo()
     files[0].write_bytes(b"not an npz")
     with pytest.warns(UserWarning, match="unusable cache"):
         third = load_dataset("fortunes-lang", fake, cache_dir=cache)
-    assert torch.equal(first.train_images, third.train_images)
+    assert torch.equal(first.train_inputs, third.train_inputs)
 
 
 def test_clear_errors(tmp_path):
@@ -186,12 +187,12 @@ def test_clear_errors(tmp_path):
         load_dataset("fortunes-lang", tmp_path / "nothing", cache_dir=tmp_path / "cache")
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / text.ARCHIVE).write_bytes(b"\x1f\x8b not really gzip")
+    (bad / ARCHIVE).write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(DatasetError, match="cannot read the fortunes archive"):
         load_dataset("fortunes-lang", bad, cache_dir=tmp_path / "cache")
     german = tmp_path / "german"
     german.mkdir()
-    with tarfile.open(german / text.ARCHIVE, "w:gz") as archive:
+    with tarfile.open(german / ARCHIVE, "w:gz") as archive:
         data = fortune_file(generated("de", 30))
         info = tarfile.TarInfo("fortunes/de/witze")
         info.size = len(data)
@@ -202,7 +203,7 @@ def test_clear_errors(tmp_path):
         load_dataset("fortunes-lang", german, cache_dir=tmp_path / "cache")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with tarfile.open(empty / text.ARCHIVE, "w:gz"):
+    with tarfile.open(empty / ARCHIVE, "w:gz"):
         pass
     with pytest.raises(DatasetError, match="no texts"):
         load_dataset("fortunes-lang", empty, cache_dir=tmp_path / "cache")

@@ -9,7 +9,8 @@ from torch import nn
 
 from depthcut.data import DataSplits
 from depthcut.errors import ConfigError
-from depthcut.stages import Method, MethodResult, StageRun, run_stages
+from depthcut.methods import MethodSpec, register
+from depthcut.stages import FINETUNE_OPTIONS, Method, MethodResult, StageRun, run_stages
 from depthcut.train import TrainConfig
 
 
@@ -48,3 +49,11 @@ def dense_longer(model: nn.Module, splits: DataSplits, config: DenseLongerConfig
     """Train the dense model `config.chunks` more times (see `run_stages` for the keyword
     arguments), recording test top-1 after each."""
     return run_stages(DenseLonger(config), model, splits, **kwargs)
+
+
+# The reference of every comparison: no command, no site removed, no cost table; its chunks are
+# the methods' finetune (the shared finetune settings).
+SPEC = register(MethodSpec(
+    name="dense_longer", config=DenseLongerConfig, runner=dense_longer,
+    label="dense, trained longer", training_options=FINETUNE_OPTIONS, cost_table=False,
+    comparable=False, reference=True, order=90))

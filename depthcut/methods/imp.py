@@ -12,8 +12,20 @@ from torch import nn
 from depthcut.data import DataSplits
 from depthcut.entropy import SiteCounts
 from depthcut.masks import PRUNABLE_TYPES, global_magnitude_prune
-from depthcut.methods.rounds import PruneStep, PruningConfig, pruning_rounds
-from depthcut.stages import MethodResult
+from depthcut.methods import MethodSpec, register
+from depthcut.methods.rounds import (
+    DELTA,
+    ENTROPY_VARIANT,
+    PRUNING_PRESETS,
+    PRUNING_RECORD_FIELDS,
+    ROUNDS,
+    ZETA,
+    PruneStep,
+    PruningConfig,
+    describe_rounds,
+    pruning_rounds,
+)
+from depthcut.stages import FINETUNE_OPTIONS, MethodResult
 
 
 def magnitude_step(zeta: float) -> PruneStep:
@@ -28,3 +40,11 @@ def imp(model: nn.Module, splits: DataSplits, config: PruningConfig, **kwargs) -
     """IMP: global magnitude rounds; the answer is the last round within delta."""
     return pruning_rounds(model, splits, config, method="imp",
                           prune_step=magnitude_step(config.zeta), rule="delta", **kwargs)
+
+
+SPEC = register(MethodSpec(
+    name="imp", config=PruningConfig, runner=imp, label="IMP",
+    help="iterative magnitude pruning baseline",
+    options=(ZETA, ROUNDS, ENTROPY_VARIANT, DELTA), training_options=FINETUNE_OPTIONS,
+    presets=PRUNING_PRESETS, record_fields=PRUNING_RECORD_FIELDS, describe=describe_rounds,
+    order=40))

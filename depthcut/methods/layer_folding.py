@@ -9,15 +9,25 @@ are linearized, the others get their original activation back, and the model is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from depthcut.data import DataSplits
 from depthcut.errors import ConfigError
+from depthcut.methods import MethodSpec, register
+from depthcut.options import Option
 from depthcut.sites import find_sites, linearize, replace_module
-from depthcut.stages import Method, MethodResult, StageRecord, StageRun, run_stages
+from depthcut.stages import (
+    FINETUNE_OPTIONS,
+    FINETUNE_PRESETS,
+    Method,
+    MethodResult,
+    StageRecord,
+    StageRun,
+    run_stages,
+)
 from depthcut.train import TrainConfig
 
 
@@ -122,3 +132,37 @@ def layer_folding(model: nn.Module, splits: DataSplits, config: LayerFoldingConf
     (see `run_stages` for the keyword arguments). A resumed run that had finished its stage
     redoes nothing."""
     return run_stages(LayerFolding(config), model, splits, **kwargs)
+
+
+K = Option("lf_k", "linearize the k sites with slope closest to 1 (default: threshold; in "
+           "compare: EASIER's answer count)", path="k", flags=("--k",), argparse={"type": int})
+OPTIONS = (
+    K,
+    Option("threshold", "without k: linearize sites with slope >= this (default 0.9)",
+           argparse={"type": float}),
+    Option("lam", "weight of the slope loss sum |1 - alpha^2| (default 0.25)",
+           argparse={"type": float}),
+    Option("slope_epochs", "epochs training the slopes (quick: 3; paper: 160)",
+           path="slope_training.epochs", argparse={"type": int}),
+    Option("slope_lr", "learning rate while training slopes (default: preset)",
+           path="slope_training.lr", argparse={"type": float}),
+)
+
+
+def _describe(result: MethodResult) -> str:
+    slopes = ", ".join(f"{site} {alpha:.2f}" for site, alpha in result.answer["alphas"].items())
+    return f"\nSlopes: {slopes}"
+
+
+def _with_depth(config: LayerFoldingConfig, sites: int) -> LayerFoldingConfig:
+    """In a comparison without a k of its own: as many sites as the depth reference removed."""
+    return replace(config, k=sites) if config.k is None else config
+
+
+SPEC = register(MethodSpec(
+    name="layer_folding", config=LayerFoldingConfig, runner=layer_folding, label="Layer Folding",
+    help="Layer Folding baseline (trained slopes)", options=OPTIONS,
+    compare_options=(K.with_flags("--lf-k"), *OPTIONS[1:]), training_options=FINETUNE_OPTIONS,
+    presets={"quick": {"slope_epochs": 3, "slope_lr": 0.02, **FINETUNE_PRESETS["quick"]},
+             "paper": {"slope_epochs": 160, "slope_lr": None, **FINETUNE_PRESETS["paper"]}},
+    record_fields={"alphas": "entropy"}, with_depth=_with_depth, describe=_describe, order=50))

@@ -15,10 +15,25 @@ from torch import Tensor, nn
 from depthcut.data import DataSplits
 from depthcut.entropy import SiteCounts, layer_entropies
 from depthcut.masks import mean_abs_nonzero, nonzero_count, prune_group
-from depthcut.methods.rounds import PruneStep, PruningConfig, pruning_rounds
+from depthcut.methods import MethodSpec, register
+from depthcut.methods.rounds import (
+    DELTA,
+    ENTROPY_VARIANT,
+    PRUNING_PRESETS,
+    PRUNING_RECORD_FIELDS,
+    REALLOCATE_OPTION,
+    ROUNDS,
+    TEMPERATURE,
+    THETA,
+    ZETA,
+    PruneStep,
+    PruningConfig,
+    describe_rounds,
+    pruning_rounds,
+)
 from depthcut.pruning import prunable_layers
 from depthcut.pruning import pruning_budget as allocate
-from depthcut.stages import MethodResult
+from depthcut.stages import FINETUNE_OPTIONS, MethodResult
 
 
 def entropy_guided_step(layers: dict[str, list[str]], zeta: float,
@@ -76,3 +91,18 @@ def egp(model: nn.Module, splits: DataSplits, config: PruningConfig, *,
     """EGP: entropy-guided rounds; the answer is the last round within delta."""
     return _run("egp", "delta", model, splits, config, example, dense_record=dense_record,
                 **kwargs)
+
+
+NEPENTHE = register(MethodSpec(
+    name="nepenthe", config=PruningConfig, runner=nepenthe, label="NEPENTHE",
+    help="NEPENTHE: entropy-guided pruning until theta",
+    options=(ZETA, TEMPERATURE, THETA, REALLOCATE_OPTION, ROUNDS, ENTROPY_VARIANT),
+    training_options=FINETUNE_OPTIONS, compare_title="NEPENTHE, EGP, IMP",
+    presets=PRUNING_PRESETS, record_fields=PRUNING_RECORD_FIELDS, describe=describe_rounds,
+    order=20))
+EGP = register(MethodSpec(
+    name="egp", config=PruningConfig, runner=egp, label="EGP",
+    help="EGP: entropy-guided pruning, fixed rounds",
+    options=(ZETA, TEMPERATURE, REALLOCATE_OPTION, ROUNDS, ENTROPY_VARIANT, DELTA),
+    training_options=FINETUNE_OPTIONS, presets=PRUNING_PRESETS,
+    record_fields=PRUNING_RECORD_FIELDS, describe=describe_rounds, order=30))

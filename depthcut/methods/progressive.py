@@ -7,14 +7,15 @@ activation is blended into the identity,
     y = (1 - t) * act(x) + t * x,    t rising linearly from 0 to 1 over the first `blend`
                                      share of the finetune's steps, then held at 1,
 
-so the weights follow the change, and at the end the blend is replaced by the identity
-exactly (t = 1: nothing changes). Sites are ranked by entropy on the current model, as EASIER
-does. The number of sites is searched, not fixed: a stage that ends beyond delta is undone
-(the model goes back to the last accepted stage) and the step halves; the search stops when a
-single site is too many, or at `max_sites` / `max_stages`. Undone stages are recorded (their
-epochs count in `total_epochs`) with "continue_from" naming the stage the next one starts
-from, so a resumed run restarts from the right weights. The finetune may distill from the
-dense model (`TrainConfig.distill`), which softens the removal further.
+so the weights follow the change, and at the end the blend is replaced by the identity exactly
+(t = 1: nothing changes). Sites are ranked by entropy on the current model, as EASIER does (or
+by the scorer passed in, `depthcut.scorers`). The number of sites is searched, not fixed: a
+stage that ends beyond delta is undone (the model goes back to the last accepted stage) and the
+step halves; the search stops when a single site is too many, or at `max_sites` / `max_stages`.
+Undone stages are recorded (their epochs count in `total_epochs`) with "continue_from" naming
+the stage the next one starts from, so a resumed run restarts from the right weights. The
+finetune may distill from the dense model (`TrainConfig.distill`), which softens the removal
+further.
 """
 
 from __future__ import annotations
@@ -26,12 +27,25 @@ import torch
 from torch import Tensor, nn
 
 from depthcut.data import DataSplits
-from depthcut.entropy import layer_entropies
 from depthcut.errors import ConfigError
 from depthcut.masks import clone_model
-from depthcut.methods.easier import choose_sites, within_delta
+from depthcut.methods import MethodSpec, register
+from depthcut.options import Option
+from depthcut.scorers import Candidates, Scorer, choose_sites
+from depthcut.scorers.entropy import EntropyScorer
 from depthcut.sites import find_sites, replace_module
-from depthcut.stages import Method, MethodResult, StageRecord, StageRun, answer_stage, run_stages
+from depthcut.stages import (
+    ENTROPY_VARIANT_OPTION,
+    FINETUNE_OPTIONS,
+    FINETUNE_PRESETS,
+    Method,
+    MethodResult,
+    StageRecord,
+    StageRun,
+    answer_stage,
+    run_stages,
+    within_delta,
+)
 from depthcut.train import TrainConfig
 
 
@@ -86,13 +100,14 @@ class Blend(nn.Module):
 
 
 class Progressive(Method):
-    """Blends the lowest-entropy sites into identity during short finetunes; halves the step
-    after a stage beyond delta (undoing it)."""
+    """Blends the lowest-entropy sites (or those `scorer` ranks lowest) into identity during
+    short finetunes; halves the step after a stage beyond delta (undoing it)."""
 
     name, title, needs_val = "progressive", "Progressive", True
 
-    def __init__(self, config: ProgressiveConfig) -> None:
+    def __init__(self, config: ProgressiveConfig, scorer: Scorer | None = None) -> None:
         self.config = config
+        self.scorer = scorer if scorer is not None else EntropyScorer()
         self.finetune = config.finetune
         self.previous: tuple[nn.Module, list[str]] | None = None
 
@@ -114,11 +129,13 @@ class Progressive(Method):
         return None if self.remaining else "no site left to linearize"
 
     def change(self, run: StageRun) -> dict | str:
-        entropies = layer_entropies(run.count(self.remaining, self.config))
+        candidates = Candidates.from_counts(run.model, run.count(self.remaining, self.config),
+                                            run.splits.train_eval, run.last.stage + 1)
+        scored = self.scorer.score(candidates)
         count = self.step
         if self.config.max_sites is not None:
             count = min(count, self.config.max_sites - len(self.linearized))
-        chosen = choose_sites(entropies, count)
+        chosen = choose_sites(scored.scores, count)
         if not chosen:
             return "no remaining site was reached by the forward pass"
         self.previous = (clone_model(run.model), list(self.linearized))
@@ -129,7 +146,8 @@ class Progressive(Method):
         self.chosen = chosen
         self.linearized += chosen
         return {"sites_linearized": len(self.linearized), "linearized": list(self.linearized),
-                "chosen": chosen, "entropy": entropies, "step": len(chosen)}
+                "chosen": chosen, "entropy": candidates.entropies, **scored.record,
+                "step": len(chosen)}
 
     def after(self, run: StageRun) -> dict:
         """The blends have reached t = 1 (with epochs > 0): the identity is now exact."""
@@ -157,9 +175,49 @@ class Progressive(Method):
                 f"> delta {self.config.delta}")
 
 
-def progressive(model: nn.Module, splits: DataSplits, config: ProgressiveConfig, **kwargs
-                ) -> MethodResult:
+def progressive(model: nn.Module, splits: DataSplits, config: ProgressiveConfig,
+                scorer: Scorer | None = None, **kwargs) -> MethodResult:
     """Run progressive linearization from a trained model (see `run_stages` for the keyword
-    arguments). Its answer (the last accepted stage) is the model `run_stages` returns only
-    when the last stage was accepted: read the answer's checkpoint otherwise."""
-    return run_stages(Progressive(config), model, splits, **kwargs)
+    arguments), ranking sites with `scorer` (default: by entropy). Its answer (the last
+    accepted stage) is the model `run_stages` returns only when the last stage was accepted:
+    read the answer's checkpoint otherwise."""
+    return run_stages(Progressive(config, scorer), model, splits, **kwargs)
+
+
+OPTIONS = (
+    Option("delta", "validation points the answer may lose against dense (default 1)",
+           argparse={"type": float}),
+    Option("max_stages", "stop after this many stages, undone ones included (quick: 8)",
+           argparse={"type": int}),
+    Option("progressive_epochs", "finetune epochs per progressive stage (quick: 1; paper: 40)",
+           path="finetune.epochs", argparse={"type": int}),
+    Option("first_step", "sites per progressive stage at first, halved after a stage beyond "
+           "delta (default 4)", argparse={"type": int}),
+    Option("max_sites", "progressive: stop once this many sites are linear (default: none)",
+           argparse={"type": int}),
+    Option("blend", "share of each progressive finetune over which the chosen activations blend "
+           "into identity (default 0.5)", argparse={"type": float}),
+    ENTROPY_VARIANT_OPTION,
+)
+
+
+def _describe(result: MethodResult) -> str:
+    answer = result.answer
+    return (f"\nAnswer: stage {answer['stage']}, {answer['sites_linearized']}/"
+            f"{answer['sites_total']} sites linearized after {answer['total_epochs']} total "
+            f"epochs, test top-1 {answer['test_top1']:.2f} (dense "
+            f"{result.records[0]['test_top1']:.2f}). Stopped: {result.stop_reason}.")
+
+
+SPEC = register(MethodSpec(
+    name="progressive", config=ProgressiveConfig, runner=progressive, label="Progressive",
+    help="progressive linearization: several sites per short finetune, blended into identity; "
+    "the step halves after a stage beyond delta", title="progressive", options=OPTIONS,
+    # Its finetune's epochs are --progressive-epochs (a quarter of an EASIER stage in the paper
+    # preset, not from any paper).
+    training_options=tuple(o for o in FINETUNE_OPTIONS if o.key != "finetune_epochs"),
+    presets={"quick": {"progressive_epochs": 1, "max_stages": 8,
+                       "finetune_lr": FINETUNE_PRESETS["quick"]["finetune_lr"]},
+             "paper": {"progressive_epochs": 40, "max_stages": None,
+                       "finetune_lr": FINETUNE_PRESETS["paper"]["finetune_lr"]}},
+    describe=_describe, order=60))

@@ -21,9 +21,18 @@ from depthcut.data import DataSplits
 from depthcut.entropy import ENTROPY_VARIANTS, SiteCounts, layer_entropies
 from depthcut.errors import ConfigError
 from depthcut.masks import sparsity
+from depthcut.options import Option
 from depthcut.pruning import REALLOCATE, causes_layer_collapse, zero_entropy_sites
 from depthcut.sites import ZERO_SURROGATE_TYPES, find_sites, freeze, frozen_form
-from depthcut.stages import Method, MethodResult, StageRecord, StageRun, run_stages
+from depthcut.stages import (
+    ENTROPY_VARIANT_OPTION,
+    FINETUNE_PRESETS,
+    Method,
+    MethodResult,
+    StageRecord,
+    StageRun,
+    run_stages,
+)
 from depthcut.train import TrainConfig
 
 # A method's pruning step: prunes `model` in place, given the counts measured on it, and
@@ -192,3 +201,39 @@ def pruning_rounds(model: nn.Module, splits: DataSplits, config: PruningConfig, 
     rounds = PruningRounds(config, name=method, prune_step=prune_step, rule=rule,
                            prunable=prunable)
     return run_stages(rounds, model, splits, **kwargs)
+
+
+# What NEPENTHE, EGP and IMP share for their specs (depthcut.methods.MethodSpec).
+ZETA = Option("zeta", "fraction of remaining weights pruned per round (default 0.5)",
+              argparse={"type": float})
+TEMPERATURE = Option("temperature", "softmax temperature of the budget allocation (default 1)",
+                     argparse={"type": float})
+THETA = Option("theta", "stop when val top-1 < theta x dense val top-1 (default 0.99)",
+               argparse={"type": float})
+REALLOCATE_OPTION = Option(
+    "reallocate", "when a capped layer's share is re-allocated: fixed = keep the first step's "
+    "irrelevances (default); recompute = recompute them over the layers still uncapped (the EGP "
+    "code)", argparse={"choices": REALLOCATE})
+ROUNDS = Option("rounds", "at most this many rounds (quick preset: 5; paper: no limit)",
+                argparse={"type": int})
+DELTA = Option("delta", "answer: last round within delta val top-1 points (default 1)",
+               argparse={"type": float})
+ENTROPY_VARIANT = ENTROPY_VARIANT_OPTION
+PRUNING_PRESETS = {"quick": {"rounds": 5, **FINETUNE_PRESETS["quick"]},
+                   "paper": {"rounds": None, **FINETUNE_PRESETS["paper"]}}  # None: until the rule
+# The fields a round adds to its record, and the common key each is written before.
+PRUNING_RECORD_FIELDS = {
+    "silenced": "chosen", "scaled": "chosen", "surrogates": "chosen",
+    "zero_entropy": "entropy", "layer_collapse": "entropy",
+    "entropy_before": "val_top1", "pruned": "val_top1", "sparsity": "val_top1",
+    "sparsity_layers": "val_top1",
+}
+
+
+def describe_rounds(result: MethodResult) -> str:
+    """The CLI's closing line for a pruning run."""
+    answer = result.answer
+    return (f"\nAnswer: round {answer['stage']}, sparsity {100 * answer.get('sparsity', 0):.1f}%, "
+            f"{answer['sites_linearized']}/{answer['sites_total']} sites removed, test top-1 "
+            f"{answer['test_top1']:.2f} (dense {result.records[0]['test_top1']:.2f}). "
+            f"Stopped: {result.stop_reason}.")

@@ -1,15 +1,14 @@
-"""Text datasets from the fortunes archive, as byte tokens: `fortunes-lang` and `fortunes-topic`.
+"""The fortunes archive: fortune-cookie texts as byte tokens, labelled by language or topic.
 
-The archive (``fortunes.tar.gz`` in the data root) holds ``fortunes/<language>/<topic file>``:
-plain text, one text after another, each ended by a line holding only ``%``; the licences are
-in ``fortunes/COPYRIGHT/`` (skipped). Two tasks:
+The archive holds ``fortunes/<language>/<topic file>``: plain text, one text after another, each
+ended by a line holding only ``%``; the licences are in ``fortunes/COPYRIGHT/`` (skipped). Two
+tasks:
 
-- ``fortunes-lang`` ("fortunes (language)"): the language folder of a text (cs, de, en, eo, es,
-  it, pt in the real archive: 7 classes, unbalanced).
-- ``fortunes-topic`` ("fortunes (English topic)"): the topic file an English text comes from,
-  among the `TOPICS` (10) English files with the most distinct texts (ties: by name). In the
-  real archive: people, definitions, cookie, computers, songs-poems, politics, miscellaneous,
-  work, science, men-women.
+- ``lang``: the language folder of a text (cs, de, en, eo, es, it, pt in the real archive: 7
+  classes, unbalanced).
+- ``topic``: the topic file an English text comes from, among the `TOPICS` (10) English files
+  with the most distinct texts (ties: by name). In the real archive: people, definitions,
+  cookie, computers, songs-poems, politics, miscellaneous, work, science, men-women.
 
 Every text is read the same way:
 
@@ -28,10 +27,6 @@ split is every distinct text whose SHA-256 falls in `TEST_PERCENT` (20) of 100 b
 text and its copies are always on one side, whatever the order or the rest of the archive.
 Within a split the texts are stored in the order of their SHA-256 (languages and topics mixed,
 so the first N texts are a fair sample).
-Validation is carved from the training split by `depthcut.data.make_splits`, as for images.
-
-The arrays are built once per archive and cached (``$DEPTHCUT_CACHE`` or ``~/.cache/depthcut``,
-keyed by the archive's SHA-256), with the helpers the CIFAR-10 (JPEG) loader uses.
 """
 
 from __future__ import annotations
@@ -41,27 +36,13 @@ import json
 import tarfile
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import torch
 
-from depthcut.data import (
-    DatasetError,
-    ImageDataset,
-    _cache_dir,
-    _not_found,
-    _sha256_file,
-    _write_cache,
-    check_splits,
-    read_cache,
-)
+from depthcut.data.errors import DatasetError
 
-TEXT_DATASETS = ("fortunes-lang", "fortunes-topic")
-DISPLAY_NAMES = {"fortunes-lang": "fortunes (language)",
-                 "fortunes-topic": "fortunes (English topic)"}
-ARCHIVE = "fortunes.tar.gz"
 PAD_ID = 0
 BYTE_OFFSET = 1  # token id = byte value + 1
 VOCAB_SIZE = 256 + BYTE_OFFSET
@@ -70,69 +51,10 @@ VOCAB_SIZE = 256 + BYTE_OFFSET
 # (a training step at 128 bytes took about 5x the time of one at 64 on this 2-core CPU).
 MAX_BYTES = 64
 TEST_PERCENT = 20  # share of the hash buckets that form the test split
-TOPICS = 10  # fortunes-topic: the English topic files with the most distinct texts
+TOPICS = 10  # the topic task: the English topic files with the most distinct texts
 TOPIC_LANGUAGE = "en"
 FALLBACK_ENCODING = "iso-8859-2"
 SKIPPED_FOLDERS = ("COPYRIGHT",)
-_CACHE_VERSION = "v2"  # bump when the cached arrays' meaning changes
-
-
-@dataclass(eq=False, repr=False)
-class TextDataset(ImageDataset):
-    """A text dataset in memory, with the `ImageDataset` interface the loaders read: the
-    "images" are int64 (N, T) token ids (byte + 1, `pad_id` at the end of short texts), `mean`
-    and `std` are empty and there is no augmentation. `stats` counts what reading skipped."""
-
-    pad_id: int = PAD_ID
-    vocab_size: int = VOCAB_SIZE
-    stats: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for split in ("train", "test"):
-            tokens = getattr(self, f"{split}_images")
-            labels = getattr(self, f"{split}_labels")
-            if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-                raise DatasetError(f"{self.name}: {split} tokens must be integer (N, T), got "
-                                   f"{tokens.dtype} {tuple(tokens.shape)}")
-            if labels.dim() != 1 or len(labels) != len(tokens):
-                raise DatasetError(f"{self.name}: {split} labels must be 1-D with one label per "
-                                   f"text, got {tuple(labels.shape)} for {len(tokens)} texts")
-            if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-                raise DatasetError(f"{self.name}: {split} token ids outside [0, "
-                                   f"{self.vocab_size})")
-            setattr(self, f"{split}_images", tokens.to(torch.int64).contiguous())
-            setattr(self, f"{split}_labels", labels.to(torch.int64).contiguous())
-        if self.train_images.shape[1] != self.test_images.shape[1]:
-            raise DatasetError(f"{self.name}: train and test sequences differ in length: "
-                               f"{self.train_images.shape[1]} vs {self.test_images.shape[1]}")
-        self.classes = list(self.classes)
-        self.mean, self.std = (), ()
-        self.crop_padding, self.flip = 0, False
-
-    @property
-    def in_channels(self) -> int:
-        return 1  # token ids have no channels (the transformer ignores it)
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.train_images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return self.seq_len
-
-    def __repr__(self) -> str:
-        return (f"TextDataset(name={self.name!r}, train={len(self.train_images)}, "
-                f"test={len(self.test_images)}, seq_len={self.seq_len}, "
-                f"classes={self.num_classes})")
-
-
-def is_text(dataset: object) -> bool:
-    return isinstance(dataset, TextDataset)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading texts
 
 
 @dataclass
@@ -293,49 +215,3 @@ def build_arrays(path: Path, task: str, max_bytes: int = MAX_BYTES) -> dict[str,
         stats[split] = int(rows.sum())
     arrays["stats"] = np.array(json.dumps(stats))
     return arrays
-
-
-_CACHE_KEYS = ("train_tokens", "train_labels", "test_tokens", "test_labels", "classes", "stats")
-
-
-def _read_cache(path: Path, max_bytes: int) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None if absent or unusable (then they are built again)."""
-
-    def check(arrays: dict[str, np.ndarray]) -> None:
-        check_splits(arrays, "tokens",
-                     lambda a: a.dtype == np.int16 and a.ndim == 2 and a.shape[1] == max_bytes)
-        json.loads(str(arrays["stats"]))
-
-    return read_cache(path, _CACHE_KEYS, check)
-
-
-def load_fortunes(key: str, root: Path, cache_dir: str | Path | None = None,
-                  max_bytes: int = MAX_BYTES) -> TextDataset:
-    """`fortunes-lang` or `fortunes-topic` from ``root/fortunes.tar.gz`` (cached); texts cut to
-    their first `max_bytes` bytes."""
-    if key not in TEXT_DATASETS:
-        raise DatasetError(f"unknown text dataset {key!r}; known: {', '.join(TEXT_DATASETS)}")
-    if max_bytes < 1:
-        raise DatasetError(f"max_bytes must be >= 1, got {max_bytes}")
-    archive = root / ARCHIVE
-    if not archive.is_file():
-        raise _not_found(key, root)
-    task = key.split("-", 1)[1]
-    digest = _sha256_file(archive)
-    cache = _cache_dir(cache_dir) / f"{key}-{_CACHE_VERSION}-{max_bytes}-{digest[:40]}.npz"
-    arrays = _read_cache(cache, max_bytes)
-    if arrays is None:
-        arrays = build_arrays(archive, task, max_bytes)
-        _write_cache(cache, arrays)
-    stats = json.loads(str(arrays["stats"]))
-    stats["cache"] = str(cache)
-    return TextDataset(
-        name=DISPLAY_NAMES[key],
-        train_images=torch.from_numpy(arrays["train_tokens"].astype(np.int64)),
-        train_labels=torch.from_numpy(arrays["train_labels"]),
-        test_images=torch.from_numpy(arrays["test_tokens"].astype(np.int64)),
-        test_labels=torch.from_numpy(arrays["test_labels"]),
-        classes=[str(c) for c in arrays["classes"]],
-        mean=(), std=(), crop_padding=0, flip=False,
-        stats=stats,
-    )

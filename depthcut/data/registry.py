@@ -1,0 +1,142 @@
+"""Which datasets exist, and loading one by name.
+
+Every dataset lives in one file of `depthcut.data.datasets` that calls `register` with its
+`DatasetSpec`: the option value, its true name, where its files are expected, its kind and its
+loader. Nothing else names a dataset: the CLI's choices, the reports' names and the text
+presets all ask this registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from depthcut.data.arrays import KINDS, ArrayDataset
+from depthcut.data.errors import DatasetNotFoundError
+from depthcut.errors import ConfigError
+
+
+class Loader(Protocol):
+    """Reads a dataset from its data root (a folder that exists or not: say what is missing
+    with `spec.not_found`); `cache_dir` and `progress` serve loaders that decode and cache."""
+
+    def __call__(self, spec: DatasetSpec, root: Path, *, cache_dir: str | Path | None,
+                 progress: bool) -> ArrayDataset: ...
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset, as the registry knows it.
+
+    `layouts(root)` lists every place the loader looks, in order, and `hint` how to get the
+    files: both go into the message of a missing dataset. `sample_shape` is one input's shape,
+    (C, H, W) or (T,), where the format fixes it (None where the files decide).
+    """
+
+    key: str  # the option value, e.g. "cifar10"
+    display_name: str  # the dataset's true name, for messages and reports: "CIFAR-10"
+    kind: str  # "images" (an ImageDataset) or "tokens" (a TokenDataset)
+    sample_shape: tuple[int, ...] | None
+    layouts: Callable[[Path], list[str]]
+    hint: str
+    loader: Loader
+    # Per preset, the settings this data needs beyond the preset itself (a text dataset: the
+    # byte-level transformer and its training); the config file and flags still win.
+    presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.key != normalize_name(self.key):
+            raise ValueError(f"dataset key {self.key!r} must be lower case with '-' for '_'")
+        if self.kind not in KINDS:
+            raise ValueError(f"dataset {self.key!r}: kind must be one of {KINDS}, "
+                             f"got {self.kind!r}")
+
+    def layout_text(self, root: Path, problems: Sequence[str] = ()) -> str:
+        lines = ["Expected one of these layouts:"]
+        lines += [f"  - {layout}" for layout in self.layouts(root)]
+        lines += [f"Found: {problem}" for problem in problems]
+        lines.append(f"Hint: {self.hint}")
+        return "\n".join(lines)
+
+    def not_found(self, root: Path, problems: Sequence[str] = ()) -> DatasetNotFoundError:
+        """The error for files missing under `root`; `problems` says what was found instead."""
+        return DatasetNotFoundError(
+            f"{self.display_name} dataset not found under data root {root}.\n"
+            f"{self.layout_text(root, problems)}"
+        )
+
+
+_SPECS: dict[str, DatasetSpec] = {}
+
+
+def normalize_name(name: str) -> str:
+    """The registry key a user's spelling means: "Fashion_MNIST" -> "fashion-mnist"."""
+    return name.strip().lower().replace("_", "-")
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset (once per key); returns `spec`, for a module-level name."""
+    if spec.key in _SPECS:
+        raise ValueError(f"dataset {spec.key!r} is registered twice")
+    _SPECS[spec.key] = spec
+    return spec
+
+
+def unregister(key: str) -> None:
+    """Remove a dataset (tests that register their own)."""
+    del _SPECS[key]
+
+
+def dataset_names(kind: str | None = None) -> tuple[str, ...]:
+    """The registered keys, in registration order; only those of `kind` when given."""
+    return tuple(key for key, spec in _SPECS.items() if kind is None or spec.kind == kind)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec of dataset `name` (any case, '_' for '-'); ConfigError when unknown."""
+    spec = _SPECS.get(normalize_name(name))
+    if spec is None:
+        raise ConfigError(
+            f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}"
+        )
+    return spec
+
+
+def dataset_presets(name: str, preset: str) -> dict[str, object]:
+    """The settings dataset `name` adds to `preset` ({} for an unknown name: the run's own
+    check reports it)."""
+    spec = _SPECS.get(normalize_name(name))
+    return dict(spec.presets.get(preset, {})) if spec is not None else {}
+
+
+def display_name(key: str) -> str:
+    """The true name of dataset `key`, or `key` itself when none is registered under it."""
+    spec = _SPECS.get(key)
+    return spec.display_name if spec is not None else key
+
+
+def load_dataset(
+    name: str,
+    root: str | Path,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ArrayDataset:
+    """Load dataset `name` from the data root `root` into memory.
+
+    `cache_dir` is used by datasets that decode their files once and cache the arrays; it
+    defaults to ``$DEPTHCUT_CACHE`` or ``~/.cache/depthcut``.
+    """
+    spec = dataset_spec(name)
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetNotFoundError(
+            f"{spec.display_name} dataset: the data root {root} is a file, not a folder.\n"
+            f"{spec.layout_text(root)}"
+        )
+    dataset = spec.loader(spec, root, cache_dir=cache_dir, progress=progress)
+    if not isinstance(dataset, ArrayDataset) or dataset.kind != spec.kind:
+        raise TypeError(f"dataset {spec.key!r} is registered as {spec.kind}, its loader "
+                        f"returned {type(dataset).__name__}")
+    return dataset

@@ -1,0 +1,155 @@
+"""Site choice as scorers: the registry, the contract every scorer keeps, and methods that
+choose by whichever scorer they are handed (injected, or registered and named by `choose`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from depthcut.data import ImageDataset, make_splits
+from depthcut.errors import ConfigError
+from depthcut.methods.easier import Easier, EasierConfig, easier
+from depthcut.methods.progressive import ProgressiveConfig, progressive
+from depthcut.scorers import (
+    CHOICES,
+    SCORERS,
+    Candidates,
+    Scorer,
+    Scores,
+    check_choice,
+    choose_sites,
+    register_scorer,
+    scorer_for,
+)
+from depthcut.scorers.entropy import EntropyScorer
+from depthcut.scorers.payoff import PayoffScorer
+from depthcut.sites import find_sites
+from depthcut.train import TrainConfig, evaluate
+from tests.helpers import one_thread  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SITES = ["1", "3", "7"]  # find_sites(small_model())
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4),
+                         nn.ReLU(), nn.Linear(4, 2))
+
+
+def tiny_splits():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (64,), generator=generator)
+    images = torch.randint(0, 255, (64, 1, 8, 8), generator=generator, dtype=torch.uint8)
+    dataset = ImageDataset(
+        name="tiny", train_inputs=images, train_labels=labels, test_inputs=images[:16],
+        test_labels=labels[:16], classes=["a", "b"], mean=(0.5,), std=(0.25,), crop_padding=1,
+        flip=False)
+    return make_splits(dataset, val_fraction=0.25, batch_size=16, eval_batch_size=32, seed=0)
+
+
+def dense_record(model, splits) -> dict:
+    return {"method": "dense", "stage": 0, "sites_total": len(find_sites(model)),
+            "sites_linearized": 0, "linearized": [], "val_top1": evaluate(model, splits.val),
+            "test_top1": 0.0}
+
+
+class Deepest(Scorer):
+    """The deepest reached site first (a scorer defined outside depthcut)."""
+
+    name = "test-deepest"
+
+    def score(self, candidates: Candidates) -> Scores:
+        reached = [s for s, h in candidates.entropies.items() if not math.isnan(h)]
+        return Scores({site: -float(i) for i, site in enumerate(reached)},
+                      {"deepest_first": reached[::-1]})
+
+
+@pytest.fixture
+def deepest_registered():
+    register_scorer(Deepest)
+    yield Deepest
+    del SCORERS[Deepest.name]
+
+
+def test_the_registry_names_the_shipped_scorers():
+    assert CHOICES == tuple(SCORERS) == ("entropy", "payoff")
+    assert SCORERS["entropy"] is EntropyScorer and SCORERS["payoff"] is PayoffScorer
+    assert isinstance(scorer_for(EasierConfig()), EntropyScorer)
+    payoff = EasierConfig(choose="payoff", payoff_weight=2.5, payoff_cost="latency")
+    assert scorer_for(payoff) == PayoffScorer(weight=2.5, cost="latency")
+    with pytest.raises(ConfigError, match="choose must be one of 'entropy', 'payoff'"):
+        check_choice("bogus")
+    with pytest.raises(ValueError, match="already registered"):
+        register_scorer(type("Impostor", (EntropyScorer,), {}))
+    assert SCORERS["entropy"] is EntropyScorer
+
+
+def test_entropy_scorer_ranks_by_entropy_and_records_nothing():
+    entropies = {"a": 0.5, "b": 0.1, "c": math.nan, "d": 0.1}
+    scored = EntropyScorer().score(Candidates(nn.Identity(), entropies))
+    assert scored.record == {} and scored.scores is not entropies
+    assert list(scored.scores) == list(entropies) and choose_sites(scored.scores, 3) == [
+        "b", "d", "a"]
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_every_scorer_ranks_reached_sites_and_leaves_model_and_rng_alone(name):
+    """The contract a new scorer is checked against the moment it registers: scores for
+    candidate sites only (an unreached one is never chosen), record fields that JSON can write,
+    the same answer twice (default settings), and neither the model nor the RNGs changed."""
+    model, splits = small_model().train(), tiny_splits()
+    entropies = {"1": 0.3, "3": math.nan, "7": 0.1}
+    candidates = Candidates(model, entropies, examples=splits.train_eval, stage=1)
+    scorer = SCORERS[name].from_config(EasierConfig(choose=name))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    scored = scorer.score(candidates)
+    assert set(scored.scores) <= set(entropies)
+    assert set(choose_sites(scored.scores, 3)) == {"1", "7"}
+    json.dumps(scored.record)
+    assert repr(scorer.score(candidates)) == repr(scored)  # NaN-safe
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert [type(m) for m in model] == [type(m) for m in small_model()]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_registered_scorer_is_chosen_by_name(deepest_registered):
+    model, splits = small_model(), tiny_splits()
+    config = EasierConfig(delta=100.0, max_stages=2, finetune=TrainConfig(epochs=0),
+                          choose="test-deepest")
+    result = easier(model, splits, config, dense_record=dense_record(model, splits),
+                    progress=False)
+    assert [r["chosen"] for r in result.records[1:]] == [["7"], ["3"]]
+    assert result.records[1]["deepest_first"] == ["7", "3", "1"]  # its own record field
+    assert result.records[2].to_dict()["deepest_first"] == ["3", "1"]
+    assert "score" not in result.records[1] and find_sites(result.model) == ["1"]
+
+
+def test_unregistered_scorer_is_not_a_choice():
+    with pytest.raises(ConfigError, match="choose"):
+        EasierConfig(choose="test-deepest")
+
+
+def test_methods_choose_by_the_scorer_they_are_handed():
+    model, splits = small_model(), tiny_splits()
+    config = EasierConfig(delta=100.0, max_stages=1, finetune=TrainConfig(epochs=0))
+    assert isinstance(Easier(config).scorer, EntropyScorer)
+    record = easier(model, splits, config, scorer=Deepest(),
+                    dense_record=dense_record(model, splits), progress=False).records[1]
+    assert record["chosen"] == ["7"] and set(record["entropy"]) == set(SITES)
+    model = small_model()
+    config = ProgressiveConfig(delta=100.0, first_step=2, max_stages=1,
+                               finetune=TrainConfig(epochs=0))
+    result = progressive(model, splits, config, scorer=Deepest(),
+                         dense_record=dense_record(model, splits), progress=False)
+    record = result.records[1]
+    assert record["chosen"] == ["7", "3"] and record["step"] == 2
+    assert list(record.to_dict()).index("deepest_first") > list(record.to_dict()).index("entropy")
+    assert find_sites(result.model) == ["1"]
