@@ -29,12 +29,18 @@ from depthcut.data import (
     make_splits,
 )
 from depthcut.errors import ConfigError
-from depthcut.external import is_external
 from depthcut.faults import die_at
 from depthcut.measure import measure_stage
 from depthcut.memory_format import MemoryFormat, choose_memory_format
 from depthcut.methods import MethodSpec, comparable, get_method, reference_method
-from depthcut.models import ACTIVATIONS, MODELS, ModelSpec, count_parameters, default_activation
+from depthcut.models import (
+    ACTIVATIONS,
+    MODELS,
+    ModelSpec,
+    count_parameters,
+    default_activation,
+    takes_image_size,
+)
 from depthcut.options import Option
 from depthcut.reports import build_report, stage_table, summary_markdown
 from depthcut.run import (
@@ -186,7 +192,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
         raise ConfigError(f"the transformer reads token ids, {dataset.name} holds images: use a "
                           f"text dataset ({', '.join(dataset_names(kind='tokens'))}) or an image "
                           "model")
-    elif is_external(config.model):  # built for the dataset's image size (a ViT's img_size)
+    elif takes_image_size(config.model):  # built for the dataset's size (a ViT's img_size)
         sequence = {"image_size": dataset.image_size}
     spec = ModelSpec(
         name=config.model,

@@ -38,7 +38,7 @@ class TraceError(DepthcutError, ValueError):
 
 class _Tracer(torch.fx.Tracer):
     """torch.fx's default leaf rule, plus the stand-ins and modules marked `depthcut_leaf`
-    (external.py: library attention plain torch.fx cannot trace) kept as one call each."""
+    (models/hf.py: library attention plain torch.fx cannot trace) kept as one call each."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (isinstance(module, STAND_IN_TYPES) or getattr(module, "depthcut_leaf", False)

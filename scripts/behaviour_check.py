@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # unpickle folded models with this checkout's depthcut
+
 # Timing fields and measured latencies: they differ between two runs of the same code.
 TIMED = re.compile(r"seconds|elapsed|latency|wall|_ms|time|\bmin\b|built in")
 TINY = ["--width", "0.0625", "--train-subset", "256", "--epochs", "1", "--batch-size", "64",
@@ -38,7 +41,7 @@ COMMANDS = ["easier", "nepenthe", "egp", "imp", "layer-folding", "progressive", 
 
 def depthcut(out: Path, *args: str) -> str:
     """`python -m depthcut ARGS` in `out` (relative paths in configs match between runs)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "depthcut", *args], cwd=out, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:

@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from depthcut.cost import TIMERS, Timer, count_macs, get_timer, register_timer
 from depthcut.errors import ConfigError
-from depthcut.fold import FoldError, fold
-from depthcut.fold_policy import POLICIES, FoldPolicy, LatencyPolicy, Merge
+from depthcut.fold import POLICIES, FoldError, FoldPolicy, LatencyPolicy, Merge, fold
 from depthcut.measure import measure_stage
 from tests.helpers import one_thread  # noqa: F401 (fixture)
 

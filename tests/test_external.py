@@ -11,9 +11,9 @@ from torch import nn
 from depthcut.cost import count_macs
 from depthcut.entropy import measure_entropy
 from depthcut.errors import ConfigError
-from depthcut.external import adapt_stem, build_external, parse_name, unshare_activations
 from depthcut.fold import fold
 from depthcut.graph import trace_graph
+from depthcut.models import adapt_stem, build_external, parse_name, unshare_activations
 from depthcut.sites import find_sites, linearize
 
 

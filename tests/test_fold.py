@@ -19,8 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthcut.cost import count_macs
-from depthcut.fold import POLICIES, FoldError, Merge, add_parallel, affine_of, compose, fold
-from depthcut.fold_policy import FoldPolicy, MergeSides
+from depthcut.fold import (
+    POLICIES,
+    FoldError,
+    FoldPolicy,
+    Merge,
+    MergeSides,
+    add_parallel,
+    affine_of,
+    compose,
+    fold,
+)
 from depthcut.models import build_model
 from depthcut.sites import find_sites, linearize, silence
 from tests.helpers import (  # noqa: F401 (fixtures)

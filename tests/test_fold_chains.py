@@ -25,8 +25,7 @@ from depthcut.affine import (
 )
 from depthcut.cost import count_macs
 from depthcut.errors import DepthcutError
-from depthcut.fold import Merge, fold
-from depthcut.fold_policy import POLICIES, FoldPolicy, MergeSides
+from depthcut.fold import POLICIES, FoldPolicy, Merge, MergeSides, fold
 from depthcut.layers import BiasMapConv2d, InputSizeError
 from depthcut.models import InvertedResidual, build_model
 from depthcut.sites import find_sites, linearize

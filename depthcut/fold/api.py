@@ -1,0 +1,108 @@
+"""The entry point: `fold` traces a model, runs the passes (`depthcut.fold.passes.PASSES`) over
+one `FoldState` and returns the folded module with its `FoldReport`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from depthcut.cost import count_macs
+from depthcut.fold.passes import PASSES
+from depthcut.fold.policy import POLICIES, CallablePolicy, FoldPolicy, Merge
+from depthcut.fold.report import FoldReport, compare_outputs
+from depthcut.fold.state import FoldError, FoldState
+from depthcut.graph import TraceError, count_ops, longest_linear_path, trace
+from depthcut.layers import BiasMapConv2d
+from depthcut.masks import clone_model, make_permanent
+
+
+def _resolve(policy: str | FoldPolicy | Callable[[Merge], bool]) -> FoldPolicy:
+    """A preset's name, a FoldPolicy, or a user's callable `(Merge) -> bool` (wrapped)."""
+    if isinstance(policy, str) and policy in POLICIES:
+        return POLICIES[policy]
+    if isinstance(policy, FoldPolicy):
+        return policy
+    if callable(policy):
+        if hasattr(policy, "chain_cost"):
+            raise FoldError("a policy's `chain_cost` attribute is no longer read: subclass "
+                            "depthcut.fold.FoldPolicy and override `segment_cost`")
+        return CallablePolicy(policy)
+    raise FoldError(f"unknown fold policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    try:
+        return trace(model)
+    except TraceError as error:
+        raise FoldError(
+            f"{error}. Folding needs a traceable forward: move data-dependent Python control "
+            "flow out of forward(), or fold the traceable submodules one by one."
+        ) from error.cause
+
+
+def fold(model: nn.Module, example_input: Tensor,
+         policy: str | FoldPolicy | Callable[[Merge], bool] = "macs",
+         data: Iterable | None = None) -> torch.fx.GraphModule:
+    """A new eval-mode module computing the same function as `model` with fewer operators.
+
+    `model` is not modified. `policy` decides merges that change the work: "macs" (default)
+    folds each chain of linear ops into the exact partition of least multiply-adds, "all" into
+    the fewest ops whatever the border, "latency" into the exact partition of least measured
+    time on `example_input`'s batch size and device (`LatencyPolicy(timer=...)` times with
+    another `depthcut.cost` timer); or pass your own `FoldPolicy` (override `segment_cost` to
+    decide chains as a whole), or a plain callable `(Merge) -> bool`, which decides merge by
+    merge and may set `merge.reason` when it declines. The returned module carries
+    `fold_report` (a FoldReport); with `data` (batches of inputs or (input, target) pairs) the
+    report also gives top-1 agreement and top-1 of both models.
+
+    Exact merges may carry a bias map (the border correction of a bias seen by zero padding):
+    it holds for `example_input`'s spatial size only, and the folded model raises
+    `InputSizeError` on inputs of another size (fold at the size you will run).
+    """
+    chosen = _resolve(policy)
+    if not isinstance(example_input, Tensor) or example_input.dim() < 2:
+        raise FoldError("example_input must be a batched tensor, e.g. one batch of test images")
+    unfolded = make_permanent(clone_model(model)).eval()  # pruning masks baked into weights
+    gm = _trace(copy.deepcopy(unfolded))
+    with torch.no_grad():
+        reference = unfolded(example_input)
+    ops_before, depth_before = count_ops(gm), longest_linear_path(gm)
+    state = FoldState(gm, example_input, chosen)
+    for fold_pass in PASSES:
+        fold_pass(state)
+    folded = state.gm
+    with torch.no_grad():
+        output = folded(example_input)
+    if output.shape != reference.shape:
+        raise FoldError(f"folding changed the output shape {tuple(reference.shape)} -> "
+                        f"{tuple(output.shape)}; please report this model")
+    diff = float((output - reference).abs().max())
+    scale = float(reference.abs().max()) or 1.0
+    report = FoldReport(
+        policy=chosen.name,
+        ops_before=ops_before,
+        ops_after=count_ops(folded),
+        macs_before=count_macs(unfolded, example_input),
+        macs_after=count_macs(folded, example_input),
+        params_before=sum(p.numel() for p in unfolded.parameters()),
+        params_after=sum(p.numel() for p in folded.parameters()),
+        depth_before=depth_before,
+        depth_after=longest_linear_path(folded),
+        max_abs_diff=diff,
+        relative_error=diff / scale,
+        merges=state.merges,
+        removed_branches=state.removed,
+        input_size=list(state.folded_at),
+        bias_maps=[name for name, m in folded.named_modules() if isinstance(m, BiasMapConv2d)],
+    )
+    if data is not None:
+        compared = compare_outputs(unfolded, folded, data)
+        report.agreement = compared["agreement"]
+        report.top1_unfolded = compared["top1_unfolded"]
+        report.top1_folded = compared["top1_folded"]
+    folded.fold_report = report
+    return folded
