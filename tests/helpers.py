@@ -136,6 +136,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def tiny_splits():
+    """Splits of 64 random 1x8x8 images in 2 classes (16 test), for quick method runs."""
+    from depthcut.data import ImageDataset, make_splits
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (64,), generator=generator)
+    images = torch.randint(0, 255, (64, 1, 8, 8), generator=generator, dtype=torch.uint8)
+    dataset = ImageDataset(
+        name="tiny", train_inputs=images, train_labels=labels, test_inputs=images[:16],
+        test_labels=labels[:16], classes=["a", "b"], mean=(0.5,), std=(0.25,), crop_padding=1,
+        flip=False)
+    return make_splits(dataset, val_fraction=0.25, batch_size=16, eval_batch_size=32, seed=0)
+
+
 def write_fake_cifar10(root: Path, train: int = 160, test: int = 60) -> Path:
     """torchvision's pickle layout with random pixels, so the real loader path is exercised."""
     folder = root / "cifar-10-batches-py"

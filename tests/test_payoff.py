@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from depthcut.cli import build_parser, main, resolve_settings
-from depthcut.data import ImageDataset, make_splits
 from depthcut.errors import ConfigError
 from depthcut.fold import FoldError, fold
 from depthcut.graph import chain_neighbours
@@ -37,7 +36,11 @@ from depthcut.scorers.payoff import (
 from depthcut.settings import build_config
 from depthcut.sites import find_sites, linearize
 from depthcut.train import TrainConfig, evaluate
-from tests.helpers import one_thread, write_fake_cifar10  # noqa: F401 - a fixture
+from tests.helpers import (  # noqa: F401 - a fixture
+    one_thread,
+    tiny_splits,  # noqa: F401
+    write_fake_cifar10,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,17 +66,6 @@ def half_linear_model() -> nn.Module:
     other sites save nothing on their own."""
     torch.manual_seed(0)
     return linearize(TinyMobile(), ["blocks.0.expand.act"])
-
-
-def tiny_splits():
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 2, (64,), generator=generator)
-    images = torch.randint(0, 255, (64, 1, 8, 8), generator=generator, dtype=torch.uint8)
-    dataset = ImageDataset(
-        name="tiny", train_inputs=images, train_labels=labels, test_inputs=images[:16],
-        test_labels=labels[:16], classes=["a", "b"], mean=(0.5,), std=(0.25,), crop_padding=1,
-        flip=False)
-    return make_splits(dataset, val_fraction=0.25, batch_size=16, eval_batch_size=32, seed=0)
 
 
 # Entropies made up so that the biggest saving (blocks.0.depthwise.act) is not the lowest.

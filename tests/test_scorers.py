@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from depthcut.data import ImageDataset, make_splits
 from depthcut.errors import ConfigError
 from depthcut.methods.easier import Easier, EasierConfig, easier
 from depthcut.methods.progressive import ProgressiveConfig, progressive
@@ -29,7 +28,10 @@ from depthcut.scorers.entropy import EntropyScorer
 from depthcut.scorers.payoff import PayoffScorer
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig, evaluate
-from tests.helpers import one_thread  # noqa: F401 - a fixture
+from tests.helpers import (
+    one_thread,  # noqa: F401 - a fixture
+    tiny_splits,  # noqa: F401
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,17 +43,6 @@ def small_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4),
                          nn.ReLU(), nn.Linear(4, 2))
-
-
-def tiny_splits():
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 2, (64,), generator=generator)
-    images = torch.randint(0, 255, (64, 1, 8, 8), generator=generator, dtype=torch.uint8)
-    dataset = ImageDataset(
-        name="tiny", train_inputs=images, train_labels=labels, test_inputs=images[:16],
-        test_labels=labels[:16], classes=["a", "b"], mean=(0.5,), std=(0.25,), crop_padding=1,
-        flip=False)
-    return make_splits(dataset, val_fraction=0.25, batch_size=16, eval_batch_size=32, seed=0)
 
 
 def dense_record(model, splits) -> dict:
