@@ -176,38 +176,38 @@ class Prepared:
 
 
 def check_memory(config: ExperimentConfig, spec: ModelSpec, input_shape: tuple[int, ...] | None,
-                 device: torch.device) -> nn.Module | None:
+                 device: torch.device, batch_size: int | None = None) -> nn.Module | None:
     """Refuse a run whose model and batch cannot fit in `device`'s memory
-    (`depthcut.memory_estimate`); returns the model built on the meta device (None where it
-    cannot be built there)."""
+    (`depthcut.memory_estimate`; without `input_shape`, the weights alone); returns the model
+    built on the meta device (None where it cannot be built there)."""
     skeleton = meta_model(spec)
     if skeleton is not None:
-        estimate = estimate_training_memory(skeleton, input_shape, config.batch_size,
-                                            tokens=spec.name == "transformer", amp=config.amp)
+        estimate = estimate_training_memory(
+            skeleton, input_shape, batch_size or config.batch_size,
+            tokens=spec.name == "transformer", amp=config.amp)
         check_fits(estimate, device, f"{spec.name} x{spec.width:g}")
     return skeleton
 
 
-def _provisional_spec(config: ExperimentConfig
-                      ) -> tuple[ModelSpec, tuple[int, ...] | None] | None:
-    """The model an image dataset will need, known before its files are decoded, and its
-    input shape where the dataset's format fixes it (else None: the estimate then leaves the
-    activations out). Unknowns are set low so the estimate stays a floor: 2 classes (the
-    smallest classifier), 1 channel where the format does not say. None for text datasets."""
+def _provisional_spec(config: ExperimentConfig) -> ModelSpec | None:
+    """The model an image dataset will need, known before its files are decoded, for a check
+    of its weights (a batch's size is not known yet: the training split may be smaller).
+    Unknowns are set low so the estimate stays a floor: 2 classes (the smallest classifier),
+    1 channel where the dataset's format does not say. None for text datasets and external
+    models whose image size the format does not fix."""
     data = dataset_spec(config.dataset)
     shape = data.sample_shape
     if data.kind != "images" or config.model == "transformer":
         return None
     sequence = {}
-    if is_external(config.model):  # built for its image size: known from the format only
+    if is_external(config.model):  # built for its image size
         if shape is None:
             return None
         sequence = {"image_size": shape[-1]}
-    spec = ModelSpec(name=config.model, num_classes=2, in_channels=shape[0] if shape else 1,
+    return ModelSpec(name=config.model, num_classes=2, in_channels=shape[0] if shape else 1,
                      width=config.width,
                      activation=config.activation or default_activation(config.model),
                      **sequence)
-    return spec, tuple(shape) if shape else None
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
@@ -218,7 +218,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
     check_metric(config.metric)
     provisional = _provisional_spec(config)
     if provisional is not None:
-        check_memory(config, *provisional, device)
+        check_memory(config, provisional, None, device)
     dataset = load_dataset(
         config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
     )
@@ -245,8 +245,9 @@ def prepare(config: ExperimentConfig) -> Prepared:
         activation=config.activation or default_activation(config.model),
         **sequence,
     )
-    input_shape = tuple(dataset.test_inputs.shape[1:])
-    skeleton = check_memory(config, spec, input_shape, device)
+    # A batch never holds more than the training split.
+    batch = min(config.batch_size, max(len(dataset.train_inputs), 1))
+    skeleton = check_memory(config, spec, tuple(dataset.test_inputs.shape[1:]), device, batch)
     dense, info = None, None
     if config.dense_checkpoint:
         dense, info = load_checkpoint(config.dense_checkpoint)
