@@ -339,3 +339,13 @@ def test_an_output_in_a_read_only_folder_is_refused(world, tmp_path, capsys, mon
     finally:
         tmp_path.chmod(0o755)
     assert "no write permission in" in one_line_error(capsys)
+
+
+def test_on_a_gpu_the_free_memory_of_the_device_counts(monkeypatch):
+    import depthcut.memory_estimate as memory
+
+    monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device: (10**9, 8 * 10**10))
+    assert memory.available_memory(torch.device("cuda:0")) == (10**9, "free memory of cuda:0")
+    estimate = estimate_training_memory(meta_model(ModelSpec("resnet18", width=4.0)), None, 1)
+    with pytest.raises(InsufficientMemoryError, match="only 1.0 GB is available on cuda:0"):
+        check_fits(estimate, torch.device("cuda:0"), "resnet18 x4")
