@@ -14,13 +14,15 @@ code 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,11 @@ def _configs(args: argparse.Namespace, values: dict) -> list:
     return [settings.build_config(spec.config, values) for spec in specs]
 
 
+# What a `--resume` call's namespace holds besides the settings it ignores.
+RESUME_KEYS = {"command", "preset", "config", "out", "overwrite", "no_progress", "handler", "spec",
+               "resume", "print_config", "no_fair_reference"}
+
+
 def cmd_print_config(args: argparse.Namespace) -> int:
     """Print the resolved settings as JSON (a valid --config file) and exit; no data, no run.
 
@@ -280,7 +287,14 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    result = experiment.resume_run(args.resume, progress=not args.no_progress)
+    ignored = sorted(f"--{key.replace('_', '-')}" for key in vars(args)
+                     if key not in RESUME_KEYS and key != "data_root")
+    if ignored:
+        print(f"depthcut {args.command}: note: --resume continues with the run's own settings "
+              f"(its config.json); ignoring {', '.join(ignored)}", file=sys.stderr)
+    result = experiment.resume_run(args.resume, progress=not args.no_progress,
+                                   method=None if args.command == "compare" else args.command,
+                                   data_root=getattr(args, "data_root", None))
     print()
     print(reports.stage_table(result.records))
     answer = result.answer
@@ -302,6 +316,24 @@ def _write_traceback(error: BaseException) -> str:
         return "stderr"
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """depthcut's own warnings as one line each ("depthcut easier: warning: ..."), not with
+    the file, line and source line Python prints by default; other warnings unchanged."""
+    default = warnings.formatwarning
+
+    def formatter(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+        if "depthcut" in Path(filename).parts:
+            return f"depthcut {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatter
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -315,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if distributed.init_from_env() and not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone reports
-        return handler(args)
+        with _one_line_warnings(args.command):
+            return handler(args)
     except USER_ERRORS as error:
         print(f"depthcut {args.command}: error: {error}", file=sys.stderr)
         return 2

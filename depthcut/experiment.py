@@ -8,9 +8,11 @@ between methods is in their `MethodSpec`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +27,14 @@ from depthcut.data import (
     ImageDataset,
     TokenDataset,
     dataset_names,
+    dataset_spec,
     load_dataset,
     make_splits,
 )
-from depthcut.errors import ConfigError
+from depthcut.errors import ConfigError, DepthcutError
 from depthcut.faults import die_at
 from depthcut.measure import measure_stage
+from depthcut.memory_estimate import check_fits, estimate_training_memory, meta_model
 from depthcut.memory_format import MemoryFormat, choose_memory_format
 from depthcut.methods import MethodSpec, comparable, get_method, reference_method
 from depthcut.models import (
@@ -46,12 +50,14 @@ from depthcut.reports import build_report, stage_table, summary_markdown
 from depthcut.run import (
     RunDir,
     RunDirError,
+    check_writable,
     load_checkpoint,
     read_records,
     save_checkpoint,
     save_folded,
     write_json,
 )
+from depthcut.run_lock import RunLock
 from depthcut.sites import find_sites
 from depthcut.stages import METRICS, MethodResult, StageRecord, check_metric
 from depthcut.train import (
@@ -170,12 +176,55 @@ class Prepared:
     memory_format: MemoryFormat | None = None  # the choice and its reason (config.json)
     dense_model: nn.Module | None = None  # loaded from config.dense_checkpoint, checked
     dense_info: dict | None = None
+    # The model's structure without weights (meta device; a real model where it cannot be
+    # built there): its sites and memory format are read from it.
+    skeleton: nn.Module | None = None
+
+
+def check_memory(config: ExperimentConfig, spec: ModelSpec, input_shape: tuple[int, ...] | None,
+                 device: torch.device, batch_size: int | None = None) -> nn.Module | None:
+    """Refuse a run whose model and batch cannot fit in `device`'s memory
+    (`depthcut.memory_estimate`; without `input_shape`, the weights alone); returns the model
+    built on the meta device (None where it cannot be built there)."""
+    skeleton = meta_model(spec)
+    if skeleton is not None:
+        estimate = estimate_training_memory(
+            skeleton, input_shape, batch_size or config.batch_size,
+            tokens=spec.name == "transformer", amp=config.amp)
+        check_fits(estimate, device, f"{spec.name} x{spec.width:g}")
+    return skeleton
+
+
+def _provisional_spec(config: ExperimentConfig) -> ModelSpec | None:
+    """The model an image dataset will need, known before its files are decoded, for a check
+    of its weights (a batch's size is not known yet: the training split may be smaller).
+    Unknowns are set low so the estimate stays a floor: 2 classes (the smallest classifier),
+    1 channel where the dataset's format does not say. None for text datasets and external
+    models whose image size the format does not fix."""
+    data = dataset_spec(config.dataset)
+    shape = data.sample_shape
+    if data.kind != "images" or config.model == "transformer":
+        return None
+    sequence = {}
+    if takes_image_size(config.model):  # built for its image size
+        if shape is None:
+            return None
+        sequence = {"image_size": shape[-1]}
+    return ModelSpec(name=config.model, num_classes=2, in_channels=shape[0] if shape else 1,
+                     width=config.width,
+                     activation=config.activation or default_activation(config.model),
+                     **sequence)
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
-    """Load the dataset, check the dense checkpoint, choose the memory format, build the splits."""
+    """Check that the model fits in memory (before decoding the data where the dataset's
+    format fixes its image size), load the dataset, check the dense checkpoint, choose the
+    memory format, build the splits."""
     device = resolve_device(config.device)
     check_metric(config.metric)
+    provisional = _provisional_spec(config)
+    if provisional is not None:
+        check_memory(config, provisional, None, device)
     dataset = load_dataset(
         config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
     )
@@ -202,6 +251,9 @@ def prepare(config: ExperimentConfig) -> Prepared:
         activation=config.activation or default_activation(config.model),
         **sequence,
     )
+    # A batch never holds more than the training split.
+    batch = min(config.batch_size, max(len(dataset.train_inputs), 1))
+    skeleton = check_memory(config, spec, tuple(dataset.test_inputs.shape[1:]), device, batch)
     dense, info = None, None
     if config.dense_checkpoint:
         dense, info = load_checkpoint(config.dense_checkpoint)
@@ -215,7 +267,9 @@ def prepare(config: ExperimentConfig) -> Prepared:
                 f"and data: {'; '.join(mismatched)}. Pass matching --model/--width/--activation "
                 "or another checkpoint."
             )
-    memory_format = choose_memory_format(dense if dense is not None else spec.build(), device,
+    if skeleton is None:
+        skeleton = spec.build()
+    memory_format = choose_memory_format(dense if dense is not None else skeleton, device,
                                          config.channels_last)
     splits = make_splits(
         dataset,
@@ -228,7 +282,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
     )
     return Prepared(splits=splits, spec=spec, device=device,
                     channels_last=memory_format.channels_last, memory_format=memory_format,
-                    dense_model=dense, dense_info=info)
+                    dense_model=dense, dense_info=info, skeleton=skeleton)
 
 
 def dense_model(
@@ -320,7 +374,17 @@ def run_comparison(
         raise ConfigError(f"unknown or no methods {unknown}; choose from {', '.join(names)}")
     configs = dict(method_configs or {})
     out = Path(out)
+    check_writable(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
+    # The runs inside have their own locks; this one keeps a second comparison out (rank 0
+    # holds it under torch.distributed).
+    with RunLock(out) if distributed.is_main() else contextlib.nullcontext():
+        return _compare(config, methods, out, names, configs, fair_reference, overwrite)
+
+
+def _compare(config: ExperimentConfig, methods: Sequence[str], out: Path, names: dict,
+             configs: dict, fair_reference: bool, overwrite: bool) -> Path:
+    """`run_comparison` once `out` is checked and locked."""
     dirs: list[Path] = []
     answers: dict[str, Mapping] = {}
     depth: int | None = None
@@ -369,12 +433,13 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
     With `resume`, the stages in the run directory are kept and the method goes on from the
     last one (and from the last finished epoch of the stage that was interrupted)."""
     run_start = time.perf_counter()
+    config = absolute_paths(config)
     run_dir = RunDir(out, overwrite=overwrite, resume=resume)
     name = method_spec.name
     settings = {"method": name, "experiment": config.to_dict(), name: dataclasses.asdict(method)}
     prepared = prepare(config)
     # Model errors before any write.
-    sites = find_sites(prepared.dense_model or prepared.spec.build())
+    sites = find_sites(prepared.dense_model or prepared.skeleton or prepared.spec.build())
     if method_spec.check is not None:
         method_spec.check(method, len(sites))
     settings["memory_format"] = prepared.memory_format.to_dict()
@@ -388,63 +453,88 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
                             "test_texts": len(text.test_inputs),
                             **{k: v for k, v in text.stats.items() if k != "cache"}}
     run_dir.start()
-    history = run_dir.records if resume else []
-    if not resume:
-        run_dir.write_config(settings)
-    if history:
-        model, info = load_checkpoint(run_dir.path / history[-1]["checkpoint"])
-        prepared.splits.train.epoch = info["extra"].get("loader_epoch", 0)
-        if "continue_from" in history[-1]:  # the method undid that stage: go on from this one
-            stage = history[-1]["continue_from"]
-            source = next(r for r in history if r["stage"] == stage)
-            model, _ = load_checkpoint(run_dir.path / source["checkpoint"])
-        model = prepare_model(model, prepared.device, prepared.channels_last)
-        dense, spec = StageRecord.from_dict(history[0]), info["spec"]
-        run_start -= history[-1].get("elapsed_s", 0.0)
-    else:
+    try:
+        history = run_dir.records if resume else []
+        if not resume:
+            run_dir.write_config(settings)
+        else:
+            _record_data_root(run_dir, config.data_root)
+        if history:
+            model, info = load_checkpoint(run_dir.path / history[-1]["checkpoint"])
+            prepared.splits.train.epoch = info["extra"].get("loader_epoch", 0)
+            if "continue_from" in history[-1]:  # the method undid that stage: go on from this one
+                stage = history[-1]["continue_from"]
+                source = next(r for r in history if r["stage"] == stage)
+                model, _ = load_checkpoint(run_dir.path / source["checkpoint"])
+            model = prepare_model(model, prepared.device, prepared.channels_last)
+            dense, spec = StageRecord.from_dict(history[0]), info["spec"]
+            run_start -= history[-1].get("elapsed_s", 0.0)
+        else:
+            with _autocast(config, prepared):
+                model, dense, spec = dense_model(config, prepared, run_dir)
+
+        def on_stage(record: StageRecord, stage_model: nn.Module) -> None:
+            record.parameters = count_parameters(stage_model)
+            record.elapsed_s = time.perf_counter() - run_start
+            record.checkpoint = str(run_dir.checkpoint_path(record.stage).relative_to(run_dir.path))
+            save_checkpoint(run_dir.checkpoint_path(record.stage), stage_model, spec,
+                            record.linearized, _origin(config, record, prepared.splits),
+                            silenced=record.get("silenced", ()))
+            run_dir.add_record(record.to_dict())
+            die_at("stage-end")
+            if config.progress:
+                print(stage_table([record], header=record.stage == 1), flush=True)
+
         with _autocast(config, prepared):
-            model, dense, spec = dense_model(config, prepared, run_dir)
-
-    def on_stage(record: StageRecord, stage_model: nn.Module) -> None:
-        record.parameters = count_parameters(stage_model)
-        record.elapsed_s = time.perf_counter() - run_start
-        record.checkpoint = str(run_dir.checkpoint_path(record.stage).relative_to(run_dir.path))
-        save_checkpoint(run_dir.checkpoint_path(record.stage), stage_model, spec,
-                        record.linearized, _origin(config, record, prepared.splits),
-                        silenced=record.get("silenced", ()))
-        run_dir.add_record(record.to_dict())
-        die_at("stage-end")
-        if config.progress:
-            print(stage_table([record], header=record.stage == 1), flush=True)
-
-    with _autocast(config, prepared):
-        result = method_spec.runner(model, prepared.splits, method, dense_record=dense,
-                        history=history[1:], on_stage=on_stage, progress=config.progress,
-                        snapshots=run_dir.snapshot, metric=config.metric,
-                        teacher=_teacher(method, run_dir, prepared))
-    distributed.barrier()  # rank 0 has written every checkpoint
-    answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
-    folded_model, folded = fold_answer(answer_model, prepared.splits)
-    folded["stage"] = result.answer["stage"]
-    folded["checkpoint"] = "checkpoints/answer_folded.pt"
-    save_folded(run_dir.path / folded["checkpoint"], folded_model,
-                _origin(config, result.answer))
-    write_json(run_dir.path / "folded_answer.json", folded)
-    result.folded = folded
-    run_dir.finish()
-    run_dir.write_summary(
-        summary_markdown(
-            result.records,
-            dataset=prepared.splits.dataset.name,
-            settings=settings,
-            answer=result.answer,
-            stop_reason=result.stop_reason,
-            wall_seconds=time.perf_counter() - run_start,
-            rule=result.rule,
-            folded=folded,
+            result = method_spec.runner(model, prepared.splits, method, dense_record=dense,
+                            history=history[1:], on_stage=on_stage, progress=config.progress,
+                            snapshots=run_dir.snapshot, metric=config.metric,
+                            teacher=_teacher(method, run_dir, prepared))
+        distributed.barrier()  # rank 0 has written every checkpoint
+        answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
+        folded_model, folded = fold_answer(answer_model, prepared.splits)
+        folded["stage"] = result.answer["stage"]
+        folded["checkpoint"] = "checkpoints/answer_folded.pt"
+        save_folded(run_dir.path / folded["checkpoint"], folded_model,
+                    _origin(config, result.answer))
+        write_json(run_dir.path / "folded_answer.json", folded)
+        result.folded = folded
+        run_dir.finish()
+        run_dir.write_summary(
+            summary_markdown(
+                result.records,
+                dataset=prepared.splits.dataset.name,
+                settings=settings,
+                answer=result.answer,
+                stop_reason=result.stop_reason,
+                wall_seconds=time.perf_counter() - run_start,
+                rule=result.rule,
+                folded=folded,
+            )
         )
-    )
-    return result
+        return result
+    finally:
+        run_dir.release()  # finished, failed or interrupted: the folder is free
+
+
+PATH_SETTINGS = ("data_root", "cache_dir", "dense_checkpoint")
+
+
+def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """`config` with its paths absolute, so that the run's config.json and checkpoints name
+    the same files from any folder (`--resume`, `depthcut entropy`, `depthcut fold`)."""
+    paths = {key: os.path.abspath(os.path.expanduser(value))
+             for key in PATH_SETTINGS if (value := getattr(config, key))}
+    return dataclasses.replace(config, **paths)
+
+
+def _record_data_root(run_dir: RunDir, data_root: str) -> None:
+    """A run resumed from another data root (`--data-root`) records it in its config.json."""
+    path = run_dir.path / "config.json"
+    saved = json.loads(path.read_text())
+    if saved["experiment"].get("data_root") != data_root:
+        saved["experiment"]["data_root"] = data_root
+        run_dir.write_config(saved)
 
 
 def _teacher(method, run_dir: RunDir, prepared: Prepared) -> nn.Module | None:
@@ -477,8 +567,14 @@ def _settings(cls: type, values: dict):
                   else value for key, value in values.items()})
 
 
-def resume_run(path: str | Path, *, progress: bool = True) -> MethodResult:
-    """Continue the interrupted run in `path` with the settings it was started with."""
+def resume_run(path: str | Path, *, progress: bool = True, method: str | None = None,
+               data_root: str | Path | None = None) -> MethodResult:
+    """Continue the interrupted run in `path` with the settings it was started with.
+
+    `method` (a name or command): refuse a run of another method instead of resuming it.
+    `data_root`: where the dataset is now, when it moved since the run started (recorded in
+    the run's config.json); every other setting comes from config.json.
+    """
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise RunDirError(f"nothing to resume in {path}: it holds no run (no config.json)")
@@ -488,6 +584,23 @@ def resume_run(path: str | Path, *, progress: bool = True) -> MethodResult:
         spec = get_method(name)
     except ConfigError:
         raise RunDirError(f"{path} holds a run of unknown method {name!r}") from None
-    config = _settings(ExperimentConfig, {**settings["experiment"], "progress": progress})
-    method = _settings(spec.config, settings[name])
-    return _run_method(config, spec, method, path, overwrite=False, resume=True)
+    if method is not None and get_method(method) is not spec:
+        raise RunDirError(f"{path} holds {_article(spec.command)} {spec.command} run; resume it "
+                          f"with `depthcut {spec.command} --resume {path}`")
+    experiment = {**settings["experiment"], "progress": progress}
+    if data_root is not None:
+        experiment["data_root"] = str(data_root)
+    config = _settings(ExperimentConfig, experiment)
+    root = Path(config.data_root).expanduser()
+    if not root.exists():
+        given = "given with --data-root" if data_root is not None else "this run was trained on"
+        raise DepthcutError(
+            f"the data root {root} {given} does not exist (any more): pass --data-root to "
+            f"point to the dataset's place (`depthcut {spec.command} --resume {path} "
+            "--data-root FOLDER`)")
+    return _run_method(config, spec, _settings(spec.config, settings[name]), path,
+                       overwrite=False, resume=True)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from depthcut.checkpoint_files import explain_unreadable
 from depthcut.distributed import is_main
 from depthcut.errors import DepthcutError
 from depthcut.faults import die_at
 from depthcut.layers import ChannelScale
 from depthcut.masks import apply_masks, masks_from_state_dict
 from depthcut.models import ModelSpec
+from depthcut.run_lock import RunLock
 from depthcut.sites import linearize, scale_sites, silence
 from depthcut.train import Checkpointing
 
@@ -83,7 +85,25 @@ def _load_payload(path: str | Path, what: str, weights_only: bool) -> tuple[Path
         return path, torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(
-            f"{path} is not a readable {what} ({type(error).__name__}: {error})") from error
+            f"{path} is not a readable {what}: {explain_unreadable(path, error)}") from None
+
+
+def check_writable(path: str | Path, *, folder: bool, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any data is decoded: a file where
+    a folder should be (the path itself, or a folder above it), or a folder without write
+    permission. `folder`: `path` is a folder to create (else a file to write)."""
+    path = Path(path).absolute()
+    if folder and path.exists() and not path.is_dir():
+        raise RunDirError(f"{flag} {path} exists and is not a directory: choose another {flag}")
+    if not folder and path.is_dir():
+        raise RunDirError(f"{flag} {path} is a directory: name a file, e.g. {path / 'model.pt'}")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"cannot create {flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write {flag} {path}: no write permission in {existing}")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -93,18 +113,24 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class RunDir:
-    """A run's output folder: config.json, records.jsonl, checkpoints/, summary.md."""
+    """A run's output folder: config.json, records.jsonl, checkpoints/, summary.md, and the
+    lock (`depthcut.run_lock`) held from `start()` to `release()`."""
 
     def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
         """Check that `path` can take this run; nothing is written until `start()`.
 
-        With `resume`, the folder must hold a run (config.json); its records are kept.
+        With `resume`, the folder must hold a run (config.json); its records are kept. A
+        folder another live run holds is refused, with `overwrite` and `resume` too.
         """
         self.path = Path(path)
         self.overwrite = overwrite
         self.resume = resume
+        self.lock = RunLock(self.path)
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} exists and is not a directory")
+        check_writable(self.path, folder=True, flag="--resume" if resume else "--out")
+        if is_main():
+            self.lock.check_free()
         if resume:
             if overwrite:
                 raise RunDirError("choose one of --resume and --overwrite")
@@ -121,9 +147,11 @@ class RunDir:
         self.records: list[dict] = []
 
     def start(self) -> None:
-        """Create the folder (clearing an old run when overwriting), once inputs are checked."""
+        """Create the folder and take its lock (clearing an old run when overwriting), once
+        inputs are checked. Call `release()` when the run ends, however it ends."""
         if not is_main():  # under torch.distributed only rank 0 writes
             return
+        self.lock.acquire()
         if self.resume:
             for stale in self.path.rglob(".*.tmp"):  # a write the kill interrupted
                 stale.unlink()
@@ -135,6 +163,10 @@ class RunDir:
             for checkpoint in (self.path / "checkpoints").glob("*.pt"):
                 checkpoint.unlink()
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def release(self) -> None:
+        """The run has ended (finished, failed or interrupted): free the folder."""
+        self.lock.release()
 
     def write_config(self, config: dict) -> None:
         if is_main():

@@ -22,7 +22,7 @@ from depthcut.errors import ConfigError
 from depthcut.export import export_onnx
 from depthcut.fold import FoldReport, fold
 from depthcut.reports import entropy_table
-from depthcut.run import load_checkpoint, load_folded, save_folded
+from depthcut.run import check_writable, load_checkpoint, load_folded, save_folded
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig, evaluate, resolve_device, seed_everything, train
 
@@ -124,6 +124,9 @@ def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None
     root = data_root or origin.get("data_root")
     if not name or not root:
         raise ConfigError("the model names no dataset: pass --dataset and --data-root")
+    if data_root is None and not Path(root).expanduser().exists():
+        raise ConfigError(f"the model was trained on {name} data in {root}, which does not "
+                          "exist (any more): pass --data-root to point to the dataset's place")
     return load_dataset(name, root, cache_dir=cache_dir, progress=progress)
 
 
@@ -171,6 +174,7 @@ def fold_checkpoint(
         raise ConfigError(f"export must be 'onnx' or None, got {export!r}")
     _check_samples(samples)
     checkpoint, out = Path(checkpoint), Path(out)
+    check_writable(out, folder=False)
     model, info = load_checkpoint(checkpoint)
     torch_device = resolve_device(device)
     data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
@@ -205,6 +209,7 @@ def heal(
     config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay)
     _check_samples(samples)
     folded, out = Path(folded), Path(out)
+    check_writable(out, folder=False)
     module, info = load_folded(folded)
     torch_device = resolve_device(device)
     data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)

@@ -9,4 +9,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
 "${pip[@]}" torch==2.13.0 numpy 2> >(grep -v "is ignored: it is neither" >&2)
-"${pip[@]}" -e ".[test,plot,onnx]" 2> >(grep -v "is ignored: it is neither" >&2)
+# editable_mode=compat puts the repository root on sys.path (a .pth file), so `import depthcut`
+# finds the package in the ordinary path scan. The default (strict) mode imports through a finder
+# that runs after that scan: a script run from the folder that holds this clone (named depthcut,
+# no __init__.py) then imports the clone folder as an empty namespace package instead.
+"${pip[@]}" -e ".[test,plot,onnx]" --config-settings editable_mode=compat \
+  2> >(grep -v "is ignored: it is neither" >&2)
