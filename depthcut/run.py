@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -217,20 +218,21 @@ def read_records(run_dir: str | Path) -> list[dict]:
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
-    spec: ModelSpec,
+    spec: ModelSpec | None,
     linearized: Sequence[str],
     extra: dict | None = None,
     silenced: Sequence[str] = (),
 ) -> None:
     """Everything needed to rebuild the model: its spec, the linearized, silenced and scaled
     (ChannelScale) sites, and the weights (a pruned module's state holds weight_orig and its
-    weight_mask; a ChannelScale's state holds its scale)."""
+    weight_mask; a ChannelScale's state holds its scale). `spec` None: a model built in
+    Python (`depthcut.easier(model, ...)`): loading it needs that model as a template."""
     if not is_main():
         return
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "model": spec.to_dict(),
+        "model": spec.to_dict() if spec is not None else None,
         "linearized": list(linearized),
         "silenced": list(silenced),
         "scaled": {name: module.dim for name, module in model.named_modules()
@@ -241,14 +243,28 @@ def save_checkpoint(
     atomic_torch_save(Path(path), payload)
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, checkpoint info)."""
+def load_checkpoint(path: str | Path, template: nn.Module | None = None
+                    ) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, checkpoint info).
+
+    A checkpoint of a model built in Python (no spec) is rebuilt from a copy of `template`, the
+    dense model it started from (its sites not yet linearized)."""
     path, payload = _load_payload(path, "checkpoint", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
 
-    spec = ModelSpec(**payload["model"])
-    model = silence(linearize(spec.build(), payload["linearized"]), payload.get("silenced", []))
+    if payload["model"] is not None:
+        spec = ModelSpec(**payload["model"])
+        base = spec.build()
+    elif template is not None:
+        spec, base = None, copy.deepcopy(template).cpu()
+    else:
+        raise CheckpointError(
+            f"{path} holds a model built in Python (depthcut.easier(model, ...) and the like), "
+            "which depthcut cannot rebuild by name: load it with "
+            "depthcut.run.load_checkpoint(path, template=the_dense_model), or run the method "
+            "again with the same model and resume=True")
+    model = silence(linearize(base, payload["linearized"]), payload.get("silenced", []))
     scaled = payload.get("scaled", {})
     try:
         scale_sites(model, {name: payload["state_dict"][f"{name}.scale"] for name in scaled},

@@ -189,6 +189,39 @@ class MethodResult:
     model: nn.Module  # the model of the last stage run (not necessarily the answer)
     folded: dict | None = None  # the answer stage folded and measured (set by the run)
     rule: str = ""  # the stop rule in words, for the summary
+    answer_model: nn.Module | None = None  # the answer stage's model (set by the run)
+    folded_model: nn.Module | None = None  # ... folded (set by the run)
+
+
+@dataclass
+class TrainingHooks:
+    """A user's own training loop driving the stages (any loop: plain PyTorch, Lightning, a
+    Hugging Face Trainer): `finetune(model, epochs)` trains the model in place where depthcut
+    would finetune; `evaluate(model) -> score` returns the validation score in points (higher
+    is better), which the stop rules compare with the dense model's as they do top-1. Trainings
+    a method adds terms to (Layer Folding's slopes) stay depthcut's own."""
+
+    finetune: Callable[[nn.Module, int], object] | None = None
+    evaluate: Callable[[nn.Module], float] | None = None
+
+
+def evaluate_stage(model: nn.Module, splits: DataSplits, hooks: TrainingHooks | None = None
+                   ) -> dict[str, float | None]:
+    """A stage's scores: validation (the user's `evaluate` when given, else top-1 and balanced
+    accuracy) and test top-1 and balanced accuracy (None without a test split)."""
+    scores: dict[str, float | None] = {"val_top1": None, "val_balanced": None,
+                                       "test_top1": None, "test_balanced": None}
+    if hooks is not None and hooks.evaluate is not None:
+        was_training = model.training
+        model.eval()
+        scores["val_top1"] = float(hooks.evaluate(model))
+        model.train(was_training)
+    elif splits.val is not None:
+        scores["val_top1"], scores["val_balanced"] = evaluate(model, splits.val, balanced=True)
+    if splits.test is not None:
+        scores["test_top1"], scores["test_balanced"] = evaluate(model, splits.test,
+                                                                balanced=True)
+    return scores
 
 
 class EntropySettings(Protocol):
@@ -233,6 +266,7 @@ class StageRun:
     snapshots: Callable[[str], Checkpointing] | None = None
     metric: str = "top1"  # what stop rules compare: "top1" or "balanced" (validation split)
     teacher: nn.Module | None = None  # the dense model, for finetunes that distill
+    hooks: TrainingHooks | None = None  # the user's own finetune and evaluation
 
     @property
     def dense(self) -> StageRecord:
@@ -260,7 +294,12 @@ class StageRun:
 
     def train(self, config: TrainConfig, name: str, **kwargs) -> TrainResult:
         """The shared training loop on the training split; `name` labels the progress bar and
-        the epoch snapshots a resumed run continues from."""
+        the epoch snapshots a resumed run continues from. With the user's own `finetune`
+        (`TrainingHooks`), that trains instead, unless the method adds terms (`kwargs`)."""
+        if self.hooks is not None and self.hooks.finetune is not None and not kwargs:
+            self.model.train()
+            self.hooks.finetune(self.model, config.epochs)
+            return TrainResult(epochs=[])
         return train(self.model, self.splits.train, config, progress=self.progress, desc=name,
                      checkpointing=self.snapshots(name) if self.snapshots else None,
                      teacher=self.teacher, **kwargs)
@@ -325,6 +364,7 @@ def run_stages(
     snapshots: Callable[[str], Checkpointing] | None = None,
     metric: str = "top1",
     teacher: nn.Module | None = None,
+    hooks: TrainingHooks | None = None,
 ) -> MethodResult:
     """Run `method` from a trained model whose metrics are `dense_record` (stage 0).
 
@@ -333,12 +373,15 @@ def run_stages(
 
     `teacher` (the dense model) is what finetunes with `distill` > 0 learn from.
 
+    `hooks` (`TrainingHooks`): the user's own finetune and validation score.
+
     `on_stage(record, model)` is called after every stage (the run directory writes the record
     and checkpoint; it may set the record's run fields). To resume, pass the stages already
     done as `history` and the model of the last one; `snapshots(name)` gives each training call
     its epoch-level checkpointing.
     """
-    if method.needs_val and splits.val is None:
+    own_score = hooks is not None and hooks.evaluate is not None
+    if method.needs_val and splits.val is None and not own_score:
         raise ConfigError(f"{method.title or method.name} needs a validation split for its stop "
                          "rule: use val_fraction > 0")
     records = [StageRecord.from_dict(r) for r in (dense_record, *history)]
@@ -348,7 +391,7 @@ def run_stages(
                           f"{metric_label(metric)}, which the dense record lacks (written by an "
                           "older version?): use metric top1 or evaluate the dense model again")
     run = StageRun(model, splits, records, progress=progress, snapshots=snapshots,
-                   metric=metric, teacher=teacher)
+                   metric=metric, teacher=teacher, hooks=hooks)
     reason = method.begin(run)
     while reason is None:
         reason = method.stop_before(run) or _stage(method, run, on_stage)
@@ -365,11 +408,9 @@ def _stage(method: Method, run: StageRun, on_stage) -> str | None:
         return changed
     fit = run.train(method.finetune, method.training(stage))
     changed = {**changed, **method.after(run)}
-    val = val_balanced = None
-    if run.splits.val is not None:
-        val, val_balanced = evaluate(run.model, run.splits.val, balanced=True)
-    test, test_balanced = evaluate(run.model, run.splits.test, balanced=True)
-    scores = {"val_top1": val, "val_balanced": val_balanced}
+    scores = evaluate_stage(run.model, run.splits, run.hooks)
+    val, val_balanced = scores["val_top1"], scores["val_balanced"]
+    test, test_balanced = scores["test_top1"], scores["test_balanced"]
     dense_val, score = run.score(run.dense), run.score(scores)
     record = StageRecord.from_dict({
         "method": method.name,
