@@ -37,9 +37,11 @@ from depthcut.models import (
     ACTIVATIONS,
     MODELS,
     ModelSpec,
+    canonical_name,
     count_parameters,
     default_activation,
     takes_image_size,
+    takes_width,
 )
 from depthcut.options import Option
 from depthcut.reports import build_report, stage_table, summary_markdown
@@ -62,6 +64,7 @@ from depthcut.train import (
     seed_everything,
     train,
 )
+from depthcut.weights import check_before_data, load_weights
 
 
 @dataclass
@@ -84,6 +87,12 @@ class ExperimentConfig:
     channels_last: str | bool | None = "auto"
     dense: TrainConfig = field(default_factory=TrainConfig)
     dense_checkpoint: str | None = None  # start from this trained model instead of training
+    # The user's weights file (a state_dict; depthcut.weights): the dense training starts from
+    # it, or, with weights_trained, it is the dense model. reset_head: a classifier that does
+    # not fit the dataset's classes starts afresh.
+    weights: str | None = None
+    reset_head: bool = False
+    weights_trained: bool = False
     amp: bool = False  # bf16 autocast for training, evaluation and entropy counting alike
     # What every method's stop rule compares on the validation split: "top1" or "balanced"
     # (balanced accuracy, the mean per-class recall: for unbalanced classes).
@@ -122,6 +131,15 @@ DATA_MODEL_OPTIONS: tuple[Option, ...] = (
            argparse={"action": "store_true"}),
     Option("dense_checkpoint",
            "start from this trained checkpoint instead of training a dense model"),
+    Option("weights", "load this weights file (a state_dict, a checkpoint dict holding one, or "
+           ".safetensors) into the model strictly; dense training starts from it",
+           argparse={"metavar": "FILE"}),
+    Option("reset_head", "with --weights: a classifier whose shape does not fit the dataset's "
+           "classes starts afresh (every other tensor must fit)",
+           argparse={"action": "store_true"}),
+    Option("weights_trained", "with --weights: the weights are the trained dense model: no "
+           "dense training, stage 0 is the loaded model evaluated",
+           argparse={"action": "store_true"}),
     Option("metric", "what every method's stop rule (delta, theta) compares on the validation "
            "split: top1 (default) or balanced (balanced accuracy, the mean per-class recall: "
            "for unbalanced classes)", argparse={"choices": tuple(METRICS)}),
@@ -170,12 +188,36 @@ class Prepared:
     memory_format: MemoryFormat | None = None  # the choice and its reason (config.json)
     dense_model: nn.Module | None = None  # loaded from config.dense_checkpoint, checked
     dense_info: dict | None = None
+    initial_model: nn.Module | None = None  # config.weights loaded: dense training starts here
+    reset_keys: list[str] = field(default_factory=list)  # the classifier --reset-head renewed
+
+
+def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """`config` with the model and weights files a run records made absolute (so --resume,
+    entropy and fold work from another folder)."""
+    weights = str(Path(config.weights).expanduser().resolve()) if config.weights else None
+    return dataclasses.replace(config, model=canonical_name(config.model), weights=weights)
+
+
+def _check_weights_settings(config: ExperimentConfig) -> None:
+    if not config.weights and (config.reset_head or config.weights_trained):
+        raise ConfigError("--reset-head and --weights-trained need --weights FILE")
+    if config.weights and config.dense_checkpoint:
+        raise ConfigError("choose one of --weights and --dense-checkpoint")
+    if config.reset_head and config.weights_trained:
+        raise ConfigError("--reset-head starts the classifier afresh, so the weights are not a "
+                          "trained model: drop --weights-trained (dense training trains it)")
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
-    """Load the dataset, check the dense checkpoint, choose the memory format, build the splits."""
+    """Check the model and its weights file, load the dataset, check the dense checkpoint,
+    choose the memory format, build the splits."""
+    config = absolute_paths(config)
     device = resolve_device(config.device)
     check_metric(config.metric)
+    _check_weights_settings(config)
+    state = check_before_data(config.model, config.width, config.activation, config.dataset,
+                              config.weights, config.reset_head)
     dataset = load_dataset(
         config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
     )
@@ -198,11 +240,20 @@ def prepare(config: ExperimentConfig) -> Prepared:
         name=config.model,
         num_classes=dataset.num_classes,
         in_channels=dataset.in_channels if isinstance(dataset, ImageDataset) else 1,
-        width=config.width,
+        width=config.width if takes_width(config.model) else 1.0,
         activation=config.activation or default_activation(config.model),
         **sequence,
     )
-    dense, info = None, None
+    dense, info, initial, reset = None, None, None, []
+    if config.weights:
+        seed_everything(config.seed)  # a renewed classifier's init, as dense training's
+        initial = spec.build()
+        reset = load_weights(initial, spec, state, config.weights, reset_head=config.reset_head)
+        if reset and config.progress:
+            print(f"--reset-head: {', '.join(reset)} start afresh for {spec.num_classes} "
+                  "classes", flush=True)
+        if config.weights_trained:
+            dense, info = initial, {"spec": spec, "linearized": [], "extra": {}}
     if config.dense_checkpoint:
         dense, info = load_checkpoint(config.dense_checkpoint)
         mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(spec, key)})"
@@ -215,7 +266,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
                 f"and data: {'; '.join(mismatched)}. Pass matching --model/--width/--activation "
                 "or another checkpoint."
             )
-    memory_format = choose_memory_format(dense if dense is not None else spec.build(), device,
+    built = next((m for m in (dense, initial) if m is not None), None)
+    memory_format = choose_memory_format(built if built is not None else spec.build(), device,
                                          config.channels_last)
     splits = make_splits(
         dataset,
@@ -228,7 +280,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     )
     return Prepared(splits=splits, spec=spec, device=device,
                     channels_last=memory_format.channels_last, memory_format=memory_format,
-                    dense_model=dense, dense_info=info)
+                    dense_model=dense, dense_info=info, initial_model=initial,
+                    reset_keys=reset)
 
 
 def dense_model(
@@ -247,7 +300,9 @@ def dense_model(
         seed_everything(config.seed)
         spec, linearized, epochs = prepared.spec, [], config.dense.epochs
         trained = epochs
-        model = prepare_model(spec.build(), prepared.device, channels_last)
+        start_from = prepared.initial_model
+        model = prepare_model(spec.build() if start_from is None else start_from,
+                              prepared.device, channels_last)
         train(model, splits.train, config.dense, progress=config.progress, desc="dense",
               checkpointing=run.snapshot("dense"))
     sites = find_sites(model)
@@ -329,8 +384,7 @@ def run_comparison(
         spec, variant = names[method]
         run_config = config
         if dirs:
-            run_config = dataclasses.replace(
-                config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt"))
+            run_config = _from_dense(config, dirs[0])
         settings = configs.get(spec.name) or spec.config()
         settings = dataclasses.replace(settings, **variant)
         if spec.with_depth is not None and depth is not None:
@@ -354,11 +408,16 @@ def run_comparison(
         settings = dataclasses.replace(
             settings, finetune=dataclasses.replace(settings.finetune, distill=0.0),
             chunks=max(1, math.ceil(extra / chunk)))
-        _run_method(dataclasses.replace(
-            config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt")),
-            reference, settings, out / reference.name, overwrite)
+        _run_method(_from_dense(config, dirs[0]), reference, settings, out / reference.name,
+                    overwrite)
         dirs.append(out / reference.name)
     return build_report(dirs, out / "report", progress=config.progress)
+
+
+def _from_dense(config: ExperimentConfig, first: Path) -> ExperimentConfig:
+    """The settings of a compared method: from the first run's dense model (not the weights)."""
+    return dataclasses.replace(config, dense_checkpoint=str(first / "checkpoints" / "stage_00.pt"),
+                               weights=None, reset_head=False, weights_trained=False)
 
 
 def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: str | Path,
@@ -369,6 +428,7 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
     With `resume`, the stages in the run directory are kept and the method goes on from the
     last one (and from the last finished epoch of the stage that was interrupted)."""
     run_start = time.perf_counter()
+    config = absolute_paths(config)
     run_dir = RunDir(out, overwrite=overwrite, resume=resume)
     name = method_spec.name
     settings = {"method": name, "experiment": config.to_dict(), name: dataclasses.asdict(method)}

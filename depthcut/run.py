@@ -213,7 +213,11 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, checkpoint info)."""
     path, payload = _load_payload(path, "checkpoint", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT}). A plain "
+            "state_dict (or another tool's checkpoint) loads with --model MODEL --weights FILE "
+            "(--weights-trained: it is the dense model), or becomes a checkpoint with "
+            "`depthcut import-model --model MODEL --weights FILE --dataset D --out CKPT.pt`")
 
     spec = ModelSpec(**payload["model"])
     model = silence(linearize(spec.build(), payload["linearized"]), payload.get("silenced", []))
