@@ -59,7 +59,18 @@ def split_name(name: str) -> tuple[str, str, str] | None:
 
 
 def accepts(name: str) -> bool:
-    return split_name(name) is not None
+    """A file, a dotted module path, or a plain module name that can be found: a plain word
+    before a colon that is no module (`toy:small`) is an unknown model, not a missing module."""
+    parts = split_name(name)
+    if parts is None:
+        return False
+    source = parts[0]
+    if source.endswith(".py") or "." in source:
+        return True
+    try:
+        return importlib.util.find_spec(source) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def canonical(name: str) -> str:
