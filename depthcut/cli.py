@@ -1,5 +1,6 @@
-"""Command line: `depthcut <method>|compare|report|entropy|fold|heal ...`. Parses arguments,
-calls the API (`depthcut.experiment`, `depthcut.workflows`, `depthcut.reports`) and prints.
+"""Command line: `depthcut <method>|compare|report|entropy|fold|heal|import-model ...`.
+Parses arguments, calls the API (`depthcut.experiment`, `depthcut.workflows`,
+`depthcut.reports`) and prints.
 
 One command per registered method (`depthcut.methods.methods()`), its options generated from
 the settings declared beside the config dataclasses (`depthcut.settings`). Settings are

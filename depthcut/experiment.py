@@ -106,8 +106,10 @@ class ExperimentConfig:
 # The settings of ExperimentConfig: the CLI's "data and model" group, then the dense training's
 # epochs and lr, which head its "training" group (depthcut.train.TRAIN_OPTIONS follow them).
 DATA_MODEL_OPTIONS: tuple[Option, ...] = (
-    Option("model", f"{', '.join(sorted(MODELS))}, or torchvision:NAME / timm:NAME (optional "
-           "packages; random init, stem adapted to 32x32)", argparse={"metavar": "MODEL"}),
+    Option("model", f"{', '.join(sorted(MODELS))}, torchvision:NAME / timm:NAME (optional "
+           "packages; random init, stem adapted to 32x32), or your own: path/to/file.py:FACTORY "
+           "or package.module:FACTORY (options after a second colon: :key=value,...)",
+           argparse={"metavar": "MODEL"}),
     Option("width", "width multiplier", argparse={"type": float}),
     Option("activation", "default: the architecture's own",
            argparse={"choices": sorted(ACTIVATIONS)}),

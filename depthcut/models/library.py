@@ -89,7 +89,7 @@ def parse_name(name: str) -> tuple[str, str, dict]:
     if reserved:
         raise ConfigError(f"--model {name}: depthcut sets {', '.join(reserved)} itself (the "
                           "classifier and input channels from the dataset, random init; a local "
-                          "weights file loads through build_external(..., weights=PATH))")
+                          "weights file loads with --weights FILE)")
     return library, architecture, options
 
 
