@@ -186,8 +186,8 @@ def check_before_data(model: str, width: float, activation: str | None, dataset:
     3x32x32 images of 10 classes: a failure that only says the input does not fit, and the
     shapes of the file's tensors, then wait for the check after decoding."""
     spec_of_data = dataset_spec(dataset)
-    if spec_of_data.kind != "images":
-        return None  # a text model is sized by its vocabulary: checked once it is read
+    if spec_of_data.kind != "images":  # a text model is sized by its vocabulary: checked
+        return read_weights(weights) if weights else None  # once the texts are read
     shape, classes = spec_of_data.sample_shape, spec_of_data.num_classes
     size = shape[-1] if shape and takes_image_size(model) else None
     spec = ModelSpec(name=model, num_classes=classes or GUESSED_CLASSES,
