@@ -1,5 +1,6 @@
-"""Command line: `depthcut <method>|compare|report|entropy|fold|heal ...`. Parses arguments,
-calls the API (`depthcut.experiment`, `depthcut.workflows`, `depthcut.reports`) and prints.
+"""Command line: `depthcut <method>|compare|report|entropy|fold|heal|import-model ...`.
+Parses arguments, calls the API (`depthcut.experiment`, `depthcut.workflows`,
+`depthcut.reports`) and prints.
 
 One command per registered method (`depthcut.methods.methods()`), its options generated from
 the settings declared beside the config dataclasses (`depthcut.settings`). Settings are
@@ -46,7 +47,8 @@ WORKFLOW_DEFAULTS: dict[str, dict[str, Any]] = {
     function.__name__: {name: parameter.default
                         for name, parameter in inspect.signature(function).parameters.items()
                         if parameter.default is not inspect.Parameter.empty}
-    for function in (workflows.entropy_report, workflows.fold_checkpoint, workflows.heal)
+    for function in (workflows.entropy_report, workflows.fold_checkpoint, workflows.heal,
+                     workflows.import_model)
 }
 
 
@@ -158,7 +160,32 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--train-subset", type=int, help="finetune on only this many images")
     heal.add_argument("--seed", type=int, default=WORKFLOW_DEFAULTS["heal"]["seed"])
     _data_options(heal, "heal", split_help="evaluate on only the first N test images")
+    _import_parser(commands)
     return parser
+
+
+def _import_parser(commands: argparse._SubParsersAction) -> None:
+    defaults = WORKFLOW_DEFAULTS["import_model"]
+    parser = commands.add_parser("import-model", help="save your model and weights file as a "
+                                 "depthcut checkpoint (for entropy, fold, --dense-checkpoint)")
+    parser.add_argument("--model", required=True,
+                        help="path/to/file.py:FACTORY, package.module:FACTORY, torchvision:NAME, "
+                        "timm:NAME or a depthcut model")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="a state_dict file (torch.save), a checkpoint dict holding one, "
+                        "or .safetensors")
+    parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
+    parser.add_argument("--dataset", choices=dataset_names(), required=True)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--reset-head", action="store_true",
+                        help="a classifier that does not fit the dataset's classes starts afresh")
+    parser.add_argument("--width", type=float, default=defaults["width"],
+                        help="depthcut's own architectures only: the run's --width")
+    parser.add_argument("--activation", help="depthcut's own architectures only")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    parser.add_argument("--device", default=defaults["device"])
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def _data_options(parser: argparse.ArgumentParser, workflow: str, split_help: str) -> None:
@@ -286,6 +313,16 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_model(args: argparse.Namespace) -> int:
+    result = workflows.import_model(
+        args.model, args.weights, args.out, dataset=args.dataset, data_root=args.data_root,
+        cache_dir=args.cache_dir, width=args.width, activation=args.activation,
+        reset_head=args.reset_head, batch_size=args.batch_size, device=args.device,
+        progress=not args.no_progress)
+    print(result.text())
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     ignored = sorted(f"--{key.replace('_', '-')}" for key in vars(args)
                      if key not in RESUME_KEYS and key != "data_root")
@@ -339,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None) or {
         "entropy": cmd_entropy, "fold": cmd_fold, "heal": cmd_heal, "report": cmd_report,
+        "import-model": cmd_import_model,
     }[args.command]
     if getattr(args, "resume", None) is not None:
         handler = cmd_resume

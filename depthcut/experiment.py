@@ -41,9 +41,11 @@ from depthcut.models import (
     ACTIVATIONS,
     MODELS,
     ModelSpec,
+    canonical_name,
     count_parameters,
     default_activation,
     takes_image_size,
+    takes_width,
 )
 from depthcut.options import Option
 from depthcut.reports import build_report, stage_table, summary_markdown
@@ -68,6 +70,7 @@ from depthcut.train import (
     seed_everything,
     train,
 )
+from depthcut.weights import check_before_data, load_weights
 
 
 @dataclass
@@ -90,6 +93,12 @@ class ExperimentConfig:
     channels_last: str | bool | None = "auto"
     dense: TrainConfig = field(default_factory=TrainConfig)
     dense_checkpoint: str | None = None  # start from this trained model instead of training
+    # The user's weights file (a state_dict; depthcut.weights): the dense training starts from
+    # it, or, with weights_trained, it is the dense model. reset_head: a classifier that does
+    # not fit the dataset's classes starts afresh.
+    weights: str | None = None
+    reset_head: bool = False
+    weights_trained: bool = False
     amp: bool = False  # bf16 autocast for training, evaluation and entropy counting alike
     # What every method's stop rule compares on the validation split: "top1" or "balanced"
     # (balanced accuracy, the mean per-class recall: for unbalanced classes).
@@ -103,8 +112,10 @@ class ExperimentConfig:
 # The settings of ExperimentConfig: the CLI's "data and model" group, then the dense training's
 # epochs and lr, which head its "training" group (depthcut.train.TRAIN_OPTIONS follow them).
 DATA_MODEL_OPTIONS: tuple[Option, ...] = (
-    Option("model", f"{', '.join(sorted(MODELS))}, or torchvision:NAME / timm:NAME (optional "
-           "packages; random init, stem adapted to 32x32)", argparse={"metavar": "MODEL"}),
+    Option("model", f"{', '.join(sorted(MODELS))}, torchvision:NAME / timm:NAME (optional "
+           "packages; random init, stem adapted to 32x32), or your own: path/to/file.py:FACTORY "
+           "or package.module:FACTORY (options after a second colon: :key=value,...)",
+           argparse={"metavar": "MODEL"}),
     Option("width", "width multiplier", argparse={"type": float}),
     Option("activation", "default: the architecture's own",
            argparse={"choices": sorted(ACTIVATIONS)}),
@@ -128,6 +139,15 @@ DATA_MODEL_OPTIONS: tuple[Option, ...] = (
            argparse={"action": "store_true"}),
     Option("dense_checkpoint",
            "start from this trained checkpoint instead of training a dense model"),
+    Option("weights", "load this weights file (a state_dict, a checkpoint dict holding one, or "
+           ".safetensors) into the model strictly; dense training starts from it",
+           argparse={"metavar": "FILE"}),
+    Option("reset_head", "with --weights: a classifier whose shape does not fit the dataset's "
+           "classes starts afresh (every other tensor must fit)",
+           argparse={"action": "store_true"}),
+    Option("weights_trained", "with --weights: the weights are the trained dense model: no "
+           "dense training, stage 0 is the loaded model evaluated",
+           argparse={"action": "store_true"}),
     Option("metric", "what every method's stop rule (delta, theta) compares on the validation "
            "split: top1 (default) or balanced (balanced accuracy, the mean per-class recall: "
            "for unbalanced classes)", argparse={"choices": tuple(METRICS)}),
@@ -179,6 +199,8 @@ class Prepared:
     # The model's structure without weights (meta device; a real model where it cannot be
     # built there): its sites and memory format are read from it.
     skeleton: nn.Module | None = None
+    initial_model: nn.Module | None = None  # config.weights loaded: dense training starts here
+    reset_keys: list[str] = field(default_factory=list)  # the classifier --reset-head renewed
 
 
 def check_memory(config: ExperimentConfig, spec: ModelSpec, input_shape: tuple[int, ...] | None,
@@ -216,15 +238,29 @@ def _provisional_spec(config: ExperimentConfig) -> ModelSpec | None:
                      **sequence)
 
 
+def _check_weights_settings(config: ExperimentConfig) -> None:
+    if not config.weights and (config.reset_head or config.weights_trained):
+        raise ConfigError("--reset-head and --weights-trained need --weights FILE")
+    if config.weights and config.dense_checkpoint:
+        raise ConfigError("choose one of --weights and --dense-checkpoint")
+    if config.reset_head and config.weights_trained:
+        raise ConfigError("--reset-head starts the classifier afresh, so the weights are not a "
+                          "trained model: drop --weights-trained (dense training trains it)")
+
+
 def prepare(config: ExperimentConfig) -> Prepared:
     """Check that the model fits in memory (before decoding the data where the dataset's
-    format fixes its image size), load the dataset, check the dense checkpoint, choose the
-    memory format, build the splits."""
+    format fixes its image size), check the model and its weights file, load the dataset,
+    check the dense checkpoint, choose the memory format, build the splits."""
+    config = absolute_paths(config)
     device = resolve_device(config.device)
     check_metric(config.metric)
+    _check_weights_settings(config)
     provisional = _provisional_spec(config)
     if provisional is not None:
         check_memory(config, provisional, None, device)
+    state = check_before_data(config.model, config.width, config.activation, config.dataset,
+                              config.weights, config.reset_head)
     dataset = load_dataset(
         config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
     )
@@ -247,14 +283,23 @@ def prepare(config: ExperimentConfig) -> Prepared:
         name=config.model,
         num_classes=dataset.num_classes,
         in_channels=dataset.in_channels if isinstance(dataset, ImageDataset) else 1,
-        width=config.width,
+        width=config.width if takes_width(config.model) else 1.0,
         activation=config.activation or default_activation(config.model),
         **sequence,
     )
     # A batch never holds more than the training split.
     batch = min(config.batch_size, max(len(dataset.train_inputs), 1))
     skeleton = check_memory(config, spec, tuple(dataset.test_inputs.shape[1:]), device, batch)
-    dense, info = None, None
+    dense, info, initial, reset = None, None, None, []
+    if config.weights:
+        seed_everything(config.seed)  # a renewed classifier's init, as dense training's
+        initial = spec.build()
+        reset = load_weights(initial, spec, state, config.weights, reset_head=config.reset_head)
+        if reset and config.progress:
+            print(f"--reset-head: {', '.join(reset)} start afresh for {spec.num_classes} "
+                  "classes", flush=True)
+        if config.weights_trained:
+            dense, info = initial, {"spec": spec, "linearized": [], "extra": {}}
     if config.dense_checkpoint:
         dense, info = load_checkpoint(config.dense_checkpoint)
         mismatched = [f"{key} {getattr(info['spec'], key)} (asked: {getattr(spec, key)})"
@@ -269,7 +314,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
             )
     if skeleton is None:
         skeleton = spec.build()
-    memory_format = choose_memory_format(dense if dense is not None else skeleton, device,
+    built = next(m for m in (dense, initial, skeleton) if m is not None)
+    memory_format = choose_memory_format(built, device,
                                          config.channels_last)
     splits = make_splits(
         dataset,
@@ -282,7 +328,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     )
     return Prepared(splits=splits, spec=spec, device=device,
                     channels_last=memory_format.channels_last, memory_format=memory_format,
-                    dense_model=dense, dense_info=info, skeleton=skeleton)
+                    dense_model=dense, dense_info=info, skeleton=skeleton,
+                    initial_model=initial, reset_keys=reset)
 
 
 def dense_model(
@@ -301,7 +348,9 @@ def dense_model(
         seed_everything(config.seed)
         spec, linearized, epochs = prepared.spec, [], config.dense.epochs
         trained = epochs
-        model = prepare_model(spec.build(), prepared.device, channels_last)
+        start_from = prepared.initial_model
+        model = prepare_model(spec.build() if start_from is None else start_from,
+                              prepared.device, channels_last)
         train(model, splits.train, config.dense, progress=config.progress, desc="dense",
               checkpointing=run.snapshot("dense"))
     sites = find_sites(model)
@@ -393,8 +442,7 @@ def _compare(config: ExperimentConfig, methods: Sequence[str], out: Path, names:
         spec, variant = names[method]
         run_config = config
         if dirs:
-            run_config = dataclasses.replace(
-                config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt"))
+            run_config = _from_dense(config, dirs[0])
         settings = configs.get(spec.name) or spec.config()
         settings = dataclasses.replace(settings, **variant)
         if spec.with_depth is not None and depth is not None:
@@ -418,11 +466,16 @@ def _compare(config: ExperimentConfig, methods: Sequence[str], out: Path, names:
         settings = dataclasses.replace(
             settings, finetune=dataclasses.replace(settings.finetune, distill=0.0),
             chunks=max(1, math.ceil(extra / chunk)))
-        _run_method(dataclasses.replace(
-            config, dense_checkpoint=str(dirs[0] / "checkpoints" / "stage_00.pt")),
-            reference, settings, out / reference.name, overwrite)
+        _run_method(_from_dense(config, dirs[0]), reference, settings, out / reference.name,
+                    overwrite)
         dirs.append(out / reference.name)
     return build_report(dirs, out / "report", progress=config.progress)
+
+
+def _from_dense(config: ExperimentConfig, first: Path) -> ExperimentConfig:
+    """The settings of a compared method: from the first run's dense model (not the weights)."""
+    return dataclasses.replace(config, dense_checkpoint=str(first / "checkpoints" / "stage_00.pt"),
+                               weights=None, reset_head=False, weights_trained=False)
 
 
 def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: str | Path,
@@ -517,15 +570,17 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
         run_dir.release()  # finished, failed or interrupted: the folder is free
 
 
-PATH_SETTINGS = ("data_root", "cache_dir", "dense_checkpoint")
+PATH_SETTINGS = ("data_root", "cache_dir", "dense_checkpoint", "weights")
 
 
 def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """`config` with its paths absolute, so that the run's config.json and checkpoints name
-    the same files from any folder (`--resume`, `depthcut entropy`, `depthcut fold`)."""
+    """`config` with its paths absolute (data root, cache, dense checkpoint, weights file, a
+    user's model file: `depthcut.models.canonical_name`), so that the run's config.json and
+    checkpoints name the same files from any folder (`--resume`, `depthcut entropy`,
+    `depthcut fold`). Idempotent."""
     paths = {key: os.path.abspath(os.path.expanduser(value))
              for key in PATH_SETTINGS if (value := getattr(config, key))}
-    return dataclasses.replace(config, **paths)
+    return dataclasses.replace(config, model=canonical_name(config.model), **paths)
 
 
 def _record_data_root(run_dir: RunDir, data_root: str) -> None:

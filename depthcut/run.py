@@ -251,7 +251,11 @@ def load_checkpoint(path: str | Path, template: nn.Module | None = None
     dense model it started from (its sites not yet linearized)."""
     path, payload = _load_payload(path, "checkpoint", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path} is not a depthcut checkpoint (format {CHECKPOINT_FORMAT}). A plain "
+            "state_dict (or another tool's checkpoint) loads with --model MODEL --weights FILE "
+            "(--weights-trained: it is the dense model), or becomes a checkpoint with "
+            "`depthcut import-model --model MODEL --weights FILE --dataset D --out CKPT.pt`")
 
     if payload["model"] is not None:
         spec = ModelSpec(**payload["model"])

@@ -4,6 +4,8 @@
     print(report.text())
     result = fold_checkpoint("run/checkpoints/stage_03.pt", "folded.pt", policy="all")
     healed = heal("folded.pt", "healed.pt", epochs=1)
+    imported = import_model("mynet.py:MyNet", "weights.pt", "mynet.pt", dataset="cifar10",
+                            data_root="data")
 
 Each function loads the model, the dataset it was trained on (unless `dataset` and `data_root`
 name another), does its work and returns a small result whose `text()` is what the CLI prints.
@@ -19,15 +21,16 @@ from torch import nn
 from depthcut.data import ArrayDataset, BatchLoader, load_dataset, make_splits
 from depthcut.entropy import SiteCounts, count_states
 from depthcut.errors import ConfigError
+from depthcut.experiment import ExperimentConfig, absolute_paths, prepare
 from depthcut.export import export_onnx
 from depthcut.fold import FoldReport, fold
 from depthcut.reports import entropy_table
-from depthcut.run import check_writable, load_checkpoint, load_folded, save_folded
+from depthcut.run import check_writable, load_checkpoint, load_folded, save_checkpoint, save_folded
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig, evaluate, resolve_device, seed_everything, train
 
-__all__ = ["EntropyReport", "FoldResult", "HealResult", "entropy_report", "fold_checkpoint",
-           "heal"]
+__all__ = ["EntropyReport", "FoldResult", "HealResult", "ImportResult", "entropy_report",
+           "fold_checkpoint", "heal", "import_model"]
 
 
 @dataclass
@@ -106,6 +109,25 @@ class HealResult:
         return (f"{self.folded}: test top-1 of the folded model {self.top1_before:.2f} before "
                 f"heal, {self.top1_after:.2f} after {self.epochs} epoch(s) at lr {self.lr}"
                 f"{unfolded}\nHealed model saved to {self.out}")
+
+
+@dataclass
+class ImportResult:
+    """The user's model and weights saved as a depthcut checkpoint at `out`."""
+
+    out: Path
+    model: str  # the name the checkpoint records (a model file's absolute path)
+    weights: Path
+    dataset: str
+    test_top1: float
+    reset: list[str]  # classifier keys --reset-head started afresh
+
+    def text(self) -> str:
+        reset = (f"; {', '.join(self.reset)} started afresh (--reset-head), so the top-1 is "
+                 "that of an untrained head" if self.reset else "")
+        return (f"{self.weights} loaded into {self.model}: test top-1 {self.test_top1:.2f} on "
+                f"{self.dataset}{reset}\nCheckpoint saved to {self.out} (use it with "
+                "`depthcut entropy|fold --checkpoint` or `--dense-checkpoint`)")
 
 
 def _check_samples(samples: int | None) -> None:
@@ -229,3 +251,32 @@ def heal(
     save_folded(out, module, extra)
     return HealResult(folded=folded, out=out, module=module, epochs=epochs, lr=lr,
                       top1_before=before, top1_after=after, top1_unfolded=unfolded, extra=extra)
+
+
+def import_model(
+    model: str, weights: str | Path, out: str | Path, *, dataset: str,
+    data_root: str | Path, cache_dir: str | Path | None = None, width: float = 0.25,
+    activation: str | None = None, reset_head: bool = False, batch_size: int = 128,
+    device: str = "cpu", progress: bool = True,
+) -> ImportResult:
+    """Load `weights` (a state_dict file) into `model` (any --model name, e.g. your own
+    `mynet.py:MyNet`) built for `dataset`, strictly as a run does, evaluate it on the test split
+    and save it as a depthcut checkpoint at `out`: the dense model for `entropy`, `fold` and
+    `--dense-checkpoint`. `width` and `activation` matter to depthcut's own architectures only
+    (give those the run's values)."""
+    config = absolute_paths(ExperimentConfig(
+        dataset=dataset, data_root=str(Path(data_root).expanduser().resolve()),
+        cache_dir=None if cache_dir is None else str(cache_dir), model=model, width=width,
+        activation=activation, weights=str(weights), reset_head=reset_head, val_fraction=0.0,
+        batch_size=batch_size, device=device, progress=progress))
+    prepared = prepare(config)
+    imported = prepared.initial_model.to(prepared.device).eval()
+    top1 = evaluate(imported, prepared.splits.test)
+    origin = {"dataset": config.dataset, "data_root": config.data_root,
+              "weights": config.weights, "reset_head": prepared.reset_keys,
+              "record": {"stage": 0, "test_top1": top1, "total_epochs": 0}}
+    out = Path(out)
+    save_checkpoint(out, imported, prepared.spec, [], origin)
+    return ImportResult(out=out, model=prepared.spec.name, weights=Path(config.weights),
+                        dataset=prepared.splits.dataset.name, test_top1=top1,
+                        reset=prepared.reset_keys)

@@ -24,7 +24,8 @@ from depthcut.models import (
 )
 
 UNKNOWN = ("unknown model 'toy:small'; choose one of resnet18, vgg16, mobilenetv2, swin-t, "
-           "transformer, or torchvision:NAME / timm:NAME when those are installed")
+           "transformer, or torchvision:NAME / timm:NAME when those are installed, or your own "
+           "model as path/to/file.py:FACTORY or package.module:FACTORY")
 
 
 def build_toy(spec: ModelSpec) -> nn.Module:

@@ -45,6 +45,9 @@ class DatasetSpec:
     # Per preset, the settings this data needs beyond the preset itself (a text dataset: the
     # byte-level transformer and its training); the config file and flags still win.
     presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    # The class count where the format fixes it (None where the files decide): a model and its
+    # weights are checked against it before any file is decoded.
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if self.key != normalize_name(self.key):

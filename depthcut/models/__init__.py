@@ -14,6 +14,7 @@ from depthcut.models.registry import (
     ModelFamily,
     ModelSpec,
     build_model,
+    canonical_name,
     count_parameters,
     default_activation,
     find_family,
@@ -21,6 +22,7 @@ from depthcut.models.registry import (
     paper_lr,
     register_family,
     takes_image_size,
+    takes_width,
     unregister_family,
 )
 from depthcut.models.parts import ACTIVATIONS, architecture_family, make_activation, scaled
@@ -40,8 +42,8 @@ from depthcut.models.transformer import (
     TransformerEncoder,
 )
 from depthcut.models.library import Library, build_external, parse_name, register_library
-from depthcut.models import torchvision, timm, hf
-from depthcut.models.adapt import adapt_stem, check_runs, unshare_activations
+from depthcut.models import torchvision, timm, hf, user
+from depthcut.models.adapt import ModelInputError, adapt_stem, check_runs, unshare_activations
 from depthcut.models.hf import HFSequenceClassifier, mark_attention_leaves
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "InvertedResidual",
     "Library",
     "MobileNetV2",
+    "ModelInputError",
     "ModelFamily",
     "ModelSpec",
     "PatchMerging",
@@ -74,6 +77,7 @@ __all__ = [
     "architecture_family",
     "build_external",
     "build_model",
+    "canonical_name",
     "check_runs",
     "count_parameters",
     "default_activation",
@@ -87,6 +91,7 @@ __all__ = [
     "register_library",
     "scaled",
     "takes_image_size",
+    "takes_width",
     "unregister_family",
     "unshare_activations",
 ]

@@ -20,6 +20,11 @@ from depthcut.graph import TraceError, trace_graph
 from depthcut.sites import SiteError, is_rectifier, modularize
 
 
+class ModelInputError(ConfigError):
+    """A model that cannot take the data's input (its shape) or give its classes: raised by the
+    build-time check, so a build for a guessed input shape can tell this from other errors."""
+
+
 def unshare_activations(model: nn.Module) -> nn.Module:
     """A copy where a rectifier module called at k places becomes k modules (`relu`, `relu_2`,
     ...); models without shared rectifiers are returned as they are. Traced by `graph`'s
@@ -91,7 +96,7 @@ def check_runs(model: nn.Module, name: str, example: Tensor) -> None:
                and isinstance(getattr(module, "img_size", None), tuple)]
     for patch in patches[:1]:
         if example.dim() == 4 and any(size % p for p in patch):
-            raise ConfigError(
+            raise ModelInputError(
                 f"--model {name}: patch size {patch[0]} does not divide the {size}x{size} "
                 "images (the border would be dropped); choose one that does with a builder "
                 "option after the name, e.g. timm:NAME:patch_size=4")
@@ -102,7 +107,7 @@ def check_runs(model: nn.Module, name: str, example: Tensor) -> None:
             model(example)
     except Exception as error:  # noqa: BLE001 - whatever the library raises, the input is bad
         shape = "x".join(str(n) for n in example.shape[1:])
-        raise ConfigError(
+        raise ModelInputError(
             f"--model {name} cannot take {shape} inputs ({type(error).__name__}: {error}). "
             "Models that take an image size are built for the dataset's; others get a 3x3 "
             "stride-1 stem. Pass builder options after the name (e.g. timm:NAME:patch_size=4) "

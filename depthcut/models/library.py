@@ -84,26 +84,34 @@ def parse_name(name: str) -> tuple[str, str, dict]:
     if library not in LIBRARIES or not architecture:
         raise ConfigError(f"--model {name}: expected torchvision:NAME, timm:NAME or hf:TYPE "
                           "(optionally followed by :key=value,...)")
-    options: dict = {}
-    if text:
-        try:
-            call = ast.parse(f"f({text})", mode="eval").body
-            if not isinstance(call, ast.Call) or call.args or any(
-                    k.arg is None for k in call.keywords):
-                raise SyntaxError("only key=value pairs")
-            for keyword in call.keywords:
-                value = keyword.value
-                options[keyword.arg] = (value.id if isinstance(value, ast.Name)
-                                        else ast.literal_eval(value))
-        except (SyntaxError, ValueError) as error:
-            raise ConfigError(f"--model {name}: cannot read the options {text!r} as "
-                              f"key=value,... of Python literals ({error})") from error
+    options = parse_options(name, text)
     reserved = sorted(RESERVED_OPTIONS & set(options))
     if reserved:
         raise ConfigError(f"--model {name}: depthcut sets {', '.join(reserved)} itself (the "
                           "classifier and input channels from the dataset, random init; a local "
-                          "weights file loads through build_external(..., weights=PATH))")
+                          "weights file loads with --weights FILE)")
     return library, architecture, options
+
+
+def parse_options(name: str, text: str) -> dict:
+    """Builder options `key=value, ...` after a model's name -> a dict. Values are Python
+    literals (`4`, `0.1`, `True`, `(32, 32)`); a bare word is a string."""
+    options: dict = {}
+    if not text:
+        return options
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        if not isinstance(call, ast.Call) or call.args or any(
+                k.arg is None for k in call.keywords):
+            raise SyntaxError("only key=value pairs")
+        for keyword in call.keywords:
+            value = keyword.value
+            options[keyword.arg] = (value.id if isinstance(value, ast.Name)
+                                    else ast.literal_eval(value))
+    except (SyntaxError, ValueError) as error:
+        raise ConfigError(f"--model {name}: cannot read the options {text!r} as "
+                          f"key=value,... of Python literals ({error})") from error
+    return options
 
 
 def missing_package(name: str, package: str, error: ImportError) -> ConfigError:

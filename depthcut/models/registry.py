@@ -53,7 +53,11 @@ class ModelFamily:
     starts with `prefix` (e.g. "timm:" for "timm:resnet18"). `constructor` is the class of a
     named architecture (listed in `MODELS`). `takes_image_size`: the spec carries the dataset's
     image size (library models are built for it). `usage` names a prefix family in the
-    unknown-model message (e.g. "timm:NAME"; None: not listed).
+    unknown-model message (e.g. "timm:NAME"; None: not listed). `accepts`: a family whose
+    names follow a pattern rather than a prefix (the user's `file.py:factory`) says which it
+    builds; it is asked after the exact names and prefixes. `canonical` turns a name into the
+    one a checkpoint records (a relative file path made absolute). `takes_width=False`: the
+    width multiplier means nothing to the model (the spec records 1.0).
     """
 
     name: str
@@ -64,8 +68,13 @@ class ModelFamily:
     takes_image_size: bool = False
     constructor: Callable[..., nn.Module] | None = None
     usage: str | None = None
+    accepts: Callable[[str], bool] | None = None
+    canonical: Callable[[str], str] | None = None
+    takes_width: bool = True
 
     def matches(self, name: str) -> bool:
+        if self.accepts is not None:
+            return self.accepts(name)
         return name.startswith(self.prefix) if self.prefix else name == self.name
 
 
@@ -86,7 +95,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
     if clash:
         raise ConfigError(f"model family {family.name!r} is registered already ({clash[0]!r})")
     FAMILIES[family.name] = family
-    if family.prefix is None:
+    if family.prefix is None and family.accepts is None:
         MODELS[family.name] = family.constructor or family.build
         if family.paper_lr is not None:
             PAPER_LR[family.name] = family.paper_lr
@@ -102,9 +111,12 @@ def unregister_family(name: str) -> None:
 
 def match_family(name: str) -> ModelFamily | None:
     """The family building model `name` (an exact name before any prefix), or None."""
-    if name in FAMILIES and FAMILIES[name].prefix is None:
+    if name in FAMILIES and FAMILIES[name].prefix is None and FAMILIES[name].accepts is None:
         return FAMILIES[name]
-    return next((f for f in FAMILIES.values() if f.prefix and f.matches(name)), None)
+    prefixed = next((f for f in FAMILIES.values() if f.prefix and f.matches(name)), None)
+    if prefixed is not None:
+        return prefixed
+    return next((f for f in FAMILIES.values() if f.accepts and f.matches(name)), None)
 
 
 def find_family(name: str) -> ModelFamily:
@@ -113,8 +125,10 @@ def find_family(name: str) -> ModelFamily:
     if family is None:
         usages = " / ".join(f.usage for f in FAMILIES.values() if f.prefix and f.usage)
         libraries = f", or {usages} when those are installed" if usages else ""
+        patterns = " or ".join(f.usage for f in FAMILIES.values() if f.accepts and f.usage)
+        own = f", or your own model as {patterns}" if patterns else ""
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}"
-                          f"{libraries}")
+                          f"{libraries}{own}")
     return family
 
 
@@ -134,6 +148,20 @@ def takes_image_size(name: str) -> bool:
     """Whether model `name` is built for the dataset's image size (`ModelSpec.image_size`)."""
     family = match_family(name)
     return family is not None and family.takes_image_size
+
+
+def canonical_name(name: str) -> str:
+    """The name a spec and its checkpoints record for model `name` (the same name for every
+    family but those that resolve it, e.g. a model file's absolute path); ConfigError for an
+    unknown model."""
+    family = find_family(name)
+    return name if family.canonical is None else family.canonical(name)
+
+
+def takes_width(name: str) -> bool:
+    """Whether the width multiplier scales model `name` (else the spec records 1.0)."""
+    family = match_family(name)
+    return family is None or family.takes_width
 
 
 def build_model(name: str = "resnet18", **kwargs) -> nn.Module:

@@ -82,4 +82,5 @@ SPEC = register(DatasetSpec(
         "https://www.cs.toronto.edu/~kriz/cifar.html into root)."
     ),
     loader=load_cifar10,
+    num_classes=10,
 ))

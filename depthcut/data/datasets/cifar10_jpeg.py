@@ -57,4 +57,5 @@ SPEC = register(DatasetSpec(
         "or extract it there; use dataset 'cifar10' for torchvision's original CIFAR-10 files."
     ),
     loader=load_cifar10_jpeg,
+    num_classes=10,
 ))

@@ -94,4 +94,5 @@ SPEC = register(DatasetSpec(
         "https://github.com/zalandoresearch/fashion-mnist into root/fashion-mnist/)."
     ),
     loader=load_fashion_mnist,
+    num_classes=10,
 ))
