@@ -1,8 +1,9 @@
 """depthcut: make trained neural networks shallower.
 
-The Python API: find rectifier sites, measure their neuron-state entropy, linearize them, fold
-the linear operators around them, and run the depth-reduction methods end to end; work on saved
-models (`entropy_report`, `fold_checkpoint`, `heal`, `import_model`).
+The Python API: every method on your own model and data (`depthcut.easier(model, train, val)`,
+`depthcut.egp(...)`, ...: `depthcut.api`); find rectifier sites, measure their neuron-state
+entropy, linearize them, fold the linear operators around them; work on saved models
+(`entropy_report`, `fold_checkpoint`, `heal`, `import_model`).
 """
 
 from depthcut.entropy import SiteCounts, count_states, measure_entropy, neuron_entropy
@@ -34,3 +35,15 @@ __all__ = [
     "silence",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`depthcut.easier(model, train, val, ...)`, `depthcut.egp(...)`, ...: every registered
+    method on a user's own model and data (`depthcut.api.run_on_model`)."""
+    from depthcut.api import method_function
+    from depthcut.errors import ConfigError as _ConfigError
+
+    try:
+        return method_function(name)
+    except _ConfigError:
+        raise AttributeError(f"module 'depthcut' has no attribute {name!r}") from None

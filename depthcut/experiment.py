@@ -61,10 +61,16 @@ from depthcut.run import (
 )
 from depthcut.run_lock import RunLock
 from depthcut.sites import find_sites
-from depthcut.stages import METRICS, MethodResult, StageRecord, check_metric
+from depthcut.stages import (
+    METRICS,
+    MethodResult,
+    StageRecord,
+    TrainingHooks,
+    check_metric,
+    evaluate_stage,
+)
 from depthcut.train import (
     TrainConfig,
-    evaluate,
     prepare_model,
     resolve_device,
     seed_everything,
@@ -189,8 +195,11 @@ EXPERIMENT_PRESETS: dict[str, dict] = {
 
 @dataclass
 class Prepared:
+    """What a run needs before it starts: the data, the model's spec (None for a model built
+    in Python), where it runs."""
+
     splits: DataSplits
-    spec: ModelSpec
+    spec: ModelSpec | None
     device: torch.device
     channels_last: bool = False
     memory_format: MemoryFormat | None = None  # the choice and its reason (config.json)
@@ -199,8 +208,17 @@ class Prepared:
     # The model's structure without weights (meta device; a real model where it cannot be
     # built there): its sites and memory format are read from it.
     skeleton: nn.Module | None = None
+    # A model built in Python (`depthcut.api`): the dense model its checkpoints are rebuilt from
+    # (no spec), and the user's own training loop.
+    template: nn.Module | None = None
+    hooks: TrainingHooks | None = None
     initial_model: nn.Module | None = None  # config.weights loaded: dense training starts here
     reset_keys: list[str] = field(default_factory=list)  # the classifier --reset-head renewed
+
+
+def load_stage(prepared: Prepared, path: str | Path) -> tuple[nn.Module, dict]:
+    """A stage checkpoint of this run, rebuilt by spec or from the run's template."""
+    return load_checkpoint(path, template=prepared.template)
 
 
 def check_memory(config: ExperimentConfig, spec: ModelSpec, input_shape: tuple[int, ...] | None,
@@ -354,19 +372,14 @@ def dense_model(
         train(model, splits.train, config.dense, progress=config.progress, desc="dense",
               checkpointing=run.snapshot("dense"))
     sites = find_sites(model)
-    val = (evaluate(model, splits.val, balanced=True) if splits.val is not None
-           else (None, None))
-    test = evaluate(model, splits.test, balanced=True)
+    scores = evaluate_stage(model, splits, prepared.hooks)
     record = StageRecord(
         method="dense",
         stage=0,
         sites_total=len(sites) + len(linearized),
         sites_linearized=len(linearized),
         linearized=list(linearized),
-        val_top1=val[0],
-        test_top1=test[0],
-        val_balanced=val[1],
-        test_balanced=test[1],
+        **scores,
         drop=0.0,
         epochs=epochs,
         total_epochs=trained,
@@ -387,7 +400,7 @@ def _origin(config: ExperimentConfig, record: StageRecord, splits: DataSplits | 
     origin = {"dataset": config.dataset, "data_root": config.data_root,
               "record": record.to_dict()}
     if splits is not None:
-        origin["loader_epoch"] = splits.train.epoch
+        origin["loader_epoch"] = getattr(splits.train, "epoch", 0)
     return origin
 
 
@@ -488,13 +501,8 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
     run_start = time.perf_counter()
     config = absolute_paths(config)
     run_dir = RunDir(out, overwrite=overwrite, resume=resume)
-    name = method_spec.name
-    settings = {"method": name, "experiment": config.to_dict(), name: dataclasses.asdict(method)}
     prepared = prepare(config)
-    # Model errors before any write.
-    sites = find_sites(prepared.dense_model or prepared.skeleton or prepared.spec.build())
-    if method_spec.check is not None:
-        method_spec.check(method, len(sites))
+    settings = {}
     settings["memory_format"] = prepared.memory_format.to_dict()
     # The shape of one input image (a text's token count): the report times stages at it.
     settings["input_shape"] = list(prepared.splits.dataset.test_inputs.shape[1:])
@@ -505,6 +513,24 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
                             "train_texts": len(text.train_inputs),
                             "test_texts": len(text.test_inputs),
                             **{k: v for k, v in text.stats.items() if k != "cache"}}
+    return run_prepared(config, method_spec, method, run_dir, prepared, settings,
+                        resume=resume, run_start=run_start)
+
+
+def run_prepared(config: ExperimentConfig, method_spec: MethodSpec, method, run_dir: RunDir,
+                 prepared: Prepared, extra_settings: dict, *, resume: bool = False,
+                 run_start: float | None = None) -> MethodResult:
+    """The run itself, once its data and model are prepared (by `prepare` from the config, or
+    by `depthcut.api` from a user's own model and data): config.json (with
+    `extra_settings`), stage 0, the method's stages, the folded answer and summary.md."""
+    run_start = time.perf_counter() if run_start is None else run_start
+    name = method_spec.name
+    settings = {"method": name, "experiment": config.to_dict(), name: dataclasses.asdict(method),
+                **extra_settings}
+    # Model errors before any write.
+    sites = find_sites(prepared.dense_model or prepared.skeleton or prepared.spec.build())
+    if method_spec.check is not None:
+        method_spec.check(method, len(sites))
     run_dir.start()
     try:
         history = run_dir.records if resume else []
@@ -513,12 +539,12 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
         else:
             _record_data_root(run_dir, config.data_root)
         if history:
-            model, info = load_checkpoint(run_dir.path / history[-1]["checkpoint"])
+            model, info = load_stage(prepared, run_dir.path / history[-1]["checkpoint"])
             prepared.splits.train.epoch = info["extra"].get("loader_epoch", 0)
             if "continue_from" in history[-1]:  # the method undid that stage: go on from this one
                 stage = history[-1]["continue_from"]
                 source = next(r for r in history if r["stage"] == stage)
-                model, _ = load_checkpoint(run_dir.path / source["checkpoint"])
+                model, _ = load_stage(prepared, run_dir.path / source["checkpoint"])
             model = prepare_model(model, prepared.device, prepared.channels_last)
             dense, spec = StageRecord.from_dict(history[0]), info["spec"]
             run_start -= history[-1].get("elapsed_s", 0.0)
@@ -542,10 +568,11 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
             result = method_spec.runner(model, prepared.splits, method, dense_record=dense,
                             history=history[1:], on_stage=on_stage, progress=config.progress,
                             snapshots=run_dir.snapshot, metric=config.metric,
-                            teacher=_teacher(method, run_dir, prepared))
+                            teacher=_teacher(method, run_dir, prepared), hooks=prepared.hooks)
         distributed.barrier()  # rank 0 has written every checkpoint
-        answer_model, _ = load_checkpoint(run_dir.path / result.answer["checkpoint"])
+        answer_model, _ = load_stage(prepared, run_dir.path / result.answer["checkpoint"])
         folded_model, folded = fold_answer(answer_model, prepared.splits)
+        result.answer_model, result.folded_model = answer_model, folded_model
         folded["stage"] = result.answer["stage"]
         folded["checkpoint"] = "checkpoints/answer_folded.pt"
         save_folded(run_dir.path / folded["checkpoint"], folded_model,
@@ -597,7 +624,7 @@ def _teacher(method, run_dir: RunDir, prepared: Prepared) -> nn.Module | None:
     trainings = [value for value in vars(method).values() if isinstance(value, TrainConfig)]
     if not any(training.distill > 0 for training in trainings):
         return None
-    teacher, _ = load_checkpoint(run_dir.checkpoint_path(0))
+    teacher, _ = load_stage(prepared, run_dir.checkpoint_path(0))
     return prepare_model(teacher, prepared.device, prepared.channels_last).eval()
 
 
@@ -609,10 +636,13 @@ def _autocast(config: ExperimentConfig, prepared: Prepared) -> torch.autocast:
 
 def fold_answer(model: nn.Module, splits: DataSplits, policy: str = "macs"
                 ) -> tuple[nn.Module, dict]:
-    """Fold `model` on a test batch and measure it: test top-1 of both, MACs, batch-1 latency."""
-    example = next(iter(splits.test))[0].cpu()
-    return measure_stage(model, example, policy=policy,
-                         data=((x.cpu(), y.cpu()) for x, y in splits.test))
+    """Fold `model` on a test batch and measure it: test top-1 of both, MACs, batch-1 latency
+    (without a test split: on the validation split; with neither, folded on a training batch
+    and no top-1)."""
+    held_out = splits.test if splits.test is not None else splits.val
+    example = next(iter(held_out if held_out is not None else splits.train_eval))[0].cpu()
+    data = None if held_out is None else ((x.cpu(), y.cpu()) for x, y in held_out)
+    return measure_stage(model, example, policy=policy, data=data)
 
 
 def _settings(cls: type, values: dict):

@@ -191,7 +191,7 @@ def folded_section(folded: Mapping) -> list[str]:
         "",
         markdown_table(["", "unfolded", "folded"], rows),
         "",
-        f"Top-1 agreement {folded['agreement']:.2f}%, max |folded - unfolded| "
+        f"Top-1 agreement {_fmt(folded['agreement'])}%, max |folded - unfolded| "
         f"{folded['max_abs_diff']:.3g} (relative {folded['relative_error']:.3g}; {exact}). "
         f"Folded model: `{folded.get('checkpoint', '-')}`.",
         "",

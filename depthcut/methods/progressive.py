@@ -125,7 +125,8 @@ class Progressive(Method):
         cap = self.config.max_sites
         if cap is not None and len(self.linearized) >= cap:
             return f"max_sites={cap} reached"
-        self.remaining = find_sites(run.model)
+        left = len(self.linearized) < run.dense.sites_total  # none left: find_sites refuses
+        self.remaining = find_sites(run.model) if left else []
         return None if self.remaining else "no site left to linearize"
 
     def change(self, run: StageRun) -> dict | str:

@@ -119,7 +119,9 @@ class PruningRounds(Method):
         left = find_sites(run.model) if self.removed() < run.dense.sites_total else []
         if not left and reason is None:
             reason = "every site removed"
-        self.example = next(iter(run.splits.test))[0][:4]
+        batches = next(b for b in (run.splits.test, run.splits.val, run.splits.train_eval)
+                       if b is not None)
+        self.example = next(iter(batches))[0][:4]
         self.counts = {} if reason is not None else run.count(left, self.config)
         return reason
 
