@@ -124,7 +124,9 @@ def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None
     root = data_root or origin.get("data_root")
     if not name or not root:
         raise ConfigError("the model names no dataset: pass --dataset and --data-root")
-    return load_dataset(name, root, cache_dir=cache_dir, progress=progress)
+    # How the run read its data (a text file's field names), unless another dataset is named.
+    settings = origin.get("dataset_settings", {}) if name == origin.get("dataset") else {}
+    return load_dataset(name, root, cache_dir=cache_dir, progress=progress, settings=settings)
 
 
 def _loader(images, labels, dataset: ArrayDataset, samples: int | None, batch_size: int,
