@@ -54,7 +54,7 @@ class Row:
 
 @dataclass
 class Problems:
-    """Bad rows by kind, each kind with the lines it was found on, in file order."""
+    """Bad rows by kind ("rows without 'label'"), each with the lines it was found on."""
 
     kinds: dict[str, list[int]] = field(default_factory=dict)
 
@@ -64,13 +64,8 @@ class Problems:
     def message(self, path: Path) -> str | None:
         if not self.kinds:
             return None
-        parts = [f"{_count(len(lines), 'row')} {kind} ({_lines(lines)})"
-                 for kind, lines in self.kinds.items()]
-        return f"{path}: {'; '.join(parts)}. Fix or remove these rows."
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+        parts = [f"{kind}: {len(lines)} ({_lines(lines)})" for kind, lines in self.kinds.items()]
+        return f"{path}: {'; '.join(parts)}. Fix or remove them."
 
 
 def _lines(lines: list[int]) -> str:
@@ -125,7 +120,7 @@ def _jsonl_records(lines: list[tuple[int, str | None]], problems: Problems
     records = []
     for number, line in lines:
         if line is None:
-            problems.add("not in UTF-8", number)
+            problems.add("unreadable lines (not UTF-8)", number)
             continue
         if not line.strip():
             continue
@@ -134,7 +129,7 @@ def _jsonl_records(lines: list[tuple[int, str | None]], problems: Problems
         except json.JSONDecodeError:
             record = None
         if not isinstance(record, dict):
-            problems.add("not a JSON object", number)
+            problems.add("unreadable lines (not one JSON object each)", number)
             continue
         records.append((number, record))
     return records
@@ -144,7 +139,7 @@ def _csv_records(path: Path, lines: list[tuple[int, str | None]], problems: Prob
                  ) -> tuple[list[str], list[tuple[int, dict]]]:
     bad = [number for number, line in lines if line is None]
     for number in bad:
-        problems.add("not in UTF-8", number)
+        problems.add("unreadable lines (not UTF-8)", number)
     text = "\n".join(line if line is not None else "" for _, line in lines)
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -154,7 +149,7 @@ def _csv_records(path: Path, lines: list[tuple[int, str | None]], problems: Prob
             if not row or reader.line_num in bad:
                 continue
             if len(row) != len(header):
-                problems.add(f"with other than the header's {len(header)} fields",
+                problems.add(f"unreadable rows (not the header's {len(header)} fields each)",
                              reader.line_num)
                 continue
             fields = (name.strip() for name in header)
@@ -207,17 +202,18 @@ def read_rows(path: Path, text_field: str = "text", label_field: str = "label"
         split = record.get(SPLIT_FIELD) if with_split else None
         if text is None or record.get(label_field) is None:
             missing = [n for n in (text_field, label_field) if record.get(n) is None]
-            problems.add(f"without {' and '.join(repr(n) for n in missing)}", number)
+            problems.add(f"rows without {' and '.join(repr(n) for n in missing)}", number)
         elif not isinstance(text, str):
-            problems.add(f"whose {text_field!r} is no string", number)
+            problems.add(f"rows whose {text_field!r} is not a string", number)
         elif label is None:
-            problems.add(f"whose {label_field!r} is no string or integer", number)
+            problems.add(f"rows whose {label_field!r} is neither a string nor an integer",
+                         number)
         elif not normalize(text):
-            problems.add(f"with an empty {text_field!r}", number)
+            problems.add(f"rows with an empty {text_field!r}", number)
         elif not label.strip():
-            problems.add(f"with an empty {label_field!r}", number)
+            problems.add(f"rows with an empty {label_field!r}", number)
         elif with_split and split not in SPLITS:
-            problems.add(f"whose {SPLIT_FIELD!r} is not train or test", number)
+            problems.add(f"rows whose {SPLIT_FIELD!r} is neither train nor test", number)
         else:
             rows.append(Row(number, text, label, split))
     message = problems.message(path)
