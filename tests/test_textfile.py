@@ -5,6 +5,7 @@ field names; every bad file a one-paragraph error with nothing written; one tiny
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -73,9 +74,10 @@ def test_jsonl_and_csv_give_the_same_arrays_named_after_the_file(tmp_path):
     for split in ("train", "test"):
         texts = texts_of(getattr(jsonl, f"{split}_inputs"))
         labels = getattr(jsonl, f"{split}_labels").tolist()
-        assert all(expected[t] == jsonl.classes[label] for t, label in zip(texts, labels))
+        assert all(expected[t] == jsonl.classes[label]
+                   for t, label in zip(texts, labels, strict=True))
         assert all(bytes_tokens.in_test_split(t) == (split == "test") for t in texts)
-        assert texts == sorted(texts, key=lambda t: bytes_tokens.hashlib.sha256(t).digest())
+        assert texts == sorted(texts, key=lambda t: hashlib.sha256(t).digest())
     cut = next(t for t in texts_of(jsonl.train_inputs) + texts_of(jsonl.test_inputs)
                if t.startswith(b"Padded"))
     assert cut == b"Padded and cut: " + b"x" * 48
@@ -113,7 +115,7 @@ def test_classes_are_the_label_values_in_sorted_order(tmp_path):
     assert data.classes == ["1", "2", "10"]  # numerically, not "1", "10", "2"
     texts = {r["text"].encode(): str(r["label"]) for r in rows}
     assert all(texts[t] == data.classes[label] for t, label
-               in zip(texts_of(data.train_inputs), data.train_labels.tolist()))
+               in zip(texts_of(data.train_inputs), data.train_labels.tolist(), strict=True))
     rows = [{"text": r["text"], "label": ("b", "a", "c 1")[i % 3]} for i, r in enumerate(rows)]
     assert load(write_csv(tmp_path / "s.csv", rows), tmp_path).classes == ["a", "b", "c 1"]
 
