@@ -56,7 +56,9 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     """Options every method shares (data, model, dense training); defaults come from presets."""
     group = parser.add_argument_group("data and model")
     group.add_argument("--preset", choices=sorted(settings.presets()), default="quick",
-                       help="base settings: quick (minutes on CPU) or paper (EASIER Table 4)")
+                       help="base settings: quick (minutes on CPU), paper (EASIER Table 4, "
+                       "CIFAR-10), transfer-adam (its Flowers-102/DTD/Aircraft row), "
+                       "transfer-sgd (its PACS/VLCS row)")
     group.add_argument("--config", type=Path, help="JSON file of settings (keys = option names)")
     add_options(group, DATA_MODEL_OPTIONS)
     add_options(parser.add_argument_group("training"), (*DENSE_TRAINING_OPTIONS, *TRAIN_OPTIONS))

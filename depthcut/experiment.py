@@ -27,6 +27,7 @@ from depthcut.data import (
     ImageDataset,
     TokenDataset,
     dataset_names,
+    dataset_settings,
     dataset_spec,
     load_dataset,
     make_splits,
@@ -76,6 +77,7 @@ from depthcut.train import (
     seed_everything,
     train,
 )
+from depthcut.transfer import TRANSFER_PRESETS
 from depthcut.weights import check_before_data, load_weights
 
 
@@ -109,6 +111,9 @@ class ExperimentConfig:
     # What every method's stop rule compares on the validation split: "top1" or "balanced"
     # (balanced accuracy, the mean per-class recall: for unbalanced classes).
     metric: str = "top1"
+    # How a text file's rows name their text and label (DatasetSpec.settings of textfile).
+    text_field: str = "text"
+    label_field: str = "label"
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -126,7 +131,7 @@ DATA_MODEL_OPTIONS: tuple[Option, ...] = (
     Option("activation", "default: the architecture's own",
            argparse={"choices": sorted(ACTIVATIONS)}),
     Option("dataset", argparse={"choices": dataset_names}),
-    Option("data_root", "folder holding the dataset"),
+    Option("data_root", "folder holding the dataset (textfile: the file itself)"),
     Option("cache_dir", "where decoded datasets are cached"),
     Option("val_fraction", "share of the training split held out for validation",
            argparse={"type": float}),
@@ -157,6 +162,9 @@ DATA_MODEL_OPTIONS: tuple[Option, ...] = (
     Option("metric", "what every method's stop rule (delta, theta) compares on the validation "
            "split: top1 (default) or balanced (balanced accuracy, the mean per-class recall: "
            "for unbalanced classes)", argparse={"choices": tuple(METRICS)}),
+    Option("text_field", "textfile: the JSONL key or CSV column of the texts (default text)"),
+    Option("label_field", "textfile: the JSONL key or CSV column of the labels (default "
+           "label)"),
 )
 DENSE_TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("epochs", "dense training epochs", path="dense.epochs", argparse={"type": int}),
@@ -190,6 +198,7 @@ EXPERIMENT_PRESETS: dict[str, dict] = {
         "decay_norm_and_bias": True,
         "nesterov": False,
     },
+    **TRANSFER_PRESETS,  # Table 4's transfer rows: transfer-adam, transfer-sgd
 }
 
 
@@ -280,7 +289,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     state = check_before_data(config.model, config.width, config.activation, config.dataset,
                               config.weights, config.reset_head)
     dataset = load_dataset(
-        config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress
+        config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress,
+        settings=config.to_dict(),
     )
     # A text dataset's byte tokens need the sequence model, built for its vocabulary, length
     # and padding id (kept in the spec, so checkpoints rebuild the same model).
@@ -398,6 +408,7 @@ def _origin(config: ExperimentConfig, record: StageRecord, splits: DataSplits | 
     """What a checkpoint keeps about where it came from: the data (for `depthcut entropy`),
     its record, and the training loader's epoch counter (to resume batch for batch)."""
     origin = {"dataset": config.dataset, "data_root": config.data_root,
+              "dataset_settings": dataset_settings(config.dataset, config.to_dict()),
               "record": record.to_dict()}
     if splits is not None:
         origin["loader_epoch"] = getattr(splits.train, "epoch", 0)

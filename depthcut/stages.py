@@ -21,6 +21,7 @@ from depthcut.entropy import ENTROPY_VARIANTS, SiteCounts, count_states
 from depthcut.errors import ConfigError
 from depthcut.options import Option
 from depthcut.train import Checkpointing, TrainConfig, TrainResult, evaluate, train
+from depthcut.transfer import TRANSFER_PRESETS
 
 
 class _Unset:
@@ -174,9 +175,12 @@ ENTROPY_VARIANT_OPTION = Option(
     "averaged, train mode on augmented batches); egp-code = the EGP code's rule (average only "
     "over non-constant channels per batch). IMP chooses by magnitude but still records it",
     argparse={"choices": ENTROPY_VARIANTS})
-# The finetune's preset values (None: the dense lr, see depthcut.settings).
+# The finetune's preset values (None: the dense lr, see depthcut.settings). As in the paper
+# preset, a transfer preset finetunes each stage as long as its dense training (Table 4).
 FINETUNE_PRESETS = {"quick": {"finetune_epochs": 3, "finetune_lr": 0.02},
-                    "paper": {"finetune_epochs": 160, "finetune_lr": None}}
+                    "paper": {"finetune_epochs": 160, "finetune_lr": None},
+                    **{name: {"finetune_epochs": values["epochs"], "finetune_lr": None}
+                       for name, values in TRANSFER_PRESETS.items()}}
 
 
 @dataclass

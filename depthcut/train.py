@@ -21,18 +21,23 @@ from depthcut.faults import die_at
 from depthcut.options import Option
 
 SCHEDULES = ("cosine", "multistep", "constant")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass
 class TrainConfig:
-    """SGD with momentum and a learning-rate schedule, stepped every iteration.
+    """An optimizer (SGD with momentum by default) and a learning-rate schedule, stepped every
+    iteration.
 
     `milestones` are epochs (as in the papers: 80/120 of 160) at which the multistep schedule
     multiplies the rate by `gamma`; the cosine schedule anneals to zero over `epochs`.
+    `optimizer` "adam" or "adamw" (the transfer rows of EASIER Table 4 use Adam) ignore
+    `momentum` and `nesterov`.
     """
 
     epochs: int = 10
     lr: float = 0.1
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = True
@@ -54,6 +59,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                              f"{self.optimizer!r}")
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
@@ -139,6 +147,9 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
 # Settings of every training of a run (dense training, finetunes, slope training): the CLI's
 # "training" group after the dense epochs and lr (depthcut.experiment).
 TRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("optimizer", "sgd (default: momentum, nesterov), adam or adamw (betas 0.9, 0.999; "
+           "--momentum and --nesterov ignored; weight decay: an L2 term for adam, decoupled "
+           "for adamw); transfer-adam preset: adam", argparse={"choices": OPTIMIZERS}),
     Option("schedule", argparse={"choices": SCHEDULES}),
     Option("milestones", "multistep schedule: epochs at which lr is multiplied by gamma",
            argparse={"type": int, "nargs": "*"}),
@@ -153,9 +164,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD. Weight decay on every parameter when `config.decay_norm_and_bias` (one group);
-    otherwise none on BatchNorm/bias parameters (1-D tensors), as is usual for SGD."""
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """`config.optimizer`: SGD (momentum, nesterov), Adam (weight decay added to the gradient,
+    as torch's Adam does) or AdamW (decoupled weight decay); torch's default betas and eps.
+    Weight decay on every parameter when `config.decay_norm_and_bias` (one group); otherwise
+    none on BatchNorm/bias parameters (1-D tensors), as is usual."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if config.decay_norm_and_bias:
         groups = [{"params": trainable, "weight_decay": config.weight_decay}]
@@ -165,6 +178,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
              "weight_decay": config.weight_decay},
             {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
         ]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(
         groups,
         lr=config.lr,

@@ -149,7 +149,9 @@ def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None
     if data_root is None and not Path(root).expanduser().exists():
         raise ConfigError(f"the model was trained on {name} data in {root}, which does not "
                           "exist (any more): pass --data-root to point to the dataset's place")
-    return load_dataset(name, root, cache_dir=cache_dir, progress=progress)
+    # How the run read its data (a text file's field names), unless another dataset is named.
+    settings = origin.get("dataset_settings", {}) if name == origin.get("dataset") else {}
+    return load_dataset(name, root, cache_dir=cache_dir, progress=progress, settings=settings)
 
 
 def _loader(images, labels, dataset: ArrayDataset, samples: int | None, batch_size: int,

@@ -49,6 +49,7 @@ QUICK = {
     "distill": 0.0, "distill_temperature": 4.0, "progressive_epochs": 1, "first_step": 4,
     "max_sites": None, "blend": 0.5,
     "weights": None, "reset_head": False, "weights_trained": False,
+    "optimizer": "sgd", "text_field": "text", "label_field": "label",
 }
 
 

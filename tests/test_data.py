@@ -17,6 +17,7 @@ from depthcut.data import (
     ImageDataset,
     augment,
     dataset_names,
+    dataset_spec,
     load_dataset,
     make_splits,
     split_indices,
@@ -313,10 +314,15 @@ def test_missing_dataset_says_what_was_expected(tmp_path, name, expected):
 
 
 @pytest.mark.parametrize("name", dataset_names())
-def test_root_that_is_a_file(tmp_path, name):
-    root = tmp_path / "a-file"
-    root.write_text("x")
-    with pytest.raises(DatasetNotFoundError, match="is a file"):
+def test_root_of_the_wrong_kind(tmp_path, name):
+    """A file where a folder is expected, or a folder where a file is (textfile)."""
+    if dataset_spec(name).root_is_file:
+        root, found = tmp_path / "a-folder", "is a folder, not a file"
+        root.mkdir()
+    else:
+        root, found = tmp_path / "a-file", "is a file, not a folder"
+        root.write_text("x")
+    with pytest.raises(DatasetNotFoundError, match=found):
         load_dataset(name, root, cache_dir=tmp_path / "cache")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from depthcut.data.arrays import KINDS, ArrayDataset
 from depthcut.data.errors import DatasetNotFoundError
@@ -19,11 +19,13 @@ from depthcut.errors import ConfigError
 
 
 class Loader(Protocol):
-    """Reads a dataset from its data root (a folder that exists or not: say what is missing
-    with `spec.not_found`); `cache_dir` and `progress` serve loaders that decode and cache."""
+    """Reads a dataset from its data root (a folder, or a file where `spec.root_is_file`, that
+    exists or not: say what is missing with `spec.not_found`); `cache_dir` and `progress`
+    serve loaders that decode and cache; the settings named in `spec.settings` come as
+    keywords."""
 
     def __call__(self, spec: DatasetSpec, root: Path, *, cache_dir: str | Path | None,
-                 progress: bool) -> ArrayDataset: ...
+                 progress: bool, **settings: Any) -> ArrayDataset: ...
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class DatasetSpec:
     # The class count where the format fixes it (None where the files decide): a model and its
     # weights are checked against it before any file is decoded.
     num_classes: int | None = None
+    # The data root is one file (a user's JSONL or CSV), not a folder.
+    root_is_file: bool = False
+    # The run's settings (ExperimentConfig fields, e.g. "text_field") the loader takes as
+    # keywords: how to read the files, where one format has several spellings.
+    settings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.key != normalize_name(self.key):
@@ -120,25 +127,36 @@ def display_name(key: str) -> str:
     return spec.display_name if spec is not None else key
 
 
+def dataset_settings(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run's `settings` that dataset `name` reads ({} for an unknown name)."""
+    spec = _SPECS.get(normalize_name(name))
+    keys = spec.settings if spec is not None else ()
+    return {key: settings[key] for key in keys if key in settings}
+
+
 def load_dataset(
     name: str,
     root: str | Path,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> ArrayDataset:
     """Load dataset `name` from the data root `root` into memory.
 
     `cache_dir` is used by datasets that decode their files once and cache the arrays; it
-    defaults to ``$DEPTHCUT_CACHE`` or ``~/.cache/depthcut``.
+    defaults to ``$DEPTHCUT_CACHE`` or ``~/.cache/depthcut``. `settings`: the run's settings;
+    the loader gets those its spec names (`DatasetSpec.settings`), the others are ignored.
     """
     spec = dataset_spec(name)
     root = Path(root).expanduser()
-    if root.exists() and not root.is_dir():
+    if root.exists() and root.is_dir() == spec.root_is_file:
+        found, expected = ("a folder", "a file") if spec.root_is_file else ("a file", "a folder")
         raise DatasetNotFoundError(
-            f"{spec.display_name} dataset: the data root {root} is a file, not a folder.\n"
+            f"{spec.display_name} dataset: the data root {root} is {found}, not {expected}.\n"
             f"{spec.layout_text(root)}"
         )
-    dataset = spec.loader(spec, root, cache_dir=cache_dir, progress=progress)
+    dataset = spec.loader(spec, root, cache_dir=cache_dir, progress=progress,
+                          **dataset_settings(name, settings or {}))
     if not isinstance(dataset, ArrayDataset) or dataset.kind != spec.kind:
         raise TypeError(f"dataset {spec.key!r} is registered as {spec.kind}, its loader "
                         f"returned {type(dataset).__name__}")

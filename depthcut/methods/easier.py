@@ -34,6 +34,7 @@ from depthcut.stages import (
     within_delta,
 )
 from depthcut.train import TrainConfig
+from depthcut.transfer import TRANSFER_PRESETS
 
 
 @dataclass
@@ -187,6 +188,8 @@ SPEC = register(MethodSpec(
     help="EASIER: linearize low-entropy sites", options=OPTIONS,
     training_options=FINETUNE_OPTIONS, compare_title="EASIER (delta also serves EGP and IMP)",
     presets={"quick": {"max_stages": 8, **FINETUNE_PRESETS["quick"]},
-             "paper": {"max_stages": None, **FINETUNE_PRESETS["paper"]}},
+             "paper": {"max_stages": None, **FINETUNE_PRESETS["paper"]},
+             **{name: {"max_stages": None, **FINETUNE_PRESETS[name]}
+                for name in TRANSFER_PRESETS}},
     variants={"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"}},
     depth_reference=True, check=_check, label_of=_label, describe=_describe, order=10))

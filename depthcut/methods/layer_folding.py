@@ -29,6 +29,7 @@ from depthcut.stages import (
     run_stages,
 )
 from depthcut.train import TrainConfig
+from depthcut.transfer import TRANSFER_PRESETS
 
 
 class SlopedActivation(nn.Module):
@@ -164,5 +165,8 @@ SPEC = register(MethodSpec(
     help="Layer Folding baseline (trained slopes)", options=OPTIONS,
     compare_options=(K.with_flags("--lf-k"), *OPTIONS[1:]), training_options=FINETUNE_OPTIONS,
     presets={"quick": {"slope_epochs": 3, "slope_lr": 0.02, **FINETUNE_PRESETS["quick"]},
-             "paper": {"slope_epochs": 160, "slope_lr": None, **FINETUNE_PRESETS["paper"]}},
+             "paper": {"slope_epochs": 160, "slope_lr": None, **FINETUNE_PRESETS["paper"]},
+             # the slopes train as long as the dense model, as under paper
+             **{name: {"slope_epochs": values["epochs"], "slope_lr": None,
+                       **FINETUNE_PRESETS[name]} for name, values in TRANSFER_PRESETS.items()}},
     record_fields={"alphas": "entropy"}, with_depth=_with_depth, describe=_describe, order=50))

@@ -47,6 +47,7 @@ from depthcut.stages import (
     within_delta,
 )
 from depthcut.train import TrainConfig
+from depthcut.transfer import TRANSFER_PRESETS
 
 
 @dataclass
@@ -220,5 +221,9 @@ SPEC = register(MethodSpec(
     presets={"quick": {"progressive_epochs": 1, "max_stages": 8,
                        "finetune_lr": FINETUNE_PRESETS["quick"]["finetune_lr"]},
              "paper": {"progressive_epochs": 40, "max_stages": None,
-                       "finetune_lr": FINETUNE_PRESETS["paper"]["finetune_lr"]}},
+                       "finetune_lr": FINETUNE_PRESETS["paper"]["finetune_lr"]},
+             # a quarter of a stage, as under paper (40 of 160): 12 of 50, 7 of 30
+             **{name: {"progressive_epochs": values["epochs"] // 4, "max_stages": None,
+                       "finetune_lr": FINETUNE_PRESETS[name]["finetune_lr"]}
+                for name, values in TRANSFER_PRESETS.items()}},
     describe=_describe, order=60))

@@ -34,6 +34,7 @@ from depthcut.stages import (
     run_stages,
 )
 from depthcut.train import TrainConfig
+from depthcut.transfer import TRANSFER_PRESETS
 
 # A method's pruning step: prunes `model` in place, given the counts measured on it, and
 # returns how many weights it pruned per layer (or per group of layers).
@@ -222,7 +223,10 @@ DELTA = Option("delta", "answer: last round within delta val top-1 points (defau
                argparse={"type": float})
 ENTROPY_VARIANT = ENTROPY_VARIANT_OPTION
 PRUNING_PRESETS = {"quick": {"rounds": 5, **FINETUNE_PRESETS["quick"]},
-                   "paper": {"rounds": None, **FINETUNE_PRESETS["paper"]}}  # None: until the rule
+                   # None: until the rule
+                   "paper": {"rounds": None, **FINETUNE_PRESETS["paper"]},
+                   **{name: {"rounds": None, **FINETUNE_PRESETS[name]}
+                      for name in TRANSFER_PRESETS}}
 # The fields a round adds to its record, and the common key each is written before.
 PRUNING_RECORD_FIELDS = {
     "silenced": "chosen", "scaled": "chosen", "surrogates": "chosen",

@@ -11,45 +11,24 @@ keyed by the archive's SHA-256).
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from depthcut.data.arrays import TOKENS, TokenDataset
-from depthcut.data.cache import (
-    check_splits,
-    read_cache,
-    resolve_cache_dir,
-    sha256_file,
-    write_cache,
-)
+from depthcut.data.cache import resolve_cache_dir, sha256_file, write_cache
 from depthcut.data.errors import DatasetError
 from depthcut.data.readers import fortunes_archive
-from depthcut.data.readers.fortunes_archive import MAX_BYTES, PAD_ID, VOCAB_SIZE
+from depthcut.data.readers.bytes_tokens import MAX_BYTES, read_cached, token_dataset
 from depthcut.data.registry import DatasetSpec, register
+from depthcut.transfer import TRANSFER_PRESETS
 
 ARCHIVE = "fortunes.tar.gz"
 _CACHE_VERSION = "v2"  # bump when the cached arrays' meaning changes
-_CACHE_KEYS = ("train_tokens", "train_labels", "test_tokens", "test_labels", "classes", "stats")
 
 
 def _layouts(root: Path) -> list[str]:
     return [f"{root / ARCHIVE} (fortunes/<language>/<topic file> inside, texts separated by "
             "lines holding only %)"]
-
-
-def _read_cache(path: Path, max_bytes: int) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None if absent or unusable (then they are built again)."""
-
-    def check(arrays: dict[str, np.ndarray]) -> None:
-        check_splits(arrays, "tokens",
-                     lambda a: a.dtype == np.int16 and a.ndim == 2 and a.shape[1] == max_bytes)
-        json.loads(str(arrays["stats"]))
-
-    return read_cache(path, _CACHE_KEYS, check)
 
 
 def load_fortunes(spec: DatasetSpec, root: Path, *, task: str,
@@ -65,23 +44,11 @@ def load_fortunes(spec: DatasetSpec, root: Path, *, task: str,
     digest = sha256_file(archive)
     cache = (resolve_cache_dir(cache_dir)
              / f"{spec.key}-{_CACHE_VERSION}-{max_bytes}-{digest[:40]}.npz")
-    arrays = _read_cache(cache, max_bytes)
+    arrays = read_cached(cache, max_bytes)
     if arrays is None:
         arrays = fortunes_archive.build_arrays(archive, task, max_bytes)
         write_cache(cache, arrays)
-    stats = json.loads(str(arrays["stats"]))
-    stats["cache"] = str(cache)
-    return TokenDataset(
-        name=spec.display_name,
-        train_inputs=torch.from_numpy(arrays["train_tokens"].astype(np.int64)),
-        train_labels=torch.from_numpy(arrays["train_labels"]),
-        test_inputs=torch.from_numpy(arrays["test_tokens"].astype(np.int64)),
-        test_labels=torch.from_numpy(arrays["test_labels"]),
-        classes=[str(c) for c in arrays["classes"]],
-        vocab_size=VOCAB_SIZE,
-        pad_id=PAD_ID,
-        stats=stats,
-    )
+    return token_dataset(arrays, spec.display_name, cache)
 
 
 # What a preset becomes on these texts: the byte-level transformer (the one model that reads
@@ -94,6 +61,9 @@ _QUICK = {"model": "transformer", "epochs": 6, "lr": 0.2, "warmup_epochs": 1.0,
           "finetune_epochs": 1, "finetune_lr": 0.04, "max_stages": 4, "rounds": 3,
           "slope_epochs": 1, "slope_lr": 0.04}
 _PAPER = {"model": "transformer"}
+# Every text dataset's overlay (`depthcut.data.datasets.textfile` too): quick as above, the
+# byte-level transformer under every other preset.
+TEXT_PRESETS = {"quick": _QUICK, "paper": _PAPER, **{name: _PAPER for name in TRANSFER_PRESETS}}
 
 _HINT = (f"put {ARCHIVE} (the texts of Debian's fortune-cookie packages, see the data "
          "README) in root.")
@@ -106,7 +76,7 @@ LANGUAGE = register(DatasetSpec(
     layouts=_layouts,
     hint=_HINT,
     loader=partial(load_fortunes, task="lang"),
-    presets={"quick": {**_QUICK, "train_subset": 16000}, "paper": _PAPER},
+    presets={**TEXT_PRESETS, "quick": {**_QUICK, "train_subset": 16000}},
 ))
 TOPIC = register(DatasetSpec(
     key="fortunes-topic",
@@ -116,5 +86,5 @@ TOPIC = register(DatasetSpec(
     layouts=_layouts,
     hint=_HINT,
     loader=partial(load_fortunes, task="topic"),
-    presets={"quick": {**_QUICK, "epochs": 15}, "paper": _PAPER},
+    presets={**TEXT_PRESETS, "quick": {**_QUICK, "epochs": 15}},
 ))

@@ -10,29 +10,16 @@ tasks:
   with the most distinct texts (ties: by name). In the real archive: people, definitions,
   cookie, computers, songs-poems, politics, miscellaneous, work, science, men-women.
 
-Every text is read the same way:
-
-1. Decoded as UTF-8, or, where that fails, as ISO-8859-2 (`FALLBACK_ENCODING`: Czech's 8-bit
-   encoding, which decodes any byte string), text by text; such texts are counted.
-2. Whitespace runs (indentation, line breaks, the tab before "-- Author") collapsed to one
-   space; a text left empty is skipped and counted.
-3. Encoded as UTF-8 and cut to its first `MAX_BYTES` (64) bytes: what the model sees (a
-   language shows in a few words; a topic would gain from more, at 4-5x the CPU time for 128).
-4. Tokens: byte value + 1 (`BYTE_OFFSET`), so id 0 (`PAD_ID`) is free for padding; every row is
-   as long as the cap, padded with 0 at the end; the vocabulary has 257 ids.
-
-Deduplication and split: two texts are the same when their (cut) bytes are. Each distinct text
-is kept once; one found under two labels (say, a quote in two topic files) is dropped. The test
-split is every distinct text whose SHA-256 falls in `TEST_PERCENT` (20) of 100 buckets, so a
-text and its copies are always on one side, whatever the order or the rest of the archive.
-Within a split the texts are stored in the order of their SHA-256 (languages and topics mixed,
-so the first N texts are a fair sample).
+Every text is decoded as UTF-8, or, where that fails, as ISO-8859-2 (`FALLBACK_ENCODING`:
+Czech's 8-bit encoding, which decodes any byte string), text by text; such texts are counted.
+Then, as every text dataset (`depthcut.data.readers.bytes_tokens`): whitespace collapsed (a
+text left empty is skipped and counted), cut to the first 64 bytes of its UTF-8, byte tokens
+with padding id 0, each distinct text kept once (one under two labels dropped), the test split
+by SHA-256 bucket, texts stored in SHA-256 order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tarfile
 import zlib
 from collections import defaultdict
@@ -42,15 +29,20 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from depthcut.data.errors import DatasetError
+from depthcut.data.readers.bytes_tokens import (  # noqa: F401  (this module's API too)
+    BYTE_OFFSET,
+    MAX_BYTES,
+    PAD_ID,
+    TEST_PERCENT,
+    VOCAB_SIZE,
+    Distinct,
+    distinct_texts,
+    in_test_split,
+    normalize,
+    split_arrays,
+    tokens,
+)
 
-PAD_ID = 0
-BYTE_OFFSET = 1  # token id = byte value + 1
-VOCAB_SIZE = 256 + BYTE_OFFSET
-# Texts are cut to their first 64 bytes (UTF-8, whitespace collapsed): a language shows in a
-# few words; a topic would gain from more, but attention grows with the square of the length
-# (a training step at 128 bytes took about 5x the time of one at 64 on this 2-core CPU).
-MAX_BYTES = 64
-TEST_PERCENT = 20  # share of the hash buckets that form the test split
 TOPICS = 10  # the topic task: the English topic files with the most distinct texts
 TOPIC_LANGUAGE = "en"
 FALLBACK_ENCODING = "iso-8859-2"
@@ -85,11 +77,6 @@ def decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8"), False
     except UnicodeDecodeError:
         return raw.decode(FALLBACK_ENCODING, errors="replace"), True
-
-
-def normalize(text: str) -> bytes:
-    """Whitespace runs collapsed to one space, encoded as UTF-8 (not cut yet)."""
-    return " ".join(text.split()).encode("utf-8")
 
 
 def read_archive(path: Path, max_bytes: int = MAX_BYTES) -> tuple[list[Text], dict]:
@@ -142,15 +129,8 @@ def read_archive(path: Path, max_bytes: int = MAX_BYTES) -> tuple[list[Text], di
     return texts, stats
 
 
-def in_test_split(data: bytes) -> bool:
-    """A text's side, from its bytes alone: SHA-256 bucket < TEST_PERCENT of 100."""
-    bucket = int.from_bytes(hashlib.sha256(data).digest()[:8], "big") % 100
-    return bucket < TEST_PERCENT
-
-
-def label_texts(texts: list[Text], task: str, stats: dict) -> tuple[list[bytes], list[int],
-                                                                    list[str]]:
-    """(distinct texts, labels, classes) for `task` ("lang" or "topic"): deduplicated, texts
+def label_texts(texts: list[Text], task: str, stats: dict) -> tuple[Distinct, list[str]]:
+    """(the distinct texts and their labels, classes) for `task` ("lang" or "topic"): texts
     under two labels dropped; counts go to `stats`."""
     if task == "topic":
         texts = [t for t in texts if t.language == TOPIC_LANGUAGE]
@@ -170,48 +150,16 @@ def label_texts(texts: list[Text], task: str, stats: dict) -> tuple[list[bytes],
     if len(classes) < 2:
         raise DatasetError(f"only one class ({', '.join(classes)}) for the {task} task: a "
                            "classifier needs at least two")
-    labels: dict[bytes, set[str]] = defaultdict(set)
-    order: list[bytes] = []
-    for text in texts:
-        if text.data not in labels:
-            order.append(text.data)
-        labels[text.data].add(getattr(text, key))
-    index = {name: i for i, name in enumerate(classes)}
-    kept = [data for data in order if len(labels[data]) == 1]
-    stats["duplicates_dropped"] = len(texts) - len(order)
-    stats["conflicts_dropped"] = len(order) - len(kept)
+    kept = distinct_texts([(text.data, getattr(text, key)) for text in texts], classes)
+    stats["duplicates_dropped"] = kept.duplicates_dropped
+    stats["conflicts_dropped"] = kept.conflicts_dropped
     if task == "topic":
         stats["topics"] = classes
-    return kept, [index[next(iter(labels[data]))] for data in kept], classes
-
-
-def tokens(texts: list[bytes], max_bytes: int = MAX_BYTES) -> np.ndarray:
-    """int16 (N, max_bytes): byte + BYTE_OFFSET, PAD_ID after the end of each text."""
-    out = np.full((len(texts), max_bytes), PAD_ID, dtype=np.int16)
-    for row, data in enumerate(texts):
-        values = np.frombuffer(data[:max_bytes], dtype=np.uint8)
-        out[row, : len(values)] = values.astype(np.int16) + BYTE_OFFSET
-    return out
+    return kept, classes
 
 
 def build_arrays(path: Path, task: str, max_bytes: int = MAX_BYTES) -> dict[str, np.ndarray]:
     """The cacheable arrays of one task: tokens and labels per split, classes, stats (JSON)."""
     texts, stats = read_archive(path, max_bytes)
-    kept, labels, classes = label_texts(texts, task, stats)
-    # Stored in the order of their hashes, not the archive's (which runs language by language):
-    # so the first N texts of a split (`depthcut entropy --samples N`) are a fair sample.
-    order = sorted(range(len(kept)), key=lambda i: hashlib.sha256(kept[i]).digest())
-    kept, labels = [kept[i] for i in order], [labels[i] for i in order]
-    test = np.array([in_test_split(data) for data in kept], dtype=bool)
-    label_array = np.array(labels, dtype=np.int64)
-    token_array = tokens(kept, max_bytes)
-    arrays = {"classes": np.array(classes)}
-    for split, rows in (("train", ~test), ("test", test)):
-        if not rows.any():
-            raise DatasetError(f"{path}: no {split} texts after the hash split ({len(kept)} "
-                               "distinct texts): the archive is too small")
-        arrays[f"{split}_tokens"] = token_array[rows]
-        arrays[f"{split}_labels"] = label_array[rows]
-        stats[split] = int(rows.sum())
-    arrays["stats"] = np.array(json.dumps(stats))
-    return arrays
+    kept, classes = label_texts(texts, task, stats)
+    return split_arrays(kept, classes, stats, max_bytes, path)
