@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthcut import experiment, stages
+from depthcut import stages
 from depthcut.experiment import ExperimentConfig, resume_run, run_method
 from depthcut.methods.progressive import Blend, ProgressiveConfig
 from depthcut.run import read_records
@@ -82,8 +82,7 @@ def scripted_evaluate(model, loader, *, progress=False, balanced=False):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    monkeypatch.setattr(stages, "evaluate", scripted_evaluate)
-    monkeypatch.setattr(experiment, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(stages, "evaluate", scripted_evaluate)  # every stage, dense included
 
 
 def config(root) -> tuple[ExperimentConfig, ProgressiveConfig]:

@@ -117,9 +117,11 @@ def parse_options(name: str, text: str) -> dict:
 def missing_package(name: str, package: str, error: ImportError) -> ConfigError:
     return ConfigError(
         f"--model {name} needs the optional package {package}, which cannot be imported "
-        f"here ({type(error).__name__}: {error}). Install it pinned beside torch, e.g. "
-        f"pip install -c constraints.txt {package} (on CPU-only machines torchvision 0.28 "
-        "does not import beside torch 2.13; torch 2.14.1 + torchvision 0.29.1 does)."
+        f"here ({type(error).__name__}: {error}). PyPI's torchvision does not import beside "
+        "the CPU build torch 2.13.0 that setup.sh installs, so use a separate environment: "
+        "python3 -m venv venv-zoo && venv-zoo/bin/pip install torch==2.14.1 torchvision==0.29.1 "
+        "timm==1.0.31 transformers && venv-zoo/bin/pip install --no-deps -e . "
+        "(about 5.5 GB; docs/python-api.md)."
     )
 
 
