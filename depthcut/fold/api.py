@@ -44,6 +44,51 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
         ) from error.cause
 
 
+def _run_passes(unfolded: nn.Module, example: Tensor, policy: FoldPolicy) -> FoldState:
+    """Trace a copy of `unfolded` and run every pass over it."""
+    gm = _trace(copy.deepcopy(unfolded))
+    state = FoldState(gm, example, policy)
+    state.ops_before, state.depth_before = count_ops(gm), longest_linear_path(gm)
+    for fold_pass in PASSES:
+        fold_pass(state)
+    return state
+
+
+def _in_float64(tensor: Tensor) -> Tensor:
+    return tensor.double() if tensor.is_floating_point() else tensor
+
+
+def _relative(output: Tensor, truth: Tensor) -> float:
+    scale = float(truth.abs().max()) or 1.0
+    return float((output.double() - truth).abs().max()) / scale
+
+
+def _check_in_float64(report: FoldReport, unfolded: nn.Module, example: Tensor,
+                      reference: Tensor, output: Tensor, policy: FoldPolicy) -> None:
+    """Measure the folded and the unfolded float32 outputs against a float64 evaluation of the
+    unfolded model, so that float32 rounding of a badly conditioned model does not read as a
+    wrong fold; when that does not settle it (an exact fold further from the float64 truth than
+    float32 rounding explains), fold a float64 copy and measure that too. Turns `unfolded`
+    to float64 in place."""
+    if not (reference.is_floating_point() and output.is_floating_point()):
+        return
+    try:
+        unfolded64 = unfolded.double()  # in place: fold's own copy, not needed after this
+        example64 = _in_float64(example)
+        with torch.no_grad():
+            truth = unfolded64(example64)
+    except (RuntimeError, TypeError) as error:  # an op without a float64 kernel
+        report.float64_note = f"no float64 evaluation ({type(error).__name__}: {error})"
+        return
+    report.float64_error = _relative(output, truth)
+    report.float32_noise = _relative(reference, truth)
+    if not report.exact or report.float64_error <= report.rounding_bound:
+        return
+    refolded = _run_passes(unfolded64, example64, policy).gm
+    with torch.no_grad():
+        report.float64_fold_error = _relative(refolded(example64), truth)
+
+
 def fold(model: nn.Module, example_input: Tensor,
          policy: str | FoldPolicy | Callable[[Merge], bool] = "macs",
          data: Iterable | None = None) -> torch.fx.GraphModule:
@@ -62,18 +107,20 @@ def fold(model: nn.Module, example_input: Tensor,
     Exact merges may carry a bias map (the border correction of a bias seen by zero padding):
     it holds for `example_input`'s spatial size only, and the folded model raises
     `InputSizeError` on inputs of another size (fold at the size you will run).
+
+    Exactness is measured against a float64 evaluation of the unfolded model too
+    (`FoldReport.float64_error`, beside `float32_noise`, the unfolded float32 model's own
+    deviation from it): in a badly conditioned model float32 rounding alone can move the output
+    far, and an exact fold must not read as a wrong one. Where even that leaves doubt, a float64
+    copy is folded and measured (`float64_fold_error`).
     """
     chosen = _resolve(policy)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise FoldError("example_input must be a batched tensor, e.g. one batch of test images")
     unfolded = make_permanent(clone_model(model)).eval()  # pruning masks baked into weights
-    gm = _trace(copy.deepcopy(unfolded))
     with torch.no_grad():
         reference = unfolded(example_input)
-    ops_before, depth_before = count_ops(gm), longest_linear_path(gm)
-    state = FoldState(gm, example_input, chosen)
-    for fold_pass in PASSES:
-        fold_pass(state)
+    state = _run_passes(unfolded, example_input, chosen)
     folded = state.gm
     with torch.no_grad():
         output = folded(example_input)
@@ -84,13 +131,13 @@ def fold(model: nn.Module, example_input: Tensor,
     scale = float(reference.abs().max()) or 1.0
     report = FoldReport(
         policy=chosen.name,
-        ops_before=ops_before,
+        ops_before=state.ops_before,
         ops_after=count_ops(folded),
         macs_before=count_macs(unfolded, example_input),
         macs_after=count_macs(folded, example_input),
         params_before=sum(p.numel() for p in unfolded.parameters()),
         params_after=sum(p.numel() for p in folded.parameters()),
-        depth_before=depth_before,
+        depth_before=state.depth_before,
         depth_after=longest_linear_path(folded),
         max_abs_diff=diff,
         relative_error=diff / scale,
@@ -104,5 +151,7 @@ def fold(model: nn.Module, example_input: Tensor,
         report.agreement = compared["agreement"]
         report.top1_unfolded = compared["top1_unfolded"]
         report.top1_folded = compared["top1_folded"]
+    _check_in_float64(report, unfolded, example_input, reference, output, chosen)  # last:
+    # it turns `unfolded` (fold's own copy) to float64 in place
     folded.fold_report = report
     return folded
