@@ -3,7 +3,6 @@ one `FoldState` and returns the folded module with its `FoldReport`."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 
 import torch
@@ -11,11 +10,12 @@ import torch.fx
 from torch import Tensor, nn
 
 from depthcut.cost import count_macs
-from depthcut.fold.passes import PASSES
+from depthcut.fold.parts import PartialFold, fold_parts
+from depthcut.fold.passes import UntraceableError, run_passes
 from depthcut.fold.policy import POLICIES, CallablePolicy, FoldPolicy, Merge
 from depthcut.fold.report import FoldReport, compare_outputs
-from depthcut.fold.state import FoldError, FoldState
-from depthcut.graph import TraceError, count_ops, longest_linear_path, trace
+from depthcut.fold.state import FoldError
+from depthcut.graph import count_ops, longest_linear_path
 from depthcut.layers import BiasMapConv2d
 from depthcut.masks import clone_model, make_permanent
 
@@ -34,24 +34,12 @@ def _resolve(policy: str | FoldPolicy | Callable[[Merge], bool]) -> FoldPolicy:
     raise FoldError(f"unknown fold policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
+def _refold(model: nn.Module, example: Tensor, policy: FoldPolicy) -> nn.Module:
+    """The same fold of `model` (a float64 copy): whole, or part by part."""
     try:
-        return trace(model)
-    except TraceError as error:
-        raise FoldError(
-            f"{error}. Folding needs a traceable forward: move data-dependent Python control "
-            "flow out of forward(), or fold the traceable submodules one by one."
-        ) from error.cause
-
-
-def _run_passes(unfolded: nn.Module, example: Tensor, policy: FoldPolicy) -> FoldState:
-    """Trace a copy of `unfolded` and run every pass over it."""
-    gm = _trace(copy.deepcopy(unfolded))
-    state = FoldState(gm, example, policy)
-    state.ops_before, state.depth_before = count_ops(gm), longest_linear_path(gm)
-    for fold_pass in PASSES:
-        fold_pass(state)
-    return state
+        return run_passes(model, example, policy).gm
+    except UntraceableError as error:
+        return fold_parts(model, example, policy, error).model
 
 
 def _in_float64(tensor: Tensor) -> Tensor:
@@ -84,14 +72,14 @@ def _check_in_float64(report: FoldReport, unfolded: nn.Module, example: Tensor,
     report.float32_noise = _relative(reference, truth)
     if not report.exact or report.float64_error <= report.rounding_bound:
         return
-    refolded = _run_passes(unfolded64, example64, policy).gm
+    refolded = _refold(unfolded64, example64, policy)
     with torch.no_grad():
         report.float64_fold_error = _relative(refolded(example64), truth)
 
 
 def fold(model: nn.Module, example_input: Tensor,
          policy: str | FoldPolicy | Callable[[Merge], bool] = "macs",
-         data: Iterable | None = None) -> torch.fx.GraphModule:
+         data: Iterable | None = None) -> nn.Module:
     """A new eval-mode module computing the same function as `model` with fewer operators.
 
     `model` is not modified. `policy` decides merges that change the work: "macs" (default)
@@ -113,6 +101,11 @@ def fold(model: nn.Module, example_input: Tensor,
     deviation from it): in a badly conditioned model float32 rounding alone can move the output
     far, and an exact fold must not read as a wrong one. Where even that leaves doubt, a float64
     copy is folded and measured (`float64_fold_error`).
+
+    A forward torch.fx cannot trace (data-dependent control flow) is folded part by part
+    (`depthcut.fold.parts`): each traceable submodule on its own, the rest left as it is and
+    named in `FoldReport.unfolded_parts`; the result is then a copy of the model with its
+    folded parts in place (a GraphModule otherwise). FoldError if no part merges anything.
     """
     chosen = _resolve(policy)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
@@ -120,8 +113,15 @@ def fold(model: nn.Module, example_input: Tensor,
     unfolded = make_permanent(clone_model(model)).eval()  # pruning masks baked into weights
     with torch.no_grad():
         reference = unfolded(example_input)
-    state = _run_passes(unfolded, example_input, chosen)
-    folded = state.gm
+    try:
+        state = run_passes(unfolded, example_input, chosen)
+        folded: nn.Module = state.gm
+        parts = PartialFold(folded, state.merges, state.removed, [], state.ops_before,
+                            count_ops(folded), state.depth_before, longest_linear_path(folded))
+    except UntraceableError as error:
+        parts = fold_parts(clone_model(unfolded), example_input, chosen, error)
+        folded = parts.model
+    folded.eval()
     with torch.no_grad():
         output = folded(example_input)
     if output.shape != reference.shape:
@@ -131,20 +131,21 @@ def fold(model: nn.Module, example_input: Tensor,
     scale = float(reference.abs().max()) or 1.0
     report = FoldReport(
         policy=chosen.name,
-        ops_before=state.ops_before,
-        ops_after=count_ops(folded),
+        ops_before=parts.ops_before,
+        ops_after=parts.ops_after,
         macs_before=count_macs(unfolded, example_input),
         macs_after=count_macs(folded, example_input),
         params_before=sum(p.numel() for p in unfolded.parameters()),
         params_after=sum(p.numel() for p in folded.parameters()),
-        depth_before=state.depth_before,
-        depth_after=longest_linear_path(folded),
+        depth_before=parts.depth_before,
+        depth_after=parts.depth_after,
         max_abs_diff=diff,
         relative_error=diff / scale,
-        merges=state.merges,
-        removed_branches=state.removed,
-        input_size=list(state.folded_at),
+        merges=parts.merges,
+        removed_branches=parts.removed,
+        input_size=list(example_input.shape[1:]),
         bias_maps=[name for name, m in folded.named_modules() if isinstance(m, BiasMapConv2d)],
+        unfolded_parts=parts.unfolded,
     )
     if data is not None:
         compared = compare_outputs(unfolded, folded, data)

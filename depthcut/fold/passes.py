@@ -13,22 +13,29 @@ every rewrite, until no rule applies. `clean_up` drops what the rewrites left un
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 import torch.fx
+from torch import Tensor, nn
 
 from depthcut.fold.functional import modularize_linear_calls
+from depthcut.fold.policy import FoldPolicy
 from depthcut.fold.registry import LINEAR, PER_CHANNEL, RuleSpec, rules_for
 from depthcut.fold.state import FoldError, FoldState
 from depthcut.graph import (
     PASS_THROUGH,
+    TraceError,
+    count_ops,
     depends_on_input,
     input_of,
     is_op,
+    longest_linear_path,
     node_values,
     output_node,
     reads_metadata_only,
+    trace,
 )
 from depthcut.layers import Zero
 
@@ -132,3 +139,28 @@ PASSES: tuple[Callable[[FoldState], None], ...] = (
     modularize_linear_calls,
     merge_per_channel, merge_linear_ops, clean_up,
 )
+
+
+class UntraceableError(FoldError):
+    """torch.fx cannot trace the model's forward (`cause`: what the tracer raised)."""
+
+    def __init__(self, message: str, cause: Exception) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def run_passes(model: nn.Module, example: Tensor, policy: FoldPolicy) -> FoldState:
+    """Trace a copy of `model` (eval mode) and run every pass over it; UntraceableError if
+    torch.fx cannot trace it."""
+    try:
+        gm = trace(copy.deepcopy(model))
+    except TraceError as error:
+        raise UntraceableError(
+            f"{error}. Folding needs a traceable forward: move data-dependent Python control "
+            "flow out of forward(), or fold the traceable submodules one by one.",
+            error.cause) from error.cause
+    state = FoldState(gm, example, policy)
+    state.ops_before, state.depth_before = count_ops(gm), longest_linear_path(gm)
+    for fold_pass in PASSES:
+        fold_pass(state)
+    return state

@@ -53,6 +53,9 @@ class FoldReport:
     float32_noise: float | None = None
     float64_fold_error: float | None = None
     float64_note: str = ""
+    # A forward torch.fx cannot trace is folded part by part (`depthcut.fold.parts`): what
+    # stayed as it was, "name (why)"; operators and depth then count the traced parts only.
+    unfolded_parts: list[str] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -102,6 +105,9 @@ class FoldReport:
         lines += self._float64_lines()
         if self.agreement is not None:
             lines.append(f"top-1 agreement with the unfolded model: {self.agreement:.2f}%")
+        if self.unfolded_parts:
+            lines.append(f"folded part by part (operators and depth: the traced parts); left "
+                         f"unfolded: {'; '.join(self.unfolded_parts)}")
         if self.removed_branches:
             lines.append(f"branches removed (always-OFF sites): "
                          f"{', '.join(self.removed_branches)}")
