@@ -92,7 +92,8 @@ def test_a_big_linear_chain_composes_in_the_order_of_least_work() -> None:
     """A VGG-like classifier, 4096 -> 2048 -> 2048 -> 10 with its sites linear, folds to one
     linear. Composed left to right it costs one (2048 x 2048) @ (2048 x 4096) float64 product;
     right to left, 1/200 of it. The fold's extra time over folding the same chain at a tiny
-    width stays under half of that one product's time (measured here, not a fixed figure)."""
+    width stays under 3/4 of that one product's time (measured here, not a fixed figure; on
+    an idle machine it is about 1/4: reading and copying the weights)."""
     def classifier(wide: int, hidden: int) -> nn.Module:
         torch.manual_seed(0)
         return linearize(nn.Sequential(nn.Linear(wide, hidden), nn.ReLU(), nn.Dropout(),
@@ -113,7 +114,7 @@ def test_a_big_linear_chain_composes_in_the_order_of_least_work() -> None:
     folded = fold(big, x_big)
     assert folded.fold_report.ops_after == 1 and folded.fold_report.exact
     assert torch.allclose(folded(x_big), big(x_big), rtol=1e-4, atol=1e-5)
-    assert folded_seconds - overhead < 0.5 * product, (folded_seconds, overhead, product)
+    assert folded_seconds - overhead < 0.75 * product, (folded_seconds, overhead, product)
 
 
 def test_compose_linear_chain_matches_left_to_right_composition() -> None:
