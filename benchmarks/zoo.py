@@ -95,8 +95,10 @@ def _fold_row(model: nn.Module, x: torch.Tensor) -> dict:
     from depthcut.fold import fold
 
     start = time.perf_counter()
-    report = fold(model, x).fold_report
-    return {"macs": report.macs_after / report.macs_before, "exact": report.exact,
+    folded = fold(model, x)
+    report = folded.fold_report
+    return {"batchnorms_left": _batchnorms_left(folded),
+            "macs": report.macs_after / report.macs_before, "exact": report.exact,
             "agrees": report.agrees_in_float64, "float64_error": report.float64_error,
             "float32_noise": report.float32_noise, "unfolded": report.unfolded_parts,
             "seconds": time.perf_counter() - start,
@@ -106,7 +108,6 @@ def _fold_row(model: nn.Module, x: torch.Tensor) -> dict:
 def check_model(name: str) -> dict:
     """Build, count, linearize and fold one zoo model; the row of the table."""
     from depthcut.entropy import measure_entropy
-    from depthcut.fold import fold
     from depthcut.masks import clone_model
     from depthcut.models import build_external
     from depthcut.sites import find_sites, linearize
@@ -122,11 +123,10 @@ def check_model(name: str) -> dict:
     entropies = measure_entropy(model, [x])
     row = {"name": name, "sites": len(sites), "batchnorms": batchnorms,
            "entropies_finite": all(math.isfinite(h) for h in entropies.values())}
-    plain = fold(model, x)
-    row["batchnorms_left"] = _batchnorms_left(plain)
     for key, chosen in (("half", sites[::2]), ("all", sites)):
         linear = linearize(clone_model(model), chosen)
         row[key] = _fold_row(linear, x)
+    row["batchnorms_left"] = row["half"]["batchnorms_left"]  # BatchNorm folds, sites or not
     row["passed"] = passed(row)
     return row
 
@@ -206,7 +206,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
     parser.add_argument("--out", default="docs/zoo.md")
     parser.add_argument("--only", nargs="*", help="these zoo names only")
+    parser.add_argument("--from-json", help="write the table from the rows of an earlier run")
     args = parser.parse_args()
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+        write_table(rows, Path(args.out), sum(row.get("minutes", 0.0) for row in rows))
+        return
     if args.one:
         print(json.dumps(check_model(args.one)))
         return
