@@ -83,7 +83,20 @@ def test_linear_sites_in_a_traceable_child_fold_into_fewer_ops() -> None:
     assert torch.allclose(folded(x), net(x), atol=1e-5)
 
 
-def test_nothing_to_merge_in_any_part_is_still_refused() -> None:
+def test_a_model_without_a_traceable_part_is_still_refused() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)  # a leaf: one op, nothing to fold on its own
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x) if x.sum() > 0 else x
+
+    with pytest.raises(FoldError, match="cannot trace"):
+        fold(Branchy(), torch.randn(2, 3))
+
+
+def test_a_traceable_part_with_nothing_to_merge_gives_a_report() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -92,5 +105,7 @@ def test_nothing_to_merge_in_any_part_is_still_refused() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return self.body(x) if x.sum() > 0 else x
 
-    with pytest.raises(FoldError, match="cannot trace"):
-        fold(Branchy(), torch.randn(2, 3))
+    model, x = Branchy().eval(), torch.ones(2, 3)
+    report = fold(model, x).fold_report
+    assert not any(merge.taken for merge in report.merges)
+    assert report.unfolded_parts and report.relative_error == 0.0

@@ -105,7 +105,7 @@ def fold(model: nn.Module, example_input: Tensor,
     A forward torch.fx cannot trace (data-dependent control flow) is folded part by part
     (`depthcut.fold.parts`): each traceable submodule on its own, the rest left as it is and
     named in `FoldReport.unfolded_parts`; the result is then a copy of the model with its
-    folded parts in place (a GraphModule otherwise). FoldError if no part merges anything.
+    folded parts in place (a GraphModule otherwise). FoldError if no part traces.
     """
     chosen = _resolve(policy)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:

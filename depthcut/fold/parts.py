@@ -7,7 +7,7 @@ a child that does not trace is opened in turn, down to the leaves. What could no
 (the untraceable modules themselves, and the children called other than once with one tensor)
 stays as it is and is named in the report (`FoldReport.unfolded_parts`); merges across a part's
 border (a conv in one child with the BatchNorm in the next, glued by the untraceable parent's
-own code) are not made.
+own code) are not made. Only a model none of whose parts traces is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class PartialFold:
     ops_after: int = 0
     depth_before: int = 0  # the deepest part
     depth_after: int = 0
+    traced: int = 0  # parts traced and folded (whether or not they merged anything)
 
 
 def _calls(model: nn.Module, example: Tensor) -> dict[nn.Module, list[tuple[tuple, dict]]]:
@@ -76,14 +77,15 @@ def _label(name: str, model: nn.Module) -> str:
 def fold_parts(unfolded: nn.Module, example: Tensor, policy: FoldPolicy,
                cause: UntraceableError) -> PartialFold:
     """Fold each traceable part of `unfolded` (fold's own copy: parts are replaced in it) at
-    the input it gets from `example`. FoldError (`cause`) if no part has anything to merge."""
+    the input it gets from `example`. FoldError (`cause`) if no part could be traced (only
+    leaves, each one op: nothing to fold)."""
     calls = _calls(unfolded, example)
     result = PartialFold(unfolded, unfolded=[f"{_label('', unfolded)} (cannot trace: "
                                              f"{_short(cause.cause)})"])
     stack = [(f"{name}", child) for name, child in reversed(list(unfolded.named_children()))]
     while stack:
         name, module = stack.pop()
-        if not list(module.children()) or module not in calls:  # a leaf alone merges nothing
+        if not list(module.children()) or module not in calls:  # a leaf alone: one op
             continue
         try:
             trace_graph(module)
@@ -97,7 +99,7 @@ def fold_parts(unfolded: nn.Module, example: Tensor, policy: FoldPolicy,
             result.unfolded.append(f"{name} ({source})")
             continue
         _fold_part(result, name, module, source, policy)
-    if not any(merge.taken for merge in result.merges) and not result.removed:
+    if not result.traced:
         raise cause
     return result
 
@@ -110,6 +112,7 @@ def _fold_part(result: PartialFold, name: str, module: nn.Module, source: Tensor
     except FoldError as error:  # e.g. layer collapse inside the part: leave it as it is
         result.unfolded.append(f"{name} ({_short(error)})")
         return
+    result.traced += 1
     folded = state.gm
     taken = [merge for merge in state.merges if merge.taken]
     result.ops_before += state.ops_before
