@@ -37,6 +37,7 @@ from depthcut.distributed import all_reduce_sum, world_size
 from depthcut.errors import ConfigError
 from depthcut.faults import die_at
 from depthcut.layers import default_channel_dim
+from depthcut.neuron_axis import neuron_axes
 from depthcut.sites import SiteError, find_sites
 
 # A float32 sum of +-1/0 values is exact while it stays below 2**24 in magnitude.
@@ -322,8 +323,10 @@ def count_states(
     while the weights still change; here the weights are frozen and the batches are one extra
     pass over whatever the caller passes (pass mode="train" and augmented batches to be closest).
 
-    `channel_dim`: the neuron axis of 3-D inputs, which are taken as (N, T, C) tokens by default
-    (last dim); pass 1 for Conv1d (N, C, L) maps. An int applies to every site, a mapping
+    `channel_dim`: the neuron axis. By default each site's comes from the op that produced its
+    pre-activation (`depthcut.neuron_axis`): channels (dim 1) after Conv1d/Conv2d/Conv3d and
+    BatchNorm, the last dim after Linear and LayerNorm; where no producer is found, dim 1 of
+    4-D and 5-D maps and the last dim otherwise. An int applies to every site, a mapping
     {site: dim} to the sites it names; an axis a site's input does not have raises ValueError.
 
     Padding: when `model.pad_id` is an int and a batch is integer (N, T) token ids, positions
@@ -341,6 +344,9 @@ def count_states(
     if missing:
         raise SiteError(f"no such site in the model: {', '.join(missing)}")
     dims = _channel_dims(channel_dim, names)
+    if len(dims) < len(names):  # the others: the axis their producing op gives
+        found = neuron_axes(model, [name for name in names if name not in dims])
+        dims |= {name: axis for name, axis in found.items() if axis is not None}
     device = _model_device(model)
     flags = {module: module.training for module in model.modules()}
     scratch = _Scratch()

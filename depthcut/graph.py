@@ -22,6 +22,9 @@ PASS_THROUGH = (nn.Identity, nn.Dropout)  # no-ops in eval mode
 OP_KINDS = ("call_module", "call_function", "call_method")
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 LINEAR_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d, torch.nn.functional.linear)
+# Linear ops a forward may compute as functions (fold reads them as modules:
+# depthcut.fold.functional); timm's fused norm-act modules call F.batch_norm.
+LINEAR_CALLS = (*LINEAR_FUNCTIONS, torch.nn.functional.batch_norm)
 
 
 class TraceError(DepthcutError, ValueError):
@@ -77,6 +80,29 @@ def is_add(node: torch.fx.Node, methods: bool = True) -> bool:
         methods and node.op == "call_method" and node.target in ADD_METHODS)
 
 
+_METADATA_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device", "is_cuda"})
+_METADATA_METHODS = frozenset({"dim", "size"})
+
+
+def reads_metadata_only(node: torch.fx.Node) -> bool:
+    """A value computed from tensors' ranks, shapes, dtypes or devices only, never their
+    contents (`x.ndim == 4`, `x.shape[1]`): fixed for the shapes a model is traced at."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _METADATA_ATTRIBUTES
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        return True
+    if node.op == "call_function" and getattr(node.target, "__module__", "") in (
+            "_operator", "operator"):
+        return all(reads_metadata_only(arg) for arg in node.all_input_nodes)
+    return False
+
+
+def data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that read `node`'s values, not only its shape (a shape check is no branch)."""
+    return [user for user in node.users if not reads_metadata_only(user)
+            and not (user.op == "call_function" and user.target is torch._assert)]
+
+
 def module_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
     """The module a call_module node calls, else None."""
     return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
@@ -109,6 +135,24 @@ def depends_on_input(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, bool]:
         else:
             depends[node] = any(depends[i] for i in node.all_input_nodes)
     return depends
+
+
+def node_values(gm: torch.fx.GraphModule, example: torch.Tensor,
+                nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, torch.Tensor]:
+    """The values `nodes` take when `gm` runs on `example` (one no-grad run)."""
+    wanted = set(nodes)
+    values: dict[torch.fx.Node, torch.Tensor] = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> object:
+            result = super().run_node(node)
+            if node in wanted:
+                values[node] = result
+            return result
+
+    with torch.no_grad():
+        Capture(gm).run(example)
+    return values
 
 
 def output_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
@@ -153,8 +197,12 @@ def chain_neighbours(model: nn.Module, sites: list[str]) -> dict[str, list[str]]
         if node.op != "call_module" or node.target not in wanted:
             continue
         current = node
-        while len(current.users) == 1:
-            (user,) = current.users
+        while len(data_users(current)) == 1:
+            (user,) = data_users(current)
+            if (user.op == "call_function" and user.target in LINEAR_CALLS
+                    and all(arg.op == "get_attr" for arg in user.all_input_nodes[1:])):
+                current = user  # a BatchNorm, conv or linear on parameters, as a function
+                continue
             if user.op != "call_module":
                 break
             if user.target in wanted:

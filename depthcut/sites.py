@@ -26,6 +26,7 @@ from torch import nn
 from depthcut.errors import DepthcutError
 from depthcut.graph import TraceError, trace_graph
 from depthcut.layers import ChannelScale, Zero
+from depthcut.neuron_axis import neuron_axes
 
 RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -390,16 +391,19 @@ def freeze(model: nn.Module, always_on: dict[str, torch.Tensor],
     """Replace each zero-entropy site by the linear map it computes on the measured data, in
     place: Identity (every neuron ON), Zero (every neuron's output 0), else a ChannelScale.
     `always_on[site]` holds one bool per neuron; `dims[site]` the channel axis of a ChannelScale
-    (None: the default rule). Returns each site's form: "on", "off" or "scale"."""
+    (absent: the axis of the op that produced the site's input, `depthcut.neuron_axis`, as
+    entropy counting takes it; None: the rank rule). Returns each site's form: "on", "off" or
+    "scale"."""
     names = list(always_on)
     _check_sites(model, names, "freeze")
+    dims = {**neuron_axes(model, names), **(dims or {})}
     device = next(iter(model.parameters()), torch.empty(0)).device
     forms: dict[str, str] = {}
     for name in names:
         form, scale = frozen_form(model.get_submodule(name), always_on[name])
         stand_in = {"on": nn.Identity, "off": Zero}.get(form)
         replace_module(model, name, stand_in() if stand_in else
-                       ChannelScale(scale, (dims or {}).get(name)).to(device))
+                       ChannelScale(scale, dims.get(name)).to(device))
         forms[name] = form
     return forms
 

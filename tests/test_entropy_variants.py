@@ -121,8 +121,11 @@ def test_conv1d_maps_counted_along_channels(variant):
     assert per_channel["1"] == 0.0
     by_name = measure_entropy(conv1d_model(), CONV1D_DATA, variant=variant, channel_dim={"1": 1})
     assert by_name["1"] == 0.0
-    # The default 3-D rule takes (N, T, C): 5 "neurons" along L, each half ON: H = 1.
-    assert measure_entropy(conv1d_model(), CONV1D_DATA, variant=variant)["1"] == pytest.approx(1.0)
+    # By default the axis comes from the producing op (Conv1d: channels), as above ...
+    assert measure_entropy(conv1d_model(), CONV1D_DATA, variant=variant)["1"] == 0.0
+    # ... where the rank rule alone would take (N, T, C): 5 "neurons" along L, each half ON.
+    by_rank = measure_entropy(conv1d_model(), CONV1D_DATA, variant=variant, channel_dim=-1)
+    assert by_rank["1"] == pytest.approx(1.0)
     counts = count_states(conv1d_model(), CONV1D_DATA, channel_dim=1)["1"]
     assert counts.n_on.tolist() == [30, 0] and counts.n_off.tolist() == [0, 30]
 

@@ -1,23 +1,42 @@
 """The passes a fold runs over one `FoldState`, in order (`PASSES`).
 
 `drop_no_ops` and `remove_dead_branches` simplify the traced graph, `annotate_shapes` gives
-every node its shape, then two passes run the registered rules (`depthcut.fold.registry`; the
-rules themselves are in `depthcut.fold.rules`): `merge_per_channel`, then `merge_linear_ops`.
+every node its shape, `drop_shape_checks` removes asserts on tensor ranks and shapes (they
+made every checked op a branch point), `modularize_linear_calls` (`depthcut.fold.functional`)
+makes the linear ops a forward computes as functions (F.batch_norm in timm's fused norm-act
+modules, F.conv2d, F.linear with parameter weights) module calls the rules read, then two
+passes run the registered rules (`depthcut.fold.registry`; the rules themselves are in
+`depthcut.fold.rules`): `merge_per_channel`, then `merge_linear_ops`.
 A sweep tries, in graph order, each rule at each node and starts again from the first node after
 every rewrite, until no rule applies. `clean_up` drops what the rewrites left unused.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 import torch.fx
-from torch import Tensor
+from torch import Tensor, nn
 
+from depthcut.fold.functional import modularize_linear_calls
+from depthcut.fold.policy import FoldPolicy
 from depthcut.fold.registry import LINEAR, PER_CHANNEL, RuleSpec, rules_for
 from depthcut.fold.state import FoldError, FoldState
-from depthcut.graph import PASS_THROUGH, depends_on_input, input_of, is_op, output_node
+from depthcut.graph import (
+    PASS_THROUGH,
+    TraceError,
+    count_ops,
+    depends_on_input,
+    input_of,
+    is_op,
+    longest_linear_path,
+    node_values,
+    output_node,
+    reads_metadata_only,
+    trace,
+)
 from depthcut.layers import Zero
 
 
@@ -45,7 +64,7 @@ def remove_dead_branches(state: FoldState) -> None:
         )
     boundary = [n for n in gm.graph.nodes if is_op(n) and not depends[n]
                 and any(depends[u] for u in n.users)]
-    values = _capture(gm, state.example[:1], boundary)
+    values = node_values(gm, state.example[:1], boundary)
     for index, node in enumerate(boundary):
         name = f"folded_constant_{index}"
         gm.register_buffer(name, values[node].detach().clone())
@@ -58,6 +77,25 @@ def remove_dead_branches(state: FoldState) -> None:
 def annotate_shapes(state: FoldState) -> None:
     """Every node's output shape, which the merge rules read."""
     state.propagate()
+
+
+def drop_shape_checks(state: FoldState) -> None:
+    """Shape checks (`torch._assert(x.ndim == 4, ...)`, as in timm's norm layers) go, with the
+    metadata reads only they used: a check reads its tensor, so it made every checked op a
+    branch point that no chain could pass."""
+    graph = state.gm.graph
+    for node in list(graph.nodes):
+        if (node.op == "call_function" and node.target is torch._assert and node.args
+                and isinstance(node.args[0], torch.fx.Node)
+                and reads_metadata_only(node.args[0]) and not node.users):
+            graph.erase_node(node)
+    unused = [n for n in graph.nodes if not n.users and reads_metadata_only(n)]
+    while unused:
+        node = unused.pop()
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        unused += [n for n in inputs if not n.users and reads_metadata_only(n)
+                   and n not in unused]
 
 
 def _sweep(state: FoldState, rules: list[RuleSpec]) -> None:
@@ -97,24 +135,32 @@ def clean_up(state: FoldState) -> None:
 
 
 PASSES: tuple[Callable[[FoldState], None], ...] = (
-    drop_no_ops, remove_dead_branches, annotate_shapes, merge_per_channel, merge_linear_ops,
-    clean_up,
+    drop_no_ops, remove_dead_branches, annotate_shapes, drop_shape_checks,
+    modularize_linear_calls,
+    merge_per_channel, merge_linear_ops, clean_up,
 )
 
 
-def _capture(gm: torch.fx.GraphModule, example: Tensor,
-             nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, Tensor]:
-    """The values `nodes` take when `gm` runs on `example`."""
-    wanted = set(nodes)
-    values: dict[torch.fx.Node, Tensor] = {}
+class UntraceableError(FoldError):
+    """torch.fx cannot trace the model's forward (`cause`: what the tracer raised)."""
 
-    class Capture(torch.fx.Interpreter):
-        def run_node(self, node: torch.fx.Node) -> object:
-            result = super().run_node(node)
-            if node in wanted:
-                values[node] = result
-            return result
+    def __init__(self, message: str, cause: Exception) -> None:
+        super().__init__(message)
+        self.cause = cause
 
-    with torch.no_grad():
-        Capture(gm).run(example)
-    return values
+
+def run_passes(model: nn.Module, example: Tensor, policy: FoldPolicy) -> FoldState:
+    """Trace a copy of `model` (eval mode) and run every pass over it; UntraceableError if
+    torch.fx cannot trace it."""
+    try:
+        gm = trace(copy.deepcopy(model))
+    except TraceError as error:
+        raise UntraceableError(
+            f"{error}. Folding needs a traceable forward: move data-dependent Python control "
+            "flow out of forward(), or fold the traceable submodules one by one.",
+            error.cause) from error.cause
+    state = FoldState(gm, example, policy)
+    state.ops_before, state.depth_before = count_ops(gm), longest_linear_path(gm)
+    for fold_pass in PASSES:
+        fold_pass(state)
+    return state

@@ -13,6 +13,12 @@ from torch import nn
 from depthcut.errors import ConfigError
 from depthcut.fold.policy import Merge
 
+# A folded float32 model whose largest deviation from the float64 truth, relative to the
+# output's largest value, is below this (or a few times the unfolded float32 model's own) is
+# within float32 rounding; a float64 fold must come within FLOAT64_TOLERANCE.
+FLOAT32_TOLERANCE = 1e-4
+FLOAT64_TOLERANCE = 1e-9
+
 
 @dataclass
 class FoldReport:
@@ -39,17 +45,45 @@ class FoldReport:
     # bias map (`layers.BiasMapConv2d`) hold it for this size only and refuse any other.
     input_size: list[int] | None = None
     bias_maps: list[str] = field(default_factory=list)
+    # Against a float64 evaluation of the unfolded model (relative to its largest output): the
+    # folded model's error and the unfolded float32 model's own (its float32 rounding). In a
+    # badly conditioned model the second can be large while the fold is exact. When the first
+    # is above what rounding explains, a float64 copy is folded too: its error is the fold's.
+    float64_error: float | None = None
+    float32_noise: float | None = None
+    float64_fold_error: float | None = None
+    float64_note: str = ""
+    # A forward torch.fx cannot trace is folded part by part (`depthcut.fold.parts`): what
+    # stayed as it was, "name (why)"; operators and depth then count the traced parts only.
+    unfolded_parts: list[str] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
         """True when every merge taken is exact (the fold must then agree to float32 rounding)."""
         return all(m.exact for m in self.merges if m.taken)
 
+    @property
+    def rounding_bound(self) -> float:
+        """The float64 error float32 rounding explains: a few times the unfolded model's own,
+        and at least FLOAT32_TOLERANCE."""
+        return max(FLOAT32_TOLERANCE, 4.0 * (self.float32_noise or 0.0))
+
+    @property
+    def agrees_in_float64(self) -> bool | None:
+        """Whether the fold computes the unfolded model's function up to float32 rounding,
+        judged against float64 (None: no float64 evaluation)."""
+        if self.float64_error is None:
+            return None
+        if self.float64_fold_error is not None:
+            return self.float64_fold_error <= FLOAT64_TOLERANCE
+        return self.float64_error <= self.rounding_bound
+
     def to_dict(self) -> dict:
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
                 if f.name != "merges"}
         data["merges"] = [m.to_dict() for m in self.merges]
-        return {f.name: data[f.name] for f in fields(self)} | {"exact": self.exact}
+        return {f.name: data[f.name] for f in fields(self)} | {
+            "exact": self.exact, "agrees_in_float64": self.agrees_in_float64}
 
     def markdown(self) -> str:
         """The report as a Markdown table plus the list of merges."""
@@ -68,8 +102,12 @@ class FoldReport:
         kind = "all merges exact" if self.exact else "border-approximate merges present"
         lines.append(f"max |folded - unfolded| = {self.max_abs_diff:.3g} (relative "
                      f"{self.relative_error:.3g}; {kind})")
+        lines += self._float64_lines()
         if self.agreement is not None:
             lines.append(f"top-1 agreement with the unfolded model: {self.agreement:.2f}%")
+        if self.unfolded_parts:
+            lines.append(f"folded part by part (operators and depth: the traced parts); left "
+                         f"unfolded: {'; '.join(self.unfolded_parts)}")
         if self.removed_branches:
             lines.append(f"branches removed (always-OFF sites): "
                          f"{', '.join(self.removed_branches)}")
@@ -93,6 +131,21 @@ class FoldReport:
             lines += ["", f"merges declined ({len(declined)}):"]
             lines += [f"- {m.rule}: {' + '.join(m.replaces)} ({m.reason})" for m in declined]
         return "\n".join(lines)
+
+
+    def _float64_lines(self) -> list[str]:
+        if self.float64_error is None:
+            return [f"({self.float64_note})"] if self.float64_note else []
+        line = (f"against the unfolded model evaluated in float64: folded relative error "
+                f"{self.float64_error:.3g}, unfolded float32 {self.float32_noise:.3g} (float32 "
+                "rounding of the unfolded model alone)")
+        if self.float64_fold_error is not None:
+            line += f"; the same fold in float64: relative error {self.float64_fold_error:.3g}"
+        if self.agrees_in_float64:
+            line += "; the fold is exact up to float32 rounding"
+        elif self.exact:
+            line += "; NOT explained by float32 rounding: please report this model"
+        return [line]
 
 
 def _timing(merge: Merge) -> str:

@@ -48,6 +48,8 @@ class FoldState:
     made: int = 0
     origin: dict[str, list[str]] = field(default_factory=dict)  # folded module -> originals
     affines: dict[tuple[str, int], Affine | None] = field(default_factory=dict)  # read once
+    ops_before: int = 0  # of the traced model, before any pass
+    depth_before: int = 0
 
     @property
     def folded_at(self) -> tuple[int, ...]:

@@ -27,14 +27,15 @@ class ModelInputError(ConfigError):
 
 def unshare_activations(model: nn.Module) -> nn.Module:
     """A copy where a rectifier module called at k places becomes k modules (`relu`, `relu_2`,
-    ...); models without shared rectifiers are returned as they are. Traced by `graph`'s
+    ...); models without shared rectifiers, or that torch.fx cannot trace, are returned as
+    they are. Traced by `graph`'s
     tracer, like every other graph read, so a stand-in site stays a module."""
     try:
         graph = trace_graph(model)
-    except TraceError as error:
-        cause = error.cause
-        raise SiteError(f"cannot trace {type(model).__name__} to split its shared activation "
-                        f"modules ({type(cause).__name__}: {cause})") from cause
+    except TraceError:
+        # Control flow in forward (timm's VGG, MobileViT): kept as it is; `find_sites` lists its
+        # sites in registration order with a warning, and `fold` folds it part by part.
+        return model
     calls: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and is_rectifier(model.get_submodule(node.target)):
