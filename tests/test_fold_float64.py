@@ -5,14 +5,12 @@ matrix products, in the order of least work."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.fx
 from torch import nn
 
-from depthcut.affine import Affine, compose_linear_chain
+from depthcut.affine import Affine, _product_order, compose_linear_chain
 from depthcut.fold import LINEAR, Candidate, FoldState, fold, propose, register_rule
 from depthcut.fold import unregister_rule as unregister
 from depthcut.fold.state import shape_of
@@ -79,42 +77,23 @@ def test_a_wrong_fold_still_reads_as_wrong(wrong_rule) -> None:
     assert "NOT explained by float32 rounding" in report.markdown()
 
 
-def _seconds(work, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def test_a_big_linear_chain_composes_in_the_order_of_least_work() -> None:
     """A VGG-like classifier, 4096 -> 2048 -> 2048 -> 10 with its sites linear, folds to one
     linear. Composed left to right it costs one (2048 x 2048) @ (2048 x 4096) float64 product;
-    right to left, 1/200 of it. The fold's extra time over folding the same chain at a tiny
-    width stays under 3/4 of that one product's time (measured here, not a fixed figure; on
-    an idle machine it is about 1/4: reading and copying the weights)."""
-    def classifier(wide: int, hidden: int) -> nn.Module:
-        torch.manual_seed(0)
-        return linearize(nn.Sequential(nn.Linear(wide, hidden), nn.ReLU(), nn.Dropout(),
-                                       nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(),
-                                       nn.Linear(hidden, 10)).eval(), ["1", "4"])
-
-    big, small = classifier(4096, 2048), classifier(64, 16)
-    x_big, x_small = torch.randn(2, 4096), torch.randn(2, 64)
-    w1 = big[0].weight.detach().double()
-    w2 = big[3].weight.detach().double()
-    fold(small, x_small)  # warm up
-    # Interleaved, best of two each: a busy machine slows all three alike.
-    product = overhead = folded_seconds = float("inf")
-    for _ in range(2):
-        product = min(product, _seconds(lambda: w2 @ w1, repeats=1))
-        overhead = min(overhead, _seconds(lambda: fold(small, x_small), repeats=1))
-        folded_seconds = min(folded_seconds, _seconds(lambda: fold(big, x_big), repeats=1))
+    right to left, 1/200 of it: the matrix-chain order multiplies the 10-row end first. (How
+    long it takes is measured by benchmarks, not asserted here.)"""
+    torch.manual_seed(0)
+    big = linearize(nn.Sequential(nn.Linear(4096, 2048), nn.ReLU(), nn.Dropout(),
+                                  nn.Linear(2048, 2048), nn.ReLU(), nn.Dropout(),
+                                  nn.Linear(2048, 10)).eval(), ["1", "4"])
+    x_big = torch.randn(2, 4096)
     folded = fold(big, x_big)
     assert folded.fold_report.ops_after == 1 and folded.fold_report.exact
     assert torch.allclose(folded(x_big), big(x_big), rtol=1e-4, atol=1e-5)
-    assert folded_seconds - overhead < 0.75 * product, (folded_seconds, overhead, product)
+    # Weights are (out x in): the product is W3 (10x2048) W2 (2048x2048) W1 (2048x4096).
+    split = _product_order([10, 2048, 2048, 4096])
+    assert split[0, 2] == 1  # (W3 W2) W1: 10*2048*2048 + 10*2048*4096 multiply-adds
+    assert split[1, 2] == 1 and split[0, 1] == 0
 
 
 def test_compose_linear_chain_matches_left_to_right_composition() -> None:
