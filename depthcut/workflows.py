@@ -16,7 +16,13 @@ from pathlib import Path
 
 from torch import nn
 
-from depthcut.data import ArrayDataset, BatchLoader, load_dataset, make_splits
+from depthcut.data import (
+    ArrayDataset,
+    BatchLoader,
+    input_shape_mismatch,
+    load_dataset,
+    make_splits,
+)
 from depthcut.entropy import SiteCounts, count_states
 from depthcut.errors import ConfigError
 from depthcut.export import export_onnx
@@ -124,7 +130,13 @@ def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None
     root = data_root or origin.get("data_root")
     if not name or not root:
         raise ConfigError("the model names no dataset: pass --dataset and --data-root")
-    return load_dataset(name, root, cache_dir=cache_dir, progress=progress)
+    # Its own data is loaded as it was trained on (an image folder at the same size).
+    size = origin.get("image_size") if name == origin.get("dataset") else None
+    data = load_dataset(name, root, cache_dir=cache_dir, progress=progress, image_size=size)
+    mismatch = input_shape_mismatch(origin, data)
+    if mismatch:
+        raise ConfigError(f"the model was made at another {mismatch[0]}")
+    return data
 
 
 def _loader(images, labels, dataset: ArrayDataset, samples: int | None, batch_size: int,

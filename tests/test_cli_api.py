@@ -48,6 +48,7 @@ QUICK = {
     "metric": "top1",
     "distill": 0.0, "distill_temperature": 4.0, "progressive_epochs": 1, "first_step": 4,
     "max_sites": None, "blend": 0.5,
+    "image_size": None, "skip_unreadable": False, "augment": None, "normalize": None,
 }
 
 
