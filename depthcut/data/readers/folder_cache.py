@@ -255,6 +255,7 @@ def _workers(count: int) -> int:
 def _build_cache(images: ImageList, size: int, folder: Path, progress: bool,
                  description: str, skip_unreadable: bool) -> FolderCache:
     count = len(images.paths)
+    created = [p for p in (folder.parent, folder.parent.parent) if not p.exists()]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     tmp.mkdir()
@@ -300,6 +301,12 @@ def _build_cache(images: ImageList, size: int, folder: Path, progress: bool,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.exists():  # failed: leave no trace, not even the folders made for it
+            for path in created:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
     cache = _read_cache(folder, count, size)
     if cache is None:
         raise DatasetError(f"{folder}: the image cache just written cannot be read")
