@@ -226,6 +226,16 @@ def select_rows(images: torch.Tensor | DiskImages, indices: torch.Tensor,
     return images[indices].to(device)
 
 
+def default_eval_batch_size(dataset: ArrayDataset, batch_size: int) -> int:
+    """512 for images up to 32x32 (and token ids); fewer for larger images, so that an
+    evaluation batch holds about as many pixels as 512 CIFAR images (never fewer images than a
+    training batch): 32 at 224 px, whose 512 would need gigabytes of activations."""
+    shape = dataset.train_inputs.shape
+    if len(shape) != 4:
+        return 512
+    return min(512, max(batch_size, 512 * 32 * 32 // (shape[2] * shape[3])))
+
+
 @dataclass(eq=False)
 class DataSplits:
     """The loaders one experiment needs, all built from one seeded split."""
@@ -245,7 +255,7 @@ def make_splits(
     val_fraction: float = 0.1,
     train_subset: int | None = None,
     batch_size: int = 128,
-    eval_batch_size: int = 512,
+    eval_batch_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     channels_last: bool = False,
@@ -256,6 +266,8 @@ def make_splits(
     batch of one sample would break BatchNorm in training mode, and reshuffling each epoch means
     no sample is always left out.
     """
+    if eval_batch_size is None:
+        eval_batch_size = default_eval_batch_size(dataset, batch_size)
     train_idx, val_idx = split_indices(
         len(dataset.train_inputs), val_fraction, seed, subset=train_subset
     )
