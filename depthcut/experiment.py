@@ -23,14 +23,20 @@ from torch import nn
 
 from depthcut import distributed
 from depthcut.data import (
+    NORMALIZE_HELP,
+    ArrayDataset,
     DataSplits,
     ImageDataset,
     TokenDataset,
+    data_origin,
+    data_record,
     dataset_names,
     dataset_settings,
     dataset_spec,
+    input_shape_mismatch,
     load_dataset,
     make_splits,
+    recipe_names,
 )
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.faults import die_at
@@ -88,6 +94,13 @@ class ExperimentConfig:
     dataset: str = "cifar10-jpeg"
     data_root: str = "../shared/data"
     cache_dir: str | None = None
+    # Image folders: the side images are resized and centre-cropped to (None: the first
+    # image's), files that cannot be read left out instead of refused; any image dataset: the
+    # training augmentation recipe and the normalisation (None: the dataset's own).
+    image_size: int | None = None
+    skip_unreadable: bool = False
+    augment: str | None = None
+    normalize: str | None = None
     model: str = "resnet18"
     width: float = 0.25
     activation: str | None = None  # None: the architecture's own default
@@ -133,6 +146,15 @@ DATA_MODEL_OPTIONS: tuple[Option, ...] = (
     Option("dataset", argparse={"choices": dataset_names}),
     Option("data_root", "folder holding the dataset (textfile: the file itself)"),
     Option("cache_dir", "where decoded datasets are cached"),
+    Option("image_size", "image folders: resize (shorter side) and centre-crop every image to "
+           "this many pixels (default: the first training image's shorter side)",
+           argparse={"type": int}),
+    Option("skip_unreadable", "image folders: leave out image files that cannot be read "
+           "(default: refuse the data, naming them)", argparse={"action": "store_true"}),
+    Option("augment", "training augmentation recipe (default: the dataset's own; cifar: "
+           "pad-crop + flip; domainbed: random-resized crop + flip + colour jitter 0.4; "
+           "flowers: flips + rotation + crop; none)", argparse={"choices": recipe_names}),
+    Option("normalize", NORMALIZE_HELP),
     Option("val_fraction", "share of the training split held out for validation",
            argparse={"type": float}),
     Option("train_subset", "train on only this many images of the training split",
@@ -291,6 +313,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
     dataset = load_dataset(
         config.dataset, config.data_root, cache_dir=config.cache_dir, progress=config.progress,
         settings=config.to_dict(),
+        image_size=config.image_size, skip_unreadable=config.skip_unreadable,
+        augment=config.augment, normalize=config.normalize,
     )
     # A text dataset's byte tokens need the sequence model, built for its vocabulary, length
     # and padding id (kept in the spec, so checkpoints rebuild the same model).
@@ -334,6 +358,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
                       for key in ("name", "num_classes", "in_channels", "width", "activation",
                                   "vocab_size", "max_len", "pad_id", "image_size")
                       if getattr(info["spec"], key) != getattr(spec, key)]
+        mismatched += input_shape_mismatch(info.get("extra", {}), dataset)
         if mismatched:
             raise ConfigError(
                 f"--dense-checkpoint {config.dense_checkpoint} does not match this run's model "
@@ -410,6 +435,10 @@ def _origin(config: ExperimentConfig, record: StageRecord, splits: DataSplits | 
     origin = {"dataset": config.dataset, "data_root": config.data_root,
               "dataset_settings": dataset_settings(config.dataset, config.to_dict()),
               "record": record.to_dict()}
+    if splits is not None and isinstance(splits.dataset, ArrayDataset):
+        # What a checkpoint must be used on (checked when it is reused); a user's own data
+        # (depthcut.api) records its input shape in config.json only.
+        origin.update(data_origin(splits.dataset, config.image_size))
     if splits is not None:
         origin["loader_epoch"] = getattr(splits.train, "epoch", 0)
     return origin
@@ -517,6 +546,7 @@ def _run_method(config: ExperimentConfig, method_spec: MethodSpec, method, out: 
     settings["memory_format"] = prepared.memory_format.to_dict()
     # The shape of one input image (a text's token count): the report times stages at it.
     settings["input_shape"] = list(prepared.splits.dataset.test_inputs.shape[1:])
+    settings.update(data_record(prepared.splits.dataset))
     if isinstance(prepared.splits.dataset, TokenDataset):
         text = prepared.splits.dataset
         settings["text"] = {"seq_len": text.seq_len, "vocab_size": text.vocab_size,

@@ -289,14 +289,20 @@ def load_run(path: str | Path) -> Run:
 
 
 def check_compatible(runs: Sequence[Run]) -> None:
-    """Refuse to put runs with different data or models in one table."""
-    for key in ("dataset", "model", "width", "activation"):
-        values = {str(run.experiment(key)) for run in runs}
+    """Refuse to put runs with different data or models in one table: the dataset (its key and,
+    for an image folder, its true name), the input shape, the model, width and activation."""
+    readers = {key: (lambda run, key=key: run.experiment(key))
+               for key in ("dataset", "model", "width", "activation")}
+    readers["dataset name"] = _dataset_name
+    readers["input shape"] = lambda run: "x".join(map(str, run.config.get("input_shape", [])))
+    for key, read in readers.items():
+        values = {str(read(run)) for run in runs} - {""}  # "": a run too old to record it
         if len(values) > 1:
-            detail = ", ".join(f"{run.path}: {run.experiment(key)}" for run in runs)
+            detail = ", ".join(f"{run.path}: {read(run)}" for run in runs)
             raise ConfigError(
                 f"cannot compare runs with different {key} ({detail}); a comparison needs the "
-                "same dataset, model, width and activation in every run"
+                "same dataset, input shape, model, width and activation in every run. Report "
+                "each group of runs on its own."
             )
 
 
@@ -560,8 +566,9 @@ def plot_entropy_heatmap(run: Run, path: Path) -> bool:
 
 
 def _dataset_name(run: Run) -> str:
-    name = run.experiment("dataset")
-    return display_name(name)
+    """The dataset's true name: recorded by the run (an image folder's folder name), else the
+    registry's name for its key (runs written before the name was recorded)."""
+    return run.config.get("dataset_name") or display_name(run.experiment("dataset"))
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bool = True,

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from torch import nn
 
-from depthcut.data import ArrayDataset, BatchLoader, load_dataset, make_splits
+from depthcut.data import (
+    ArrayDataset,
+    BatchLoader,
+    input_shape_mismatch,
+    load_dataset,
+    make_splits,
+)
 from depthcut.entropy import SiteCounts, count_states
 from depthcut.errors import ConfigError
 from depthcut.experiment import ExperimentConfig, absolute_paths, prepare
@@ -149,9 +155,17 @@ def _dataset_for(origin: dict, dataset: str | None, data_root: str | Path | None
     if data_root is None and not Path(root).expanduser().exists():
         raise ConfigError(f"the model was trained on {name} data in {root}, which does not "
                           "exist (any more): pass --data-root to point to the dataset's place")
-    # How the run read its data (a text file's field names), unless another dataset is named.
-    settings = origin.get("dataset_settings", {}) if name == origin.get("dataset") else {}
-    return load_dataset(name, root, cache_dir=cache_dir, progress=progress, settings=settings)
+    # Its own data is loaded as it was trained on: a text file's field names, an image folder
+    # at the same size (unless another dataset is named).
+    own = name == origin.get("dataset")
+    settings = origin.get("dataset_settings", {}) if own else {}
+    size = origin.get("image_size") if own else None
+    data = load_dataset(name, root, cache_dir=cache_dir, progress=progress, settings=settings,
+                        image_size=size)
+    mismatch = input_shape_mismatch(origin, data)
+    if mismatch:
+        raise ConfigError(f"the model was made at another {mismatch[0]}")
+    return data
 
 
 def _loader(images, labels, dataset: ArrayDataset, samples: int | None, batch_size: int,

@@ -50,6 +50,7 @@ QUICK = {
     "max_sites": None, "blend": 0.5,
     "weights": None, "reset_head": False, "weights_trained": False,
     "optimizer": "sgd", "text_field": "text", "label_field": "label",
+    "image_size": None, "skip_unreadable": False, "augment": None, "normalize": None,
 }
 
 

@@ -9,13 +9,23 @@ The public API the rest of depthcut uses; the pieces live in their own modules:
 - `readers/`: the file formats (CIFAR pickle batches, ImageFolder archives and folders, IDX,
   the fortunes archive).
 - `cache`: the cache of decoded arrays.
+- `disk_images`: `DiskImages`, decoded images on disk read a batch at a time (data larger
+  than memory), and the row writer that fills them.
+- `recipes`: training augmentation recipes by name (`cifar`, `domainbed`, `flowers`, `none`).
+- `normalization`: per-channel normalisation by name (`data`, `imagenet`, given values).
+- `provenance`: what runs and checkpoints record about their data (true name, input shape),
+  and the check that a checkpoint matches the data it is used on.
 - `loaders`: `split_indices`, `augment`, `BatchLoader`, `DataSplits`, `make_splits`.
 """
 
 from depthcut.data.arrays import ArrayDataset, ImageDataset, TokenDataset
 from depthcut.data.datasets import DATASET_MODULES
+from depthcut.data.disk_images import DiskImages
 from depthcut.data.errors import DatasetError, DatasetNotFoundError
 from depthcut.data.loaders import BatchLoader, DataSplits, augment, make_splits, split_indices
+from depthcut.data.normalization import NORMALIZE_HELP
+from depthcut.data.provenance import data_origin, data_record, input_shape_mismatch
+from depthcut.data.recipes import recipe_names
 from depthcut.data.registry import (
     DatasetSpec,
     dataset_names,
@@ -36,9 +46,14 @@ __all__ = [
     "DatasetError",
     "DatasetNotFoundError",
     "DatasetSpec",
+    "DiskImages",
+    "NORMALIZE_HELP",
     "ImageDataset",
     "TokenDataset",
     "augment",
+    "data_origin",
+    "data_record",
+    "input_shape_mismatch",
     "dataset_names",
     "dataset_presets",
     "dataset_settings",
@@ -46,6 +61,7 @@ __all__ = [
     "display_name",
     "load_dataset",
     "make_splits",
+    "recipe_names",
     "register",
     "split_indices",
     "unregister",

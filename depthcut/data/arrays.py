@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from depthcut.data.disk_images import is_on_disk
 from depthcut.data.errors import DatasetError
 
 IMAGES = "images"
@@ -55,7 +56,11 @@ class ArrayDataset:
 @dataclass(eq=False, repr=False)
 class ImageDataset(ArrayDataset):
     """uint8 (N, C, H, W) images, and how to treat them: per-channel `mean`/`std` for
-    normalisation, `crop_padding` and `flip` for training augmentation."""
+    normalisation, `crop_padding` and `flip` for training augmentation, or a named
+    `augmentation` recipe (`depthcut.data.recipes`) instead of them.
+
+    The images are tensors in memory, or `DiskImages` (a decoded cache on disk, read a batch at
+    a time) for data larger than memory."""
 
     kind: ClassVar[str] = IMAGES
 
@@ -63,6 +68,11 @@ class ImageDataset(ArrayDataset):
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
+    augmentation: str | None = None
+    # The training split's own per-channel (mean, std), when the loader computed them anyway
+    # (an image folder, while decoding): `--normalize data` then needs no pass over the images.
+    data_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out, and why
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -74,7 +84,8 @@ class ImageDataset(ArrayDataset):
                     f"got {images.dtype} {tuple(images.shape)}"
                 )
             self._check_labels(split, images, labels, "image")
-            setattr(self, f"{split}_inputs", images.contiguous())
+            if not is_on_disk(images):
+                setattr(self, f"{split}_inputs", images.contiguous())
             setattr(self, f"{split}_labels", labels.to(torch.int64).contiguous())
         if self.train_inputs.shape[1:] != self.test_inputs.shape[1:]:
             raise DatasetError(
@@ -100,7 +111,9 @@ class ImageDataset(ArrayDataset):
 
     def batch_options(self, *, train: bool) -> dict[str, Any]:
         options: dict[str, Any] = {"mean": self.mean, "std": self.std}
-        if train:
+        if train and self.augmentation is not None:
+            options.update(recipe=self.augmentation)
+        elif train:
             options.update(crop_padding=self.crop_padding, flip=self.flip)
         return options
 

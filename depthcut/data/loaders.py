@@ -1,22 +1,28 @@
-"""Splits, tensor augmentation and batch loaders over datasets held in (device) memory.
+"""Splits and batch loaders over datasets held in (device) memory or on disk.
 
-The datasets here are small, so a whole split lives in memory and every batch is cut, augmented
-and normalised with tensor ops: no worker processes, no per-sample Python, the same code on CPU
-and GPU. Integer (N, T) token ids are served as they are.
+A small dataset's split lives in memory and every batch is cut, augmented and normalised with
+tensor ops: no worker processes, no per-sample Python, the same code on CPU and GPU. A dataset
+larger than memory keeps its decoded images on disk (`DiskImages`): each batch's rows are read
+by a background thread while the previous batch trains, then augmented and normalised the
+same way. Integer (N, T) token ids are served as they are.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from depthcut import distributed
 from depthcut.data.arrays import ArrayDataset
+from depthcut.data.disk_images import DiskImages, is_on_disk
+from depthcut.data.recipes import augment, get_recipe
 from depthcut.errors import ConfigError
+
+__all__ = ["BatchLoader", "DataSplits", "augment", "make_splits", "split_indices"]
 
 
 def split_indices(
@@ -48,46 +54,6 @@ def split_indices(
     return train, val
 
 
-def augment(
-    images: torch.Tensor,
-    padding: int,
-    flip: bool,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Per-sample random crop (from the zero-padded image) and horizontal flip, vectorised.
-
-    Offsets are uniform in [0, 2 * padding] per sample and axis; each sample is flipped with
-    probability 0.5. Everything is one gather with advanced indexing, so it costs the same on GPU
-    as a copy. Random numbers come from `generator` (on its device), or the global RNG of the
-    images' device. With padding 0 and no flip the input itself is returned.
-    """
-    if images.dim() != 4:
-        raise ConfigError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if padding < 0:
-        raise ConfigError(f"padding must be >= 0, got {padding}")
-    if padding == 0 and not flip:
-        return images
-    n, c, h, w = images.shape
-    device = images.device
-    rng_device = generator.device if generator is not None else device
-    rows = torch.arange(h, device=device).expand(n, h)
-    cols = torch.arange(w, device=device).expand(n, w)
-    source = images
-    if padding > 0:
-        size = (n,)
-        dy = torch.randint(0, 2 * padding + 1, size, generator=generator, device=rng_device)
-        dx = torch.randint(0, 2 * padding + 1, size, generator=generator, device=rng_device)
-        rows = rows + dy.to(device)[:, None]
-        cols = cols + dx.to(device)[:, None]
-        source = F.pad(images, (padding, padding, padding, padding))
-    if flip:
-        flipped = torch.randint(0, 2, (n,), generator=generator, device=rng_device).bool()
-        cols = torch.where(flipped.to(device)[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    channel = torch.arange(c, device=device)[None, :, None, None]
-    return source[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
-
-
 def _make_generator(device: torch.device) -> torch.Generator:
     """A generator on `device` when the backend has one, else on CPU (augment copies over)."""
     try:
@@ -110,6 +76,10 @@ class BatchLoader:
     Integer (N, T) token ids are served as they are, int64: no normalisation, augmentation or
     memory format applies to them (`mean`, `std`, `augment`, `channels_last` are ignored).
     A dataset says which keywords its kind needs: ``dataset.batch_options(train=...)``.
+
+    `recipe` names an augmentation recipe (`depthcut.data.recipes`) used instead of
+    `crop_padding`/`flip`. Images on disk (`DiskImages`) stay there: each batch is read (one
+    batch ahead, in a thread) and moved to `device`, so memory holds two batches, not the split.
     """
 
     def __init__(
@@ -124,6 +94,7 @@ class BatchLoader:
         augment: bool = False,
         crop_padding: int = 0,
         flip: bool = False,
+        recipe: str | None = None,
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         channels_last: bool = False,
@@ -151,13 +122,15 @@ class BatchLoader:
         if any(s <= 0 for s in std):
             raise ConfigError(f"std must be positive, got {std}")
         self.device = torch.device(device)
-        self.inputs = inputs.to(self.device)
+        self.on_disk = is_on_disk(inputs)
+        self.inputs = inputs if self.on_disk else inputs.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
         self.crop_padding = crop_padding
         self.flip = flip
+        self.recipe = get_recipe(recipe) if recipe is not None else None
         self.drop_last = drop_last
         self.channels_last = channels_last
         self.seed = seed
@@ -199,23 +172,68 @@ class BatchLoader:
         self, order: torch.Tensor | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            if order is None:
-                batch = self.inputs[start : start + self.batch_size]
-                labels = self.labels[start : start + self.batch_size]
-            else:
-                index = order[start : start + self.batch_size]
-                batch, labels = self.inputs[index], self.labels[index]
+        for batch, labels in self._rows(order):
             if self.tokens:
                 yield batch, labels
                 continue
-            if self.augment:  # on uint8: a quarter of the bytes to gather
+            if self.augment and self.recipe is not None:
+                batch = self.recipe(batch, self._augment_generator)
+            elif self.augment:  # on uint8: a quarter of the bytes to gather
                 batch = augment(
                     batch, self.crop_padding, self.flip, generator=self._augment_generator
                 )
             inputs = batch.to(dtype=torch.float32, memory_format=memory_format)
             inputs = inputs.div_(255.0).sub_(self._mean).div_(self._std)
             yield inputs, labels
+
+
+    def _rows(self, order: torch.Tensor | None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each batch's inputs and labels, before augmentation, in order."""
+        starts = range(0, len(self) * self.batch_size, self.batch_size)
+        if not self.on_disk:
+            for start in starts:
+                if order is None:
+                    yield (self.inputs[start : start + self.batch_size],
+                           self.labels[start : start + self.batch_size])
+                else:
+                    index = order[start : start + self.batch_size]
+                    yield self.inputs[index], self.labels[index]
+            return
+        if order is None:
+            order = torch.arange(len(self.inputs))
+        order = order.cpu()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="depthcut-read") as reader:
+            pending: Future | None = None
+            for number, start in enumerate(starts):
+                index = order[start : start + self.batch_size]
+                if pending is None:
+                    pending = reader.submit(self.inputs.read, index)
+                batch = pending.result()
+                pending = None
+                if number + 1 < len(starts):  # read the next batch while this one trains
+                    ahead = order[start + self.batch_size : start + 2 * self.batch_size]
+                    pending = reader.submit(self.inputs.read, ahead)
+                yield (batch.to(self.device, non_blocking=True),
+                       self.labels[index.to(self.labels.device)])
+
+
+def select_rows(images: torch.Tensor | DiskImages, indices: torch.Tensor,
+                device: torch.device) -> torch.Tensor | DiskImages:
+    """Rows `indices` of a split: copied onto `device` when in memory, a lazy view on disk."""
+    if is_on_disk(images):
+        return images.subset(indices)
+    return images[indices].to(device)
+
+
+def default_eval_batch_size(dataset: ArrayDataset, batch_size: int) -> int:
+    """512 for images up to 32x32 (and token ids); fewer for larger images, so that an
+    evaluation batch holds about as many pixels as 512 CIFAR images (never fewer images than a
+    training batch): 32 at 224 px, whose 512 would need gigabytes of activations."""
+    shape = dataset.train_inputs.shape
+    if len(shape) != 4:
+        return 512
+    return min(512, max(batch_size, 512 * 32 * 32 // (shape[2] * shape[3])))
 
 
 @dataclass(eq=False)
@@ -237,7 +255,7 @@ def make_splits(
     val_fraction: float = 0.1,
     train_subset: int | None = None,
     batch_size: int = 128,
-    eval_batch_size: int = 512,
+    eval_batch_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     channels_last: bool = False,
@@ -248,6 +266,8 @@ def make_splits(
     batch of one sample would break BatchNorm in training mode, and reshuffling each epoch means
     no sample is always left out.
     """
+    if eval_batch_size is None:
+        eval_batch_size = default_eval_batch_size(dataset, batch_size)
     train_idx, val_idx = split_indices(
         len(dataset.train_inputs), val_fraction, seed, subset=train_subset
     )
@@ -255,7 +275,7 @@ def make_splits(
     place = {"device": device, "channels_last": channels_last}
     norm = {**dataset.batch_options(train=False), **place}  # the evaluation loaders' options
     # One device copy of the training subset, shared by the training and train-eval loaders.
-    train_inputs = dataset.train_inputs[train_idx].to(device)
+    train_inputs = select_rows(dataset.train_inputs, train_idx, device)
     train_labels = dataset.train_labels[train_idx].to(device)
     # Under torch.distributed each rank trains and counts entropy on its shard (batch_size is
     # per process); validation and test run whole on every rank.
@@ -270,7 +290,7 @@ def make_splits(
     val = None
     if len(val_idx):
         val = BatchLoader(
-            dataset.train_inputs[val_idx], dataset.train_labels[val_idx],
+            select_rows(dataset.train_inputs, val_idx, device), dataset.train_labels[val_idx],
             batch_size=eval_batch_size, **norm,
         )
     test = BatchLoader(

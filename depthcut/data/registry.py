@@ -8,24 +8,28 @@ presets all ask this registry.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from depthcut.data.arrays import KINDS, ArrayDataset
+from depthcut.data.arrays import KINDS, ArrayDataset, ImageDataset
 from depthcut.data.errors import DatasetNotFoundError
+from depthcut.data.normalization import normalized
+from depthcut.data.recipes import get_recipe
 from depthcut.errors import ConfigError
 
 
 class Loader(Protocol):
     """Reads a dataset from its data root (a folder, or a file where `spec.root_is_file`, that
     exists or not: say what is missing with `spec.not_found`); `cache_dir` and `progress`
-    serve loaders that decode and cache; the settings named in `spec.settings` come as
-    keywords."""
+    serve loaders that decode and cache. A loader that takes more gets them as keywords: the
+    run settings its spec names in `settings` (e.g. "text_field"), the `load_dataset` options
+    it names in `load_options` (`image_size`, `skip_unreadable`)."""
 
     def __call__(self, spec: DatasetSpec, root: Path, *, cache_dir: str | Path | None,
-                 progress: bool, **settings: Any) -> ArrayDataset: ...
+                 progress: bool, **options: Any) -> ArrayDataset: ...
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,16 @@ class DatasetSpec:
     # The run's settings (ExperimentConfig fields, e.g. "text_field") the loader takes as
     # keywords: how to read the files, where one format has several spellings.
     settings: tuple[str, ...] = ()
+    # The settings of `load_dataset` its loader takes as keywords (`LOAD_OPTIONS`).
+    load_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.key != normalize_name(self.key):
             raise ValueError(f"dataset key {self.key!r} must be lower case with '-' for '_'")
+        unknown = set(self.load_options) - set(LOAD_OPTIONS)
+        if unknown:
+            raise ValueError(f"dataset {self.key!r}: unknown load options {sorted(unknown)}; "
+                             f"known: {LOAD_OPTIONS}")
         if self.kind not in KINDS:
             raise ValueError(f"dataset {self.key!r}: kind must be one of {KINDS}, "
                              f"got {self.kind!r}")
@@ -79,6 +89,8 @@ class DatasetSpec:
 
 
 _SPECS: dict[str, DatasetSpec] = {}
+# Loading settings a dataset may take, with the flag that sets them (for messages).
+LOAD_OPTIONS = {"image_size": "--image-size", "skip_unreadable": "--skip-unreadable"}
 
 
 def normalize_name(name: str) -> str:
@@ -140,14 +152,25 @@ def load_dataset(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     settings: Mapping[str, Any] | None = None,
+    *,
+    image_size: int | None = None,
+    skip_unreadable: bool = False,
+    augment: str | None = None,
+    normalize: str | None = None,
 ) -> ArrayDataset:
-    """Load dataset `name` from the data root `root` into memory.
+    """Load dataset `name` from the data root `root` (into memory, or a cache on disk).
 
     `cache_dir` is used by datasets that decode their files once and cache the arrays; it
     defaults to ``$DEPTHCUT_CACHE`` or ``~/.cache/depthcut``. `settings`: the run's settings;
     the loader gets those its spec names (`DatasetSpec.settings`), the others are ignored.
+    `image_size` and `skip_unreadable` go to datasets that take them
+    (`DatasetSpec.load_options`; a dataset of a fixed size accepts its own size). `augment` (a
+    recipe of `depthcut.data.recipes`) and `normalize` (`depthcut.data.normalization`)
+    replace an image dataset's own; None keeps it.
     """
     spec = dataset_spec(name)
+    asked = {"image_size": image_size, "skip_unreadable": skip_unreadable}
+    options = {key: value for key, value in asked.items() if key in spec.load_options}
     root = Path(root).expanduser()
     if root.exists() and root.is_dir() == spec.root_is_file:
         found, expected = ("a folder", "a file") if spec.root_is_file else ("a file", "a folder")
@@ -155,9 +178,39 @@ def load_dataset(
             f"{spec.display_name} dataset: the data root {root} is {found}, not {expected}.\n"
             f"{spec.layout_text(root)}"
         )
-    dataset = spec.loader(spec, root, cache_dir=cache_dir, progress=progress,
+    if skip_unreadable and "skip_unreadable" not in options:
+        raise ConfigError(f"--skip-unreadable applies to datasets of image files "
+                          f"({', '.join(_taking('skip_unreadable'))}), not {spec.key}")
+    dataset = spec.loader(spec, root, cache_dir=cache_dir, progress=progress, **options,
                           **dataset_settings(name, settings or {}))
     if not isinstance(dataset, ArrayDataset) or dataset.kind != spec.kind:
         raise TypeError(f"dataset {spec.key!r} is registered as {spec.kind}, its loader "
                         f"returned {type(dataset).__name__}")
-    return dataset
+    return image_treatment(dataset, image_size=image_size, augment=augment,
+                           normalize=normalize)
+
+
+def _taking(option: str) -> list[str]:
+    return [key for key, spec in _SPECS.items() if option in spec.load_options]
+
+
+def image_treatment(dataset: ArrayDataset, *, image_size: int | None, augment: str | None,
+                    normalize: str | None) -> ArrayDataset:
+    """Check `image_size` against a fixed-size dataset; set the augmentation recipe and the
+    normalisation asked for."""
+    if not isinstance(dataset, ImageDataset):
+        asked = [flag for flag, value in (("--image-size", image_size), ("--augment", augment),
+                                          ("--normalize", normalize)) if value is not None]
+        if asked:
+            raise ConfigError(f"{', '.join(asked)} apply to images; {dataset.name} holds "
+                              f"{dataset.kind}")
+        return dataset
+    if image_size is not None and image_size != dataset.image_size:
+        raise ConfigError(
+            f"{dataset.name} has {dataset.image_size} px images and is not resized; "
+            f"--image-size {image_size} applies to datasets of image files "
+            f"({', '.join(_taking('image_size'))})")
+    if augment is not None:
+        get_recipe(augment)  # a ConfigError naming the recipes when unknown
+        dataset = dataclasses.replace(dataset, augmentation=augment)
+    return normalized(dataset, normalize)
