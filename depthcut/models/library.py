@@ -54,13 +54,21 @@ class Library:
     """What differs between libraries: `create(architecture, num_classes, in_channels,
     options)` builds a randomly initialised model (raising ImportError when the package is
     missing); `image_size_argument` is the builders' keyword for the image size (None: the
-    models read token ids); `package` is what to install; `usage` how help names it."""
+    models read token ids); `reads_images(architecture)` tells the two apart where a library
+    has both (transformers: ViT reads images, BERT token ids; None: `image_size_argument`
+    decides); `package` is what to install; `usage` how help names it."""
 
     name: str
     package: str
     create: Callable[[str, int, int, dict], nn.Module]
     image_size_argument: str | None = None
     usage: str | None = None
+    reads_images: Callable[[str], bool] | None = None
+
+    def takes_images(self, architecture: str) -> bool:
+        if self.image_size_argument is None:
+            return False
+        return self.reads_images is None or self.reads_images(architecture)
 
 
 LIBRARIES: dict[str, Library] = {}
@@ -165,7 +173,7 @@ def build_external(name: str, num_classes: int, in_channels: int,
     library_name, architecture, options = parse_name(name)
     library = LIBRARIES[library_name]
     size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
-    if library.image_size_argument is None:
+    if not library.takes_images(architecture):
         if image_size is not None:
             raise ConfigError(f"--model {name} reads token ids, not {image_size}x{image_size} "
                               "images: use it on a text dataset")
