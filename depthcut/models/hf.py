@@ -7,9 +7,10 @@ num_hidden_layers=2,num_attention_heads=2,intermediate_size=256,vocab_size=1000,
 max_position_embeddings=64`, `hf:vit:hidden_size=64,num_hidden_layers=2,num_attention_heads=2,
 intermediate_size=128,patch_size=8`.
 
-At build time (`adapt`) transformers' activation modules become the torch modules they compute
-(`GELUActivation` calls F.gelu: an `nn.GELU` is a site that hooks and `linearize` reach) and
-GPT-2's `Conv1D` the `nn.Linear` it computes. transformers 5.x forwards do not trace with
+At build time transformers' activation modules become the torch modules they compute
+(`GELUActivation` calls F.gelu: `sites.modularize_leaves` makes it an `nn.GELU`, a site that
+hooks and `linearize` reach; GPT-2's NewGELU formula: `torch_activations`) and GPT-2's `Conv1D`
+the `nn.Linear` it computes. transformers 5.x forwards do not trace with
 torch.fx (mask building compares traced shapes; layers pass `**kwargs` and unpack tuples), so
 `find_sites` lists the sites in registration order (forward order for these models) and `fold`
 captures the forward with torch.export (`depthcut.fold.exported`): the MLP (dense -> GELU ->
@@ -60,17 +61,15 @@ class HFImageClassifier(nn.Module):
         return self.model(pixel_values=images).logits
 
 
-# transformers' activation modules that compute a torch activation, by class name: each is put
-# back as that torch module, so it is a site (`find_sites`) that hooks and `linearize` reach.
-# NewGELU, FastGELU and GELUTanh write the tanh approximation out: nn.GELU("tanh") computes the
-# same function (within float rounding), once, at build time.
+# transformers' activation modules that write a torch activation out as a formula, by class
+# name: each is put back as that torch module, so it is a site (`find_sites`) that hooks and
+# `linearize` reach. NewGELU (GPT-2) and FastGELU compute the tanh approximation by hand:
+# nn.GELU("tanh") is the same function (within float rounding), swapped once, at build time.
+# Those that call a functional rectifier (`GELUActivation` calls F.gelu) become modules by the
+# general rule (`sites.modularize_leaves`, from `build_external`).
 _TORCH_ACTIVATIONS = {
-    "GELUActivation": lambda: nn.GELU(),
-    "GELUTanh": lambda: nn.GELU(approximate="tanh"),
     "NewGELUActivation": lambda: nn.GELU(approximate="tanh"),
     "FastGELUActivation": lambda: nn.GELU(approximate="tanh"),
-    "PytorchGELUTanh": lambda: nn.GELU(approximate="tanh"),
-    "SiLUActivation": lambda: nn.SiLU(),
 }
 
 
