@@ -3,7 +3,8 @@ to end, and the table of what each gives (docs/zoo.md).
 
 Each model is built as `--model LIBRARY:NAME` builds it (`models.build_external`: random init,
 activations one module per site), its BatchNorm statistics perturbed, and run on 64x64 images
-(token ids (2, 32) for transformers' text models). Checked: sites are found, their entropies are finite, and
+(token ids (2, 32) for
+transformers' text models). Checked: sites are found, their entropies are finite, and
 with every second site linear, then with every site linear, the fold is exact against a float64
 evaluation of the unfolded model (`FoldReport.agrees_in_float64`) and BatchNorm folds wherever
 the model has one. `tests/test_zoo.py` asserts this per model; `main` runs every model in its
