@@ -5,8 +5,10 @@ linearize and fold, exactly against float64, the MLPs collapsing; padding is mas
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,21 @@ def test_padding_is_masked() -> None:
     longer = torch.tensor([[5, 6, 7, 8, 0, 0, 0, 0, 0, 0]])
     with torch.no_grad():
         assert torch.allclose(model(short), model(longer), atol=1e-5)
+
+
+_FORTUNES = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (_FORTUNES / "fortunes.tar.gz").exists(),
+                    reason="the fortunes archive is not beside the project")
+def test_cli_easier_on_a_text_dataset_with_padding_masked(tmp_path: Path) -> None:
+    from depthcut.cli import main
+
+    out = tmp_path / "run"
+    code = main(["easier", "--model", "hf:bert:hidden_size=32,num_hidden_layers=2,"
+                 "num_attention_heads=2,intermediate_size=64", "--dataset", "fortunes-lang",
+                 "--data-root", str(_FORTUNES), "--train-subset", "300", "--epochs", "1",
+                 "--max-stages", "1", "--out", str(out)])
+    assert code == 0
+    answer = json.loads((out / "folded_answer.json").read_text())
+    assert answer["exact"]

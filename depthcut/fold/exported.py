@@ -123,8 +123,10 @@ def export_graph(model: nn.Module, example: Tensor) -> torch.fx.GraphModule:
     except Exception as error:  # noqa: BLE001 - any capture failure is one kind of error
         raise ExportError(model, error) from error
     _translate(gm.graph)
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         node.type = None
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)  # the input-shape guard: a local class, not picklable
     # A plain GraphModule holding what the graph reads: the exported module refuses
     # `.eval()`, which every caller of a folded model may call.
     return torch.fx.GraphModule(gm, gm.graph, type(model).__name__)

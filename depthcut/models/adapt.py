@@ -114,6 +114,8 @@ def check_runs(model: nn.Module, name: str, example: Tensor) -> None:
                 f"--model {name}: patch size {patch[0]} does not divide the {size}x{size} "
                 "images (the border would be dropped); choose one that does with a builder "
                 "option after the name, e.g. timm:NAME:patch_size=4")
+    if any(p.is_meta for p in model.parameters()):
+        return  # built on the meta device (the memory estimate): nothing to run on
     training = model.training
     model.eval()
     try:

@@ -175,5 +175,13 @@ def create(architecture: str, num_classes: int, in_channels: int, options: dict)
     return HFImageClassifier(model) if images else HFSequenceClassifier(model)
 
 
+def token_options(vocab_size: int, max_len: int, pad_id: int | None) -> dict:
+    """A text dataset's vocabulary, length and padding id as config options (`--model
+    hf:bert` on fortunes-lang): the attention mask comes from `pad_token_id`."""
+    return {"vocab_size": vocab_size, "max_position_embeddings": max_len,
+            "pad_token_id": pad_id}
+
+
 register_library(Library(name="hf", package="transformers", create=create,
-                         image_size_argument="image_size", reads_images=reads_images))
+                         image_size_argument="image_size", reads_images=reads_images,
+                         token_options=token_options))
