@@ -3,7 +3,8 @@ to end, and the table of what each gives (docs/zoo.md).
 
 Each model is built as `--model LIBRARY:NAME` builds it (`models.build_external`: random init,
 activations one module per site), its BatchNorm statistics perturbed, and run on 64x64 images
-(token ids (2, 32) for transformers). Checked: sites are found, their entropies are finite, and
+(token ids (2, 32) for
+transformers' text models). Checked: sites are found, their entropies are finite, and
 with every second site linear, then with every site linear, the fold is exact against a float64
 evaluation of the unfolded model (`FoldReport.agrees_in_float64`) and BatchNorm folds wherever
 the model has one. `tests/test_zoo.py` asserts this per model; `main` runs every model in its
@@ -51,11 +52,16 @@ TIMM = [
     "vit_tiny_patch16_224:patch_size=8", "deit_tiny_patch16_224:patch_size=8",
     "mixer_s16_224:patch_size=8", "resmlp_12_224:patch_size=8",
 ]
-TRANSFORMERS = ["bert", "distilbert", "roberta", "electra", "albert", "mpnet"]
+TRANSFORMERS = [
+    *(f"{name}:{_SMALL_TEXT}" for name in ("bert", "roberta", "electra", "albert", "mpnet")),
+    "distilbert:dim=64,n_layers=2,n_heads=2,hidden_dim=128,vocab_size=500,"
+    "max_position_embeddings=64",
+    "gpt2:n_embd=64,n_layer=2,n_head=2,vocab_size=500,n_positions=64,pad_token_id=0",
+    "vit:hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128,"
+    "patch_size=8",
+]
 ZOO = ([f"torchvision:{name}" for name in TORCHVISION] + [f"timm:{name}" for name in TIMM]
-       + [f"hf:{name}:{_SMALL_TEXT}" if name != "distilbert" else
-          "hf:distilbert:dim=64,n_layers=2,n_heads=2,hidden_dim=128,vocab_size=500,"
-          "max_position_embeddings=64" for name in TRANSFORMERS])
+       + [f"hf:{name}" for name in TRANSFORMERS])
 
 
 def library_of(name: str) -> str:
@@ -114,7 +120,7 @@ def check_model(name: str) -> dict:
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    text = name.startswith("hf:")
+    text = name.startswith("hf:") and not name.startswith("hf:vit:")
     model = build_external(name, 10, 3, image_size=None if text else IMAGE_SIZE).eval()
     batchnorms = _perturb_batchnorm(model, generator)
     x = (torch.randint(1, 500, (2, TOKENS), generator=generator) if text

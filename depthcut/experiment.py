@@ -51,6 +51,7 @@ from depthcut.models import (
     canonical_name,
     count_parameters,
     default_activation,
+    reads_tokens,
     takes_image_size,
     takes_width,
 )
@@ -320,7 +321,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
     # and padding id (kept in the spec, so checkpoints rebuild the same model).
     sequence = {}
     if isinstance(dataset, TokenDataset):
-        if config.model != "transformer":
+        if config.model != "transformer" and not reads_tokens(config.model):
             raise ConfigError(f"{dataset.name} holds byte tokens, not images: use --model "
                               f"transformer (got {config.model!r})")
         sequence = {"vocab_size": dataset.vocab_size, "max_len": dataset.seq_len,

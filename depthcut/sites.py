@@ -304,6 +304,34 @@ def modularize(model: nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
+def modularize_leaves(model: nn.Module) -> list[str]:
+    """Replace, in place, each childless module of a library (not `torch.nn`'s own) whose
+    whole forward is one functional rectifier call on its input by that rectifier's module:
+    transformers' `GELUActivation` calls F.gelu, `GELUTanh` F.gelu(approximate="tanh").
+    Each such module traces alone even where the model does not (transformers' forwards
+    compare traced shapes), so this is `modularize` for a model torch.fx cannot trace: the
+    places stay the modules they were (one per place, as libraries build them), now sites.
+    Returns the names replaced."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if (not name or list(module.children()) or is_rectifier(module)
+                or type(module).__module__.startswith("torch.nn")):
+            continue
+        graph, _ = _trace(module)
+        if graph is None:
+            continue
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        ops = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+        spec = _spec_of(ops[0]) if len(ops) == 1 and len(inputs) == 1 else None
+        if spec is None or _call_input(ops[0]) is not inputs[0]:
+            continue
+        rectifier, _ = _read_call(ops[0], spec)
+        if rectifier is not None:
+            replace_module(model, name, rectifier)
+            replaced.append(name)
+    return replaced
+
+
 def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr

@@ -10,8 +10,9 @@ import torch.fx
 from torch import Tensor, nn
 
 from depthcut.cost import count_macs
+from depthcut.fold.exported import ExportError, export_graph
 from depthcut.fold.parts import PartialFold, fold_parts
-from depthcut.fold.passes import UntraceableError, run_passes
+from depthcut.fold.passes import UntraceableError, run_passes, run_passes_on
 from depthcut.fold.policy import POLICIES, CallablePolicy, FoldPolicy, Merge
 from depthcut.fold.report import FoldReport, compare_outputs
 from depthcut.fold.state import FoldError
@@ -34,12 +35,25 @@ def _resolve(policy: str | FoldPolicy | Callable[[Merge], bool]) -> FoldPolicy:
     raise FoldError(f"unknown fold policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-def _refold(model: nn.Module, example: Tensor, policy: FoldPolicy) -> nn.Module:
-    """The same fold of `model` (a float64 copy): whole, or part by part."""
+def _fold_whole(model: nn.Module, example: Tensor, policy: FoldPolicy) -> PartialFold:
+    """Fold `model` as one graph: traced by torch.fx, else captured by torch.export
+    (`depthcut.fold.exported`: transformers' encoders), else part by part
+    (`depthcut.fold.parts`: data-dependent control flow)."""
     try:
-        return run_passes(model, example, policy).gm
+        state = run_passes(model, example, policy)
     except UntraceableError as error:
-        return fold_parts(model, example, policy, error).model
+        try:
+            state = run_passes_on(export_graph(model, example), example, policy)
+        except ExportError:
+            return fold_parts(clone_model(model), example, policy, error)
+    folded = state.gm
+    return PartialFold(folded, state.merges, state.removed, [], state.ops_before,
+                       count_ops(folded), state.depth_before, longest_linear_path(folded))
+
+
+def _refold(model: nn.Module, example: Tensor, policy: FoldPolicy) -> nn.Module:
+    """The same fold of `model` (a float64 copy)."""
+    return _fold_whole(model, example, policy).model
 
 
 def _in_float64(tensor: Tensor) -> Tensor:
@@ -102,10 +116,13 @@ def fold(model: nn.Module, example_input: Tensor,
     far, and an exact fold must not read as a wrong one. Where even that leaves doubt, a float64
     copy is folded and measured (`float64_fold_error`).
 
-    A forward torch.fx cannot trace (data-dependent control flow) is folded part by part
-    (`depthcut.fold.parts`): each traceable submodule on its own, the rest left as it is and
-    named in `FoldReport.unfolded_parts`; the result is then a copy of the model with its
-    folded parts in place (a GraphModule otherwise). FoldError if no part traces.
+    A forward torch.fx cannot trace is captured whole by torch.export where it exports (shape
+    checks and mask building as in Hugging Face transformers: `depthcut.fold.exported`; the
+    result takes any batch size, other sizes as the example's). One with data-dependent
+    control flow is folded part by part (`depthcut.fold.parts`): each traceable submodule on
+    its own, the rest left as it is and named in `FoldReport.unfolded_parts`; the result is
+    then a copy of the model with its folded parts in place (a GraphModule otherwise).
+    FoldError if no part traces.
     """
     chosen = _resolve(policy)
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
@@ -113,14 +130,8 @@ def fold(model: nn.Module, example_input: Tensor,
     unfolded = make_permanent(clone_model(model)).eval()  # pruning masks baked into weights
     with torch.no_grad():
         reference = unfolded(example_input)
-    try:
-        state = run_passes(unfolded, example_input, chosen)
-        folded: nn.Module = state.gm
-        parts = PartialFold(folded, state.merges, state.removed, [], state.ops_before,
-                            count_ops(folded), state.depth_before, longest_linear_path(folded))
-    except UntraceableError as error:
-        parts = fold_parts(clone_model(unfolded), example_input, chosen, error)
-        folded = parts.model
+    parts = _fold_whole(unfolded, example_input, chosen)
+    folded = parts.model
     folded.eval()
     with torch.no_grad():
         output = folded(example_input)

@@ -159,6 +159,11 @@ def run_passes(model: nn.Module, example: Tensor, policy: FoldPolicy) -> FoldSta
             f"{error}. Folding needs a traceable forward: move data-dependent Python control "
             "flow out of forward(), or fold the traceable submodules one by one.",
             error.cause) from error.cause
+    return run_passes_on(gm, example, policy)
+
+
+def run_passes_on(gm: torch.fx.GraphModule, example: Tensor, policy: FoldPolicy) -> FoldState:
+    """Run every pass over a captured graph (`trace`, or `depthcut.fold.exported`), in place."""
     state = FoldState(gm, example, policy)
     state.ops_before, state.depth_before = count_ops(gm), longest_linear_path(gm)
     for fold_pass in PASSES:

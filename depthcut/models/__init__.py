@@ -41,7 +41,13 @@ from depthcut.models.transformer import (
     SelfAttention,
     TransformerEncoder,
 )
-from depthcut.models.library import Library, build_external, parse_name, register_library
+from depthcut.models.library import (
+    Library,
+    build_external,
+    parse_name,
+    reads_tokens,
+    register_library,
+)
 from depthcut.models import torchvision, timm, hf, user
 from depthcut.models.adapt import ModelInputError, adapt_stem, check_runs, unshare_activations
 from depthcut.models.hf import HFSequenceClassifier, mark_attention_leaves
@@ -76,6 +82,7 @@ __all__ = [
     "adapt_stem",
     "architecture_family",
     "build_external",
+    "reads_tokens",
     "build_model",
     "canonical_name",
     "check_runs",

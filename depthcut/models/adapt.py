@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from depthcut.errors import ConfigError
 from depthcut.graph import TraceError, trace_graph
-from depthcut.sites import SiteError, is_rectifier, modularize
+from depthcut.sites import SiteError, is_rectifier, modularize, modularize_leaves
 
 
 class ModelInputError(ConfigError):
@@ -56,13 +56,26 @@ def unshare_activations(model: nn.Module) -> nn.Module:
 def modularize_functional(model: nn.Module) -> nn.Module:
     """`sites.modularize(model)` where it gives the model more rectifier modules (functional
     calls such as timm's own `GELU` module, whose forward calls `F.gelu`, become modules),
-    else the model as it is (nothing to convert, or not traceable: `find_sites` says why)."""
+    else the model as it is (nothing to convert). A model torch.fx cannot trace gets its
+    activation modules that only call a functional rectifier (transformers' `GELUActivation`)
+    replaced by rectifier modules in place (`sites.modularize_leaves`)."""
     try:
         converted = modularize(model)
     except SiteError:
+        if trace_error(model) is not None:
+            modularize_leaves(model)
         return model
     count = sum(1 for m in model.modules() if is_rectifier(m))
     return converted if sum(1 for m in converted.modules() if is_rectifier(m)) > count else model
+
+
+def trace_error(model: nn.Module) -> TraceError | None:
+    """What torch.fx raised tracing `model`, or None when it traces."""
+    try:
+        trace_graph(model)
+    except TraceError as error:
+        return error
+    return None
 
 
 def adapt_stem(model: nn.Module, in_channels: int) -> nn.Module:
@@ -101,6 +114,8 @@ def check_runs(model: nn.Module, name: str, example: Tensor) -> None:
                 f"--model {name}: patch size {patch[0]} does not divide the {size}x{size} "
                 "images (the border would be dropped); choose one that does with a builder "
                 "option after the name, e.g. timm:NAME:patch_size=4")
+    if any(p.is_meta for p in model.parameters()):
+        return  # built on the meta device (the memory estimate): nothing to run on
     training = model.training
     model.eval()
     try:

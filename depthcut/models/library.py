@@ -54,13 +54,24 @@ class Library:
     """What differs between libraries: `create(architecture, num_classes, in_channels,
     options)` builds a randomly initialised model (raising ImportError when the package is
     missing); `image_size_argument` is the builders' keyword for the image size (None: the
-    models read token ids); `package` is what to install; `usage` how help names it."""
+    models read token ids); `reads_images(architecture)` tells the two apart where a library
+    has both (transformers: ViT reads images, BERT token ids; None: `image_size_argument`
+    decides); `package` is what to install; `usage` how help names it."""
 
     name: str
     package: str
     create: Callable[[str, int, int, dict], nn.Module]
     image_size_argument: str | None = None
     usage: str | None = None
+    reads_images: Callable[[str], bool] | None = None
+    # The builder options a model reading token ids takes from a text dataset: (vocabulary
+    # size, sequence length, padding id) -> options (the user's own options win).
+    token_options: Callable[[int, int, int | None], dict] | None = None
+
+    def takes_images(self, architecture: str) -> bool:
+        if self.image_size_argument is None:
+            return False
+        return self.reads_images is None or self.reads_images(architecture)
 
 
 LIBRARIES: dict[str, Library] = {}
@@ -155,17 +166,27 @@ def create_sized(name: str, library: Library, architecture: str, num_classes: in
                           f"{error})") from error
 
 
+def reads_tokens(name: str) -> bool:
+    """Whether the library model `name` reads token ids (a text dataset's), not images."""
+    library_name, _, rest = name.partition(":")
+    library = LIBRARIES.get(library_name)
+    return (library is not None and library.token_options is not None
+            and not library.takes_images(rest.partition(":")[0]))
+
+
 def build_external(name: str, num_classes: int, in_channels: int,
-                   weights: str | None = None, image_size: int | None = None) -> nn.Module:
+                   weights: str | None = None, image_size: int | None = None,
+                   defaults: dict | None = None) -> nn.Module:
     """`name` (library:architecture[:options]) built for `num_classes` classes of
     `in_channels` x `image_size` x `image_size` images (default 32x32; a model reading token
     ids ignores in_channels and refuses an image size), random init (or the shape-matching
     tensors of a local `weights` file), shared activations split, functional ones made
     modules, checked to run."""
     library_name, architecture, options = parse_name(name)
+    options = {**(defaults or {}), **options}
     library = LIBRARIES[library_name]
     size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
-    if library.image_size_argument is None:
+    if not library.takes_images(architecture):
         if image_size is not None:
             raise ConfigError(f"--model {name} reads token ids, not {image_size}x{image_size} "
                               "images: use it on a text dataset")
@@ -190,5 +211,8 @@ def build_external(name: str, num_classes: int, in_channels: int,
 def build_from_spec(spec: ModelSpec) -> nn.Module:
     """A library family's builder: the spec's classes, channels and image size (width and
     activation are the library's own)."""
+    library = LIBRARIES[spec.name.partition(":")[0]]
+    defaults = (library.token_options(spec.vocab_size, spec.max_len, spec.pad_id)
+                if library.token_options is not None and spec.vocab_size is not None else None)
     return build_external(spec.name, spec.num_classes, spec.in_channels,
-                          image_size=spec.image_size)
+                          image_size=spec.image_size, defaults=defaults)
