@@ -130,6 +130,13 @@ class ExperimentConfig:
     label_field: str = "label"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.model, nn.Module):
+            raise ConfigError(
+                f"ExperimentConfig.model names a model ('resnet18', 'timm:NAME', "
+                f"'path/file.py:factory'); for your own {type(self.model).__name__} object use "
+                "depthcut.easier(model, train, val, ...) (or depthcut.<method>: depthcut.api)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import depthcut
 from depthcut.errors import ConfigError
+from depthcut.experiment import ExperimentConfig
 from depthcut.run import CheckpointError, load_checkpoint, read_records
 from tests.helpers import one_thread  # noqa: F401 - a fixture
 
@@ -155,3 +156,5 @@ def test_bad_arguments_are_explained():
         depthcut.easier(OwnNet(), 3, val, progress=False)
     with pytest.raises(AttributeError):
         depthcut.no_such_method  # noqa: B018
+    with pytest.raises(ConfigError, match="depthcut.easier"):
+        ExperimentConfig(model=OwnNet())
