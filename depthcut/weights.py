@@ -163,14 +163,16 @@ def describe(fit: Fit, path: str | Path, model: str, head: Sequence[str], classe
 
 def load_weights(model: nn.Module, spec: ModelSpec, state: Mapping[str, Tensor],
                  path: str | Path, *, reset_head: bool = False) -> list[str]:
-    """Load `state` into `model` (built from `spec`) strictly; with `reset_head`, a classifier
-    that does not fit keeps its fresh initialisation. Returns the keys left fresh."""
+    """Load `state` into `model` (built from `spec`) strictly; with `reset_head`, the classifier
+    keeps its fresh initialisation, whether or not the file's would fit (a transfer between two
+    tasks of the same class count must not reuse the source's head). Returns the keys left
+    fresh."""
     head = classifier_keys(model, spec)
     fit = compare(state, model)
-    reset = [k for k in head if reset_head and any(k == m for m, _, _ in fit.mismatched)]
-    if reset:
-        reset = head  # the whole classifier (weight and bias) starts afresh together
+    reset = list(head) if reset_head else []
+    if reset:  # the whole classifier (weight and bias) starts afresh together
         fit.mismatched = [m for m in fit.mismatched if m[0] not in head]
+        fit.missing = [k for k in fit.missing if k not in head]
     if fit.missing or fit.unexpected or fit.mismatched:
         raise WeightsError(describe(fit, path, spec.name, head, spec.num_classes))
     model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)

@@ -183,6 +183,16 @@ def test_a_head_that_does_not_fit_needs_reset_head(user_files, capsys):
     assert all(torch.equal(loaded[k], v) for k, v in saved.items() if not k.startswith("fc."))
     with pytest.raises(ConfigError, match="drop --weights-trained"):
         prepare(dataclasses.replace(config, weights_trained=True))
+    # A head that would fit (the same class count) starts afresh too: a transfer between two
+    # 10-class tasks must not keep the source's classifier.
+    saved = {k: v + 1.0 if k.startswith("fc.") else v
+             for k, v in torch.load(user_files / "sd.pt").items()}  # a trained source head
+    torch.save(saved, user_files / "sd_source.pt")
+    prepared = prepare(dataclasses.replace(config, weights=str(user_files / "sd_source.pt")))
+    assert prepared.reset_keys == ["fc.weight", "fc.bias"]
+    loaded = prepared.initial_model.state_dict()
+    assert not torch.equal(loaded["fc.weight"], saved["fc.weight"])
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items() if not k.startswith("fc."))
 
 
 def test_package_module_factory_imports_to_a_checkpoint_for_entropy_fold_and_runs(tmp_path):
