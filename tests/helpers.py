@@ -178,3 +178,29 @@ def run_depthcut(*args: str, die_at: str | None = None) -> subprocess.CompletedP
         env["DEPTHCUT_DIE_AT"] = die_at
     return subprocess.run([sys.executable, "-m", "depthcut", *args], env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+# The smallest run the CLI tests share: a ResNet-18 x0.0625, one epoch, one stage, on CPU.
+TINY_RUN = ["--width", "0.0625", "--epochs", "1", "--finetune-epochs", "1", "--max-stages", "1",
+            "--batch-size", "32", "--device", "cpu", "--no-progress"]
+
+
+def tiny_world(base: Path) -> dict:
+    """A fake CIFAR-10 in `base`/data, a finished tiny EASIER run in `base`/run (for its
+    checkpoints), and a file where a folder belongs (`base`/afile)."""
+    from depthcut.cli import main
+
+    root = write_fake_cifar10(base / "data")
+    run = base / "run"
+    assert main(["easier", "--dataset", "cifar10", "--data-root", str(root), "--out", str(run),
+                 *TINY_RUN]) == 0
+    (base / "afile").write_text("not a folder")
+    return {"root": root, "run": run, "base": base}
+
+
+def easier_args(world: dict, *extra: str, out: str = "out", data: Path | None = None
+                ) -> list[str]:
+    """`depthcut easier` arguments for a tiny run on `world`'s data into `world`/`out`."""
+    data = data if data is not None else world["root"]
+    return ["easier", "--dataset", "cifar10", "--data-root", str(data), "--out",
+            str(world["base"] / out), *TINY_RUN, *extra]

@@ -10,33 +10,23 @@ from pathlib import Path
 import pytest
 
 from depthcut.cli import main
-from tests.helpers import write_fake_cifar10
-
-TINY = ["--width", "0.0625", "--epochs", "1", "--finetune-epochs", "1", "--max-stages", "1",
-        "--batch-size", "32", "--device", "cpu", "--no-progress"]
+from tests.helpers import easier_args, tiny_world, write_fake_cifar10
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A fake CIFAR-10, a finished tiny run (for its checkpoints), and odd files."""
     base = tmp_path_factory.mktemp("bad")
-    root = write_fake_cifar10(base / "data")
-    run = base / "run"
-    assert main(["easier", "--dataset", "cifar10", "--data-root", str(root), "--out", str(run),
-                 *TINY]) == 0
+    world = tiny_world(base)
     broken = write_fake_cifar10(base / "broken")
     (broken / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04garbage")
-    (base / "afile").write_text("not a folder")
     (base / "garbage.pt").write_bytes(b"\x00" * 100)
     (base / "unknown-model.json").write_text(json.dumps({"model": "resnet999"}))
     (base / "unknown-act.json").write_text(json.dumps({"activation": "tanh"}))
-    return {"root": root, "run": run, "broken": broken, "base": base}
+    return {**world, "broken": broken}
 
 
-def easier(world, *extra, out="out", data=None):
-    data = data if data is not None else world["root"]
-    return ["easier", "--dataset", "cifar10", "--data-root", str(data), "--out",
-            str(world["base"] / out), *TINY, *extra]
+easier = easier_args
 
 
 def nepenthe(world, *extra):

@@ -27,28 +27,16 @@ from depthcut.memory_estimate import (
 )
 from depthcut.models import ModelSpec
 from depthcut.run_lock import LockHolder, RunLock, RunLockError, process_start_ticks
-from tests.helpers import run_depthcut, write_fake_cifar10
-
-TINY = ["--width", "0.0625", "--epochs", "1", "--finetune-epochs", "1", "--max-stages", "1",
-        "--batch-size", "32", "--device", "cpu", "--no-progress"]
+from tests.helpers import easier_args, run_depthcut, tiny_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A fake CIFAR-10, a finished tiny EASIER run, and odd files."""
-    base = tmp_path_factory.mktemp("safety")
-    root = write_fake_cifar10(base / "data")
-    run = base / "run"
-    assert main(["easier", "--dataset", "cifar10", "--data-root", str(root), "--out", str(run),
-                 *TINY]) == 0
-    (base / "afile").write_text("not a folder")
-    return {"root": root, "run": run, "base": base}
+    return tiny_world(tmp_path_factory.mktemp("safety"))
 
 
-def easier(world, *extra, out="out", data=None):
-    data = data if data is not None else world["root"]
-    return ["easier", "--dataset", "cifar10", "--data-root", str(data), "--out",
-            str(world["base"] / out), *TINY, *extra]
+easier = easier_args
 
 
 def snapshot(folder: Path) -> dict[str, int]:
