@@ -27,7 +27,7 @@ from depthcut.entropy import SiteCounts
 from depthcut.errors import ConfigError
 from depthcut.measure import measure_stage
 from depthcut.methods import MethodSpec, get_method
-from depthcut.models import default_activation
+from depthcut.models import default_activation, match_family, takes_width
 from depthcut.run import atomic_write_text, load_checkpoint, read_records, write_json
 from depthcut.stages import answer_stage
 
@@ -135,8 +135,7 @@ def summary_markdown(
     lines = [
         f"# {method.upper()} on {dataset}",
         "",
-        f"Model: {experiment.get('model')} (width x{experiment.get('width')}, "
-        f"{experiment.get('activation')}), dataset: {dataset}, stop rule: {rule}.",
+        f"Model: {_model_text(experiment)}, dataset: {dataset}, stop rule: {rule}.",
         "",
         f"**Answer: stage {answer['stage']}**, {answer['sites_linearized']} of "
         f"{answer['sites_total']} sites removed "
@@ -159,6 +158,17 @@ def summary_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_text(experiment: Mapping) -> str:
+    """"resnet18 (width x0.25, relu)": the width only where it scales the model, the
+    activation the model really has (its own default when none was asked for)."""
+    model = str(experiment.get("model"))
+    activation = experiment.get("activation") or default_activation(model)
+    scaled = match_family(model) is not None and takes_width(model)  # not a user's nn.Module
+    details = [f"width x{experiment.get('width')}"] if scaled else []
+    details.append(activation or "its own activations")
+    return f"{model} ({', '.join(details)})"
 
 
 def _balanced(answer: Mapping, dense: Mapping) -> str:
