@@ -94,10 +94,7 @@ def method_settings(spec: MethodSpec, config: object | None, preset: str,
         if settings:
             raise ConfigError("give the method's settings as config=... or as settings=..., "
                               "not both")
-        if not isinstance(config, spec.config):
-            raise ConfigError(f"{spec.label} takes a {spec.config.__name__}, got "
-                              f"{type(config).__name__}")
-        return config
+        return spec.settings_or_defaults(config)
     return build_config(spec.config, resolve(preset, flags=dict(settings or {})))
 
 

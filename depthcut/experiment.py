@@ -459,12 +459,8 @@ def run_method(config: ExperimentConfig, method: str | MethodSpec, settings: obj
     `settings` (its config dataclass; None: the defaults), write records, checkpoints, the
     folded answer and summary.md into `out`."""
     spec = method if isinstance(method, MethodSpec) else get_method(method)
-    if settings is None:
-        settings = spec.config()
-    if not isinstance(settings, spec.config):
-        raise ConfigError(f"{spec.label} takes a {spec.config.__name__}, got "
-                          f"{type(settings).__name__}")
-    return _run_method(config, spec, settings, out, overwrite, resume)
+    return _run_method(config, spec, spec.settings_or_defaults(settings), out, overwrite,
+                       resume)
 
 
 def run_comparison(

@@ -98,3 +98,13 @@ def test_a_method_defined_in_a_test_runs_through_compare_and_report(registered, 
         assert [int(row["stage"]) for row in csv.DictReader(handle)] == [0, 1, 2]
     assert main(["first-sites", *common, "--out", str(tmp_path / "alone")]) == 0
     assert len(read_records(tmp_path / "alone")) == 3  # quick preset: first_count 2
+
+
+def test_a_method_refuses_another_methods_settings():
+    from depthcut.errors import ConfigError
+    from depthcut.methods.rounds import PruningConfig
+
+    spec = get_method("easier")
+    assert spec.settings_or_defaults(None) == spec.config()
+    with pytest.raises(ConfigError, match="EASIER takes a EasierConfig, got PruningConfig"):
+        spec.settings_or_defaults(PruningConfig())

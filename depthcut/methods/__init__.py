@@ -62,6 +62,15 @@ class MethodSpec:
     def command(self) -> str:
         return self.name.replace("_", "-")
 
+    def settings_or_defaults(self, settings: object | None) -> Any:
+        """`settings` if it is this method's config (None: the config's defaults)."""
+        if settings is None:
+            return self.config()
+        if not isinstance(settings, self.config):
+            raise ConfigError(f"{self.label} takes a {self.config.__name__}, got "
+                              f"{type(settings).__name__}")
+        return settings
+
     def run_label(self, settings: Mapping[str, Any]) -> str:
         return self.label_of(settings) if self.label_of else self.label
 
