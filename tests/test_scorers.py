@@ -70,12 +70,13 @@ def deepest_registered():
 
 
 def test_the_registry_names_the_shipped_scorers():
-    assert CHOICES == tuple(SCORERS) == ("entropy", "payoff")
+    assert CHOICES == tuple(SCORERS) == tuple(sorted(SCORERS))  # listed in name order
+    assert {"entropy", "payoff", "random", "last"} <= set(SCORERS)
     assert SCORERS["entropy"] is EntropyScorer and SCORERS["payoff"] is PayoffScorer
     assert isinstance(scorer_for(EasierConfig()), EntropyScorer)
     payoff = EasierConfig(choose="payoff", payoff_weight=2.5, payoff_cost="latency")
     assert scorer_for(payoff) == PayoffScorer(weight=2.5, cost="latency")
-    with pytest.raises(ConfigError, match="choose must be one of 'entropy', 'payoff'"):
+    with pytest.raises(ConfigError, match="choose must be one of 'entropy', 'last', "):
         check_choice("bogus")
     with pytest.raises(ValueError, match="already registered"):
         register_scorer(type("Impostor", (EntropyScorer,), {}))
@@ -121,6 +122,36 @@ def test_a_registered_scorer_is_chosen_by_name(deepest_registered):
     assert result.records[1]["deepest_first"] == ["7", "3", "1"]  # its own record field
     assert result.records[2].to_dict()["deepest_first"] == ["3", "1"]
     assert "score" not in result.records[1] and find_sites(result.model) == ["1"]
+
+
+def test_random_choice_is_seeded_per_run_and_stage_and_varies_with_the_seed():
+    entropies = {str(i): 0.5 for i in range(12)} | {"unreached": math.nan}
+    def order(seed, stage):
+        scorer = scorer_for(ProgressiveConfig(choose="random", choice_seed=seed))
+        return choose_sites(scorer.score(Candidates(nn.Identity(), entropies,
+                                                    stage=stage)).scores, 12)
+    assert order(0, 1) == order(0, 1) and sorted(order(0, 1), key=int) == [
+        str(i) for i in range(12)]  # every reached site, the unreached one never
+    assert len({tuple(order(seed, 1)) for seed in range(4)}) == 4
+    assert order(0, 1) != order(0, 2)
+    before = torch.get_rng_state()
+    order(3, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_last_choice_takes_the_deepest_reached_site_first_whatever_the_entropy():
+    entropies = {"a": 0.0, "b": 0.9, "c": math.nan, "d": 0.5}
+    scored = SCORERS["last"]().score(Candidates(nn.Identity(), entropies))
+    assert choose_sites(scored.scores, 3) == ["d", "b", "a"]
+
+
+def test_progressive_chooses_by_the_scorer_its_config_names():
+    model, splits = small_model(), tiny_splits()
+    config = ProgressiveConfig(delta=100.0, first_step=1, max_stages=2, choose="last",
+                               finetune=TrainConfig(epochs=0))
+    result = progressive(model, splits, config, dense_record=dense_record(model, splits),
+                         progress=False)
+    assert [r["chosen"] for r in result.records[1:]] == [["7"], ["3"]]
 
 
 def test_unregistered_scorer_is_not_a_choice():

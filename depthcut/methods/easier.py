@@ -19,8 +19,8 @@ from depthcut.entropy import ENTROPY_VARIANTS
 from depthcut.errors import ConfigError
 from depthcut.methods import MethodSpec, register
 from depthcut.options import Option
-from depthcut.scorers import SCORERS, Candidates, Scorer, check_choice, choose_sites, scorer_for
-from depthcut.scorers.payoff import PAYOFF_COSTS, check_payoff_settings
+from depthcut.scorers import Candidates, Scorer, choose_sites, scorer_for
+from depthcut.scorers.choice import CHOICE_OPTIONS, ChoiceSettings, choice_suffix
 from depthcut.sites import find_sites, linearize
 from depthcut.stages import (
     ENTROPY_VARIANT_OPTION,
@@ -38,14 +38,15 @@ from depthcut.transfer import TRANSFER_PRESETS
 
 
 @dataclass
-class EasierConfig:
+class EasierConfig(ChoiceSettings):
     """EASIER's settings.
 
-    Site choice (`choose`): a scorer's name (`depthcut.scorers.SCORERS`). "entropy" (default,
-    the paper) linearizes the k sites of lowest layer entropy; "payoff" scores each reached site
-    by entropy - payoff_weight * saving, the fraction of the folded cost (`payoff_cost`: MACs or
-    CPU latency) that linearizing it would save, with one pair of look-ahead
-    (`depthcut.scorers.payoff`); its stage records gain "payoff", "payoff_pairs" and "score".
+    Site choice (`choose`, `ChoiceSettings`): a scorer's name (`depthcut.scorers.SCORERS`).
+    "entropy" (default, the paper) linearizes the k sites of lowest layer entropy; "payoff"
+    scores each reached site by entropy - payoff_weight * saving, the fraction of the folded
+    cost (`payoff_cost`: MACs or latency) that linearizing it would save, with one pair of
+    look-ahead (`depthcut.scorers.payoff`); its stage records gain "payoff", "payoff_pairs" and
+    "score"; "random" and "last" are the baselines for choice.
     """
 
     delta: float = 1.0  # top-1 points the answer may lose against the dense model
@@ -56,11 +57,9 @@ class EasierConfig:
     # Counting rule (depthcut.entropy): "paper" on the unaugmented training split; "easier-code"
     # counts on a replay of the augmented training loader's last epoch; "egp-code" as "paper".
     entropy_variant: str = "paper"
-    choose: str = "entropy"  # a scorer: "entropy" | "payoff" (see the class docstring)
-    payoff_weight: float = 1.0  # w in score = entropy - w * saving ("payoff" only)
-    payoff_cost: str = "macs"  # what a saving is measured in: "macs" | "latency"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (self.delta >= 0 and math.isfinite(self.delta)):
             raise ConfigError(
                 f"delta must be a finite number >= 0 (top-1 points), got {self.delta}")
@@ -73,8 +72,6 @@ class EasierConfig:
                 f"entropy_variant must be one of {', '.join(map(repr, ENTROPY_VARIANTS))}, "
                 f"got {self.entropy_variant!r}"
             )
-        check_choice(self.choose)
-        check_payoff_settings(self.payoff_weight, self.payoff_cost)
 
 
 class Easier(Method):
@@ -141,14 +138,7 @@ OPTIONS = (
     Option("k", "sites linearized per stage (EASIER k-x; default 1)", argparse={"type": int}),
     Option("max_stages", "stop after this many stages (quick preset: 8; paper: no limit)",
            argparse={"type": int}),
-    Option("choose", "site choice: entropy = lowest entropy (default); payoff = lowest entropy - "
-           "payoff weight x the fraction of the folded cost that linearizing the site would "
-           "save (a dry-run fold per site per stage)",
-           argparse={"choices": lambda: tuple(SCORERS)}),
-    Option("payoff_weight", "with --choose payoff: bits of entropy a site saving the whole "
-           "folded cost is worth (default 1; 0 = entropy only)", argparse={"type": float}),
-    Option("payoff_cost", "with --choose payoff: savings in folded MACs (default) or measured "
-           "batch-1 CPU latency (noisy)", argparse={"choices": PAYOFF_COSTS}),
+    *CHOICE_OPTIONS,
     ENTROPY_VARIANT_OPTION,
 )
 
@@ -163,9 +153,7 @@ def _label(settings: Mapping) -> str:
     label = "EASIER"
     if (settings.get("k") or 1) > 1:
         label += f" {settings['k']}-x"
-    if settings.get("choose") == "payoff":
-        label += " (payoff)"
-    return label
+    return label + choice_suffix(settings)
 
 
 def _describe(result: MethodResult) -> str:
@@ -191,5 +179,6 @@ SPEC = register(MethodSpec(
              "paper": {"max_stages": None, **FINETUNE_PRESETS["paper"]},
              **{name: {"max_stages": None, **FINETUNE_PRESETS[name]}
                 for name in TRANSFER_PRESETS}},
-    variants={"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"}},
+    variants={"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"},
+              "easier-random": {"choose": "random"}, "easier-last": {"choose": "last"}},
     depth_reference=True, check=_check, label_of=_label, describe=_describe, order=10))

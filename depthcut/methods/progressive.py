@@ -8,10 +8,11 @@ activation is blended into the identity,
                                      share of the finetune's steps, then held at 1,
 
 so the weights follow the change, and at the end the blend is replaced by the identity exactly
-(t = 1: nothing changes). Sites are ranked by entropy on the current model, as EASIER does (or
-by the scorer passed in, `depthcut.scorers`). The number of sites is searched, not fixed: a
-stage that ends beyond delta is undone (the model goes back to the last accepted stage) and the
-step halves; the search stops when a single site is too many, or at `max_sites` / `max_stages`.
+(t = 1: nothing changes). Sites are ranked on the current model by the scorer `choose` names
+(entropy by default, as EASIER) or the one passed in (`depthcut.scorers`). The number of
+sites is searched, not fixed: a stage that ends beyond delta is undone (the model goes back
+to the last accepted stage) and the step halves; the search stops when a single site is too
+many, or at `max_sites` / `max_stages`.
 Undone stages are recorded (their epochs count in `total_epochs`) with "continue_from" naming
 the stage the next one starts from, so a resumed run restarts from the right weights. The
 finetune may distill from the dense model (`TrainConfig.distill`), which softens the removal
@@ -31,8 +32,8 @@ from depthcut.errors import ConfigError
 from depthcut.masks import clone_model
 from depthcut.methods import MethodSpec, register
 from depthcut.options import Option
-from depthcut.scorers import Candidates, Scorer, choose_sites
-from depthcut.scorers.entropy import EntropyScorer
+from depthcut.scorers import Candidates, Scorer, choose_sites, scorer_for
+from depthcut.scorers.choice import CHOICE_OPTIONS, ChoiceSettings, choice_suffix
 from depthcut.sites import find_sites, replace_module
 from depthcut.stages import (
     ENTROPY_VARIANT_OPTION,
@@ -51,8 +52,9 @@ from depthcut.transfer import TRANSFER_PRESETS
 
 
 @dataclass
-class ProgressiveConfig:
-    """Progressive linearization's settings (see the module docstring)."""
+class ProgressiveConfig(ChoiceSettings):
+    """Progressive linearization's settings (see the module docstring); which sites go first
+    is `choose` (`ChoiceSettings`)."""
 
     delta: float = 1.0  # validation points the answer may lose against the dense model
     first_step: int = 4  # sites per stage at first; halved after a stage beyond delta
@@ -64,6 +66,7 @@ class ProgressiveConfig:
     entropy_variant: str = "paper"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (self.delta >= 0 and math.isfinite(self.delta)):
             raise ConfigError(f"delta must be a finite number >= 0, got {self.delta}")
         if self.first_step < 1:
@@ -108,7 +111,7 @@ class Progressive(Method):
 
     def __init__(self, config: ProgressiveConfig, scorer: Scorer | None = None) -> None:
         self.config = config
-        self.scorer = scorer if scorer is not None else EntropyScorer()
+        self.scorer = scorer if scorer is not None else scorer_for(config)
         self.finetune = config.finetune
         self.previous: tuple[nn.Module, list[str]] | None = None
 
@@ -199,6 +202,7 @@ OPTIONS = (
            argparse={"type": int}),
     Option("blend", "share of each progressive finetune over which the chosen activations blend "
            "into identity (default 0.5)", argparse={"type": float}),
+    *CHOICE_OPTIONS,
     ENTROPY_VARIANT_OPTION,
 )
 
@@ -226,4 +230,7 @@ SPEC = register(MethodSpec(
              **{name: {"progressive_epochs": values["epochs"] // 4, "max_stages": None,
                        "finetune_lr": FINETUNE_PRESETS[name]["finetune_lr"]}
                 for name, values in TRANSFER_PRESETS.items()}},
+    variants={"progressive-random": {"choose": "random"},
+              "progressive-last": {"choose": "last"}},
+    label_of=lambda settings: "Progressive" + choice_suffix(settings),
     describe=_describe, order=60))

@@ -107,8 +107,10 @@ def example_batch(batches: Iterable, size: int) -> Tensor:
     return inputs[:size]
 
 
-# Every module of this package registers its scorers (in name order, which `CHOICES` keeps).
+# Every module of this package registers its scorers; they are listed in name order.
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+for _name in sorted(SCORERS):
+    SCORERS[_name] = SCORERS.pop(_name)
 
 CHOICES = tuple(SCORERS)  # the scorers shipped (the CLI's --choose)

@@ -1,0 +1,70 @@
+"""The site-choice settings shared by every method that ranks sites (EASIER, progressive).
+
+A method's config inherits `ChoiceSettings`, so `choose` and what the scorers read
+(`Scorer.from_config`) are one set of fields and one set of options (`CHOICE_OPTIONS`) for
+all of them: a new scorer's setting is added here once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from depthcut.cost import TIMERS, get_timer
+from depthcut.errors import ConfigError
+from depthcut.options import Option
+from depthcut.scorers import SCORERS, check_choice
+from depthcut.scorers.payoff import PAYOFF_COSTS, check_payoff_settings
+
+
+@dataclass
+class ChoiceSettings:
+    """Which sites go first (`choose`: a scorer's name, `depthcut.scorers.SCORERS`) and the
+    settings of the scorers that read them."""
+
+    choose: str = "entropy"  # "entropy" (the papers) | "payoff" | "random" | "last" | ...
+    payoff_weight: float = 1.0  # "payoff": w in score = entropy - w * saving
+    payoff_cost: str = "macs"  # "payoff": what a saving is measured in: "macs" | "latency"
+    choice_seed: int = 0  # "random": the seed of the random order (with the stage number)
+    latency_backend: str = "eager"  # the timer (`depthcut.cost.TIMERS`) latency is measured on
+    latency_budget: float | None = None  # "dp": latency allowed, a fraction of the dense model's
+    latency_batch: int = 1  # the batch size latency-aware choice times at
+
+    def __post_init__(self) -> None:
+        check_choice(self.choose)
+        check_payoff_settings(self.payoff_weight, self.payoff_cost)
+        get_timer(self.latency_backend)
+        budget = self.latency_budget
+        if budget is not None and not (0 < budget and math.isfinite(budget)):
+            raise ConfigError(f"latency_budget must be a fraction > 0 of the dense model's "
+                              f"latency, got {budget}")
+        if self.latency_batch < 1:
+            raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
+
+
+CHOICE_OPTIONS = (
+    Option("choose", "site choice: entropy = lowest entropy (default); payoff = lowest entropy - "
+           "payoff weight x the fraction of the folded cost that linearizing the site would "
+           "save (a dry-run fold per site per stage); random = a seeded random order "
+           "(--choice-seed); last = the deepest site first",
+           argparse={"choices": lambda: tuple(SCORERS)}),
+    Option("payoff_weight", "with --choose payoff: bits of entropy a site saving the whole "
+           "folded cost is worth (default 1; 0 = entropy only)", argparse={"type": float}),
+    Option("payoff_cost", "with --choose payoff: savings in folded MACs (default) or measured "
+           "latency on --latency-backend (noisy)", argparse={"choices": PAYOFF_COSTS}),
+    Option("choice_seed", "with --choose random: the seed of the order (default 0)",
+           argparse={"type": int}),
+    Option("latency_backend", "where latency is measured: eager (PyTorch as it is, default), "
+           "or another registered timer", argparse={"choices": lambda: tuple(TIMERS)}),
+    Option("latency_budget", "with --choose dp: the latency allowed, a fraction of the "
+           "BN-folded dense model's on --latency-backend at --latency-batch (0.6 = 60%%)",
+           argparse={"type": float}),
+    Option("latency_batch", "the batch size latency-aware site choice times at (default 1)",
+           argparse={"type": int}),
+)
+
+
+def choice_suffix(settings: dict) -> str:
+    """What a method's label adds for a choice other than entropy: " (payoff)", " (random)"."""
+    choose = settings.get("choose") or "entropy"
+    return "" if choose == "entropy" else f" ({choose})"
