@@ -13,7 +13,16 @@ from depthcut.entropy import measure_entropy
 from depthcut.errors import ConfigError
 from depthcut.fold import fold
 from depthcut.graph import trace_graph
-from depthcut.models import adapt_stem, build_external, parse_name, unshare_activations
+from depthcut.models import (
+    Library,
+    adapt_stem,
+    build_external,
+    parse_name,
+    register_library,
+    unregister_family,
+    unshare_activations,
+)
+from depthcut.models.library import LIBRARIES
 from depthcut.sites import find_sites, linearize
 
 
@@ -74,6 +83,101 @@ def test_stem_adapted_to_small_images():
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert model.conv1.in_channels == 1
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)
+
+
+class SpaceToDepthNet(nn.Module):
+    """Like timm's tresnet: the first convolution reads a space-to-depth map (4x4 blocks of the
+    image: 48 channels), not the image."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(48, 8, 3, 1, 1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pixel_unshuffle(x, 4)
+        return self.fc(self.act(self.conv1(x)).mean((2, 3)))
+
+
+class StridedBranchesNet(nn.Module):
+    """Like timm's fastvit: the stem adds a strided 3x3 and a strided 1x1 branch, so a stride-1
+    first convolution no longer matches its neighbour."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv_kxk = nn.Conv2d(3, 8, 3, 2, 1)
+        self.conv_scale = nn.Conv2d(3, 8, 1, 2, 0)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv_kxk(x) + self.conv_scale(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_stem_kept_where_the_adapted_one_cannot_run():
+    example = torch.zeros(2, 3, 32, 32)
+    for net in (SpaceToDepthNet, StridedBranchesNet):
+        model = net(10)
+        first = model.get_submodule(next(n for n, m in model.named_modules()
+                                         if isinstance(m, nn.Conv2d)))
+        with pytest.warns(UserWarning, match="cannot become a 3x3 stride-1 stem"):
+            kept = adapt_stem(model, 3, example, net.__name__)
+        assert first in list(kept.modules())  # the library's own stem, unchanged
+        assert kept(example).shape == (2, 10)
+    adapted = adapt_stem(TorchvisionLikeNet(), 3, example)  # runs adapted: adapted
+    assert adapted.conv1.kernel_size == (3, 3) and adapted.conv1.stride == (1, 1)
+
+
+class Conv3x3Bad(nn.Module):
+    """Runs with neither stem (a linear layer sized for another input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 7, 2, 3)
+        self.fc = nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_stem_adapted_when_neither_runs_so_the_build_check_names_it():
+    model = adapt_stem(Conv3x3Bad(), 3, torch.zeros(1, 3, 32, 32))
+    assert model.conv.kernel_size == (3, 3)
+
+
+def _fixed_patch_create(architecture: str, num_classes: int, in_channels: int,
+                        options: dict) -> nn.Module:
+    """Builders like timm's: `fixed` sets patch_size itself (`mixer_s16_224`), `free` lets an
+    option override it (`dict(model_args, **kwargs)`, timm's ViTs)."""
+
+    def model(patch_size: int, img_size: int = 224) -> nn.Module:
+        del img_size
+        return nn.Sequential(nn.Conv2d(in_channels, 4, patch_size, patch_size), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+    if architecture == "fixed":
+        return model(**dict(patch_size=16, **options))
+    return model(**dict({"patch_size": 16}, **options))
+
+
+@pytest.fixture
+def patch_library():
+    register_library(Library(name="patchlib", package="patchlib", create=_fixed_patch_create,
+                             image_size_argument="img_size"))
+    try:
+        yield
+    finally:
+        LIBRARIES.pop("patchlib")
+        unregister_family("patchlib")
+
+
+def test_an_option_the_builder_sets_itself_is_refused_by_name(patch_library):
+    assert build_external("patchlib:fixed", 10, 3)[0].kernel_size == (16, 16)
+    assert build_external("patchlib:free:patch_size=8", 10, 3)[0].kernel_size == (8, 8)
+    with pytest.raises(ConfigError, match="sets patch_size itself, so the option patch_size=8"):
+        build_external("patchlib:fixed:patch_size=8", 10, 3)
 
 
 def test_torchvision_resnet18_when_installed():

@@ -10,6 +10,7 @@ twice) is split into one module per call, and every functional activation call (
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.fx
@@ -78,18 +79,55 @@ def trace_error(model: nn.Module) -> TraceError | None:
     return None
 
 
-def adapt_stem(model: nn.Module, in_channels: int) -> nn.Module:
+def adapt_stem(model: nn.Module, in_channels: int, example: Tensor | None = None,
+               name: str = "the model") -> nn.Module:
     """Make the first convolution 3x3 stride 1 on `in_channels` (32x32 inputs keep their
-    resolution through the stem, as in the papers' CIFAR models)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            stem = nn.Conv2d(in_channels, module.out_channels, 3, 1, 1,
-                             bias=module.bias is not None)
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, stem)
-            return model
+    resolution through the stem, as in the papers' CIFAR models).
+
+    Not every first convolution is a stem on the image: tresnet's follows a space-to-depth
+    step (48 channels in), fastvit's stem adds parallel branches whose strides must agree. So,
+    given `example` (a batch of the data's shape), the adapted model is run on it, and where it
+    fails while the library's own stem runs, that stem is kept, with a warning naming why (the
+    same shapes give the same choice, so a checkpoint's model is rebuilt alike)."""
+    found = next(((conv_name, module) for conv_name, module in model.named_modules()
+                  if isinstance(module, nn.Conv2d)), None)
+    if found is None:
+        return model
+    conv_name, original = found
+    stem = nn.Conv2d(in_channels, original.out_channels, 3, 1, 1, bias=original.bias is not None)
+    stem = stem.to(device=original.weight.device, dtype=original.weight.dtype)
+    parent_name, _, attr = conv_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, stem)
+    if example is None:
+        return model
+    adapted_error = forward_error(model, example)
+    if adapted_error is None:
+        return model
+    setattr(parent, attr, original)
+    if forward_error(model, example) is not None:
+        setattr(parent, attr, stem)  # neither runs: the build-time check names the adapted one
+        return model
+    shape = "x".join(str(n) for n in example.shape[1:])
+    warnings.warn(
+        f"{name}: its first convolution {conv_name!r} cannot become a 3x3 stride-1 stem "
+        f"({type(adapted_error).__name__}: {str(adapted_error)[:160]}); the library's own stem "
+        f"is kept, so {shape} inputs are downsampled as the library does it.", stacklevel=2)
     return model
+
+
+def forward_error(model: nn.Module, example: Tensor) -> Exception | None:
+    """What running `model` once (eval mode, no grad) on `example` raises, or None."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as error:  # noqa: BLE001 - whatever the library raises, it does not run
+        return error
+    finally:
+        model.train(training)
+    return None
 
 
 def load_fitting_weights(model: nn.Module, weights: str) -> None:
@@ -116,17 +154,11 @@ def check_runs(model: nn.Module, name: str, example: Tensor) -> None:
                 "option after the name, e.g. timm:NAME:patch_size=4")
     if any(p.is_meta for p in model.parameters()):
         return  # built on the meta device (the memory estimate): nothing to run on
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    except Exception as error:  # noqa: BLE001 - whatever the library raises, the input is bad
+    error = forward_error(model, example)
+    if error is not None:
         shape = "x".join(str(n) for n in example.shape[1:])
         raise ModelInputError(
             f"--model {name} cannot take {shape} inputs ({type(error).__name__}: {error}). "
             "Models that take an image size are built for the dataset's; others get a 3x3 "
-            "stride-1 stem. Pass builder options after the name (e.g. timm:NAME:patch_size=4) "
-            "or choose another model.") from error
-    finally:
-        model.train(training)
+            "stride-1 stem where it runs. Pass builder options after the name (e.g. "
+            "timm:NAME:patch_size=4) or choose another model.") from error

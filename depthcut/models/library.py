@@ -12,19 +12,23 @@ Image size. A model whose builder takes the image size (timm's `img_size`: ViT, 
 MLP-Mixer, ...; torchvision's `image_size`: its ViTs) is built for the dataset's size (32 unless
 told otherwise), keeping its own stem and patch size. Any other model (the CNNs) is built as the
 library defines it and its stem adapted to small inputs: the first convolution becomes 3x3
-stride 1, as in the papers' CIFAR models. The model is then run once on a batch of zeros of
+stride 1, as in the papers' CIFAR models, where the model still runs so (tresnet's first
+convolution follows a space-to-depth step, fastvit's stem has branches whose strides must agree:
+their own stems are kept, with a warning). The model is then run once on a batch of zeros of
 that size, so a model that cannot take it is refused with a `ConfigError` at build time, not
 with a library's traceback during training.
 
 Builder options follow the name after a second colon, as Python keyword arguments:
 `timm:vit_tiny_patch16_224:patch_size=4` (a CIFAR-style ViT: a 32x32 image is 8x8 patches of
 4x4 pixels, not 2x2 patches of 16x16), `timm:resnet18:drop_rate=0.1`. They are part of the
-model's name, so a checkpoint rebuilds the same model.
+model's name, so a checkpoint rebuilds the same model. An option the builder sets itself
+(timm's `mixer_s16_224` and torchvision's `vit_b_16` fix `patch_size`) is refused by name.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,9 +165,25 @@ def create_sized(name: str, library: Library, architecture: str, num_classes: in
     except (KeyError, ValueError, RuntimeError) as error:
         raise ConfigError(f"{library.name} has no model {architecture!r} ({error})") from error
     except (TypeError, AssertionError) as error:
+        fixed = option_fixed_by_builder(error, options)
+        if fixed is not None:
+            raise ConfigError(
+                f"--model {name}: {library.name}'s builder of {architecture!r} sets {fixed} "
+                f"itself, so the option {fixed}={options[fixed]!r} cannot change it: leave it "
+                f"out (the model keeps the {fixed} its name stands for) or choose a model "
+                f"whose builder takes {fixed} as an option") from error
         raise ConfigError(f"{library.name} cannot build {architecture!r} with "
                           f"{describe_options(tried) or 'no options'} ({type(error).__name__}: "
                           f"{error})") from error
+
+
+def option_fixed_by_builder(error: Exception, options: dict) -> str | None:
+    """The user's option that the builder also passes itself (`got multiple values for keyword
+    argument 'patch_size'`: timm's `mixer_s16_224`, torchvision's `vit_b_16` fix their patch
+    size), or None. Such an option cannot be merged into the builder's own values without
+    reaching into the library's private constructors, so it is refused by name instead."""
+    found = re.search(r"got multiple values for (?:keyword )?argument '(\w+)'", str(error))
+    return found.group(1) if found and found.group(1) in options else None
 
 
 def reads_tokens(name: str) -> bool:
@@ -202,7 +222,7 @@ def build_external(name: str, num_classes: int, in_channels: int,
     if weights:
         load_fitting_weights(model, weights)
     if not sized:
-        model = adapt_stem(model, in_channels)
+        model = adapt_stem(model, in_channels, example, f"--model {name}")
     model = modularize_functional(unshare_activations(model))
     check_runs(model, name, example)
     return model
