@@ -39,7 +39,7 @@ TORCHVISION = [
     "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
     "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf",
     "shufflenet_v2_x1_0", "squeezenet1_1", "densenet121", "mnasnet1_0", "convnext_tiny",
-    "swin_t", "vit_b_16:patch_size=16",
+    "swin_t", "vit_b_16",
 ]
 TIMM = [
     "resnet18", "resnet50d", "resnetv2_50", "mobilenetv2_100", "mobilenetv3_small_100",
@@ -50,7 +50,7 @@ TIMM = [
     "darknet53", "hrnet_w18_small", "tresnet_m", "convnext_atto", "mobilevit_xxs",
     "efficientvit_b0", "fastvit_t8", "edgenext_xx_small", "poolformer_s12",
     "vit_tiny_patch16_224:patch_size=8", "deit_tiny_patch16_224:patch_size=8",
-    "mixer_s16_224:patch_size=8", "resmlp_12_224:patch_size=8",
+    "mixer_s16_224", "resmlp_12_224",
 ]
 TRANSFORMERS = [
     *(f"{name}:{_SMALL_TEXT}" for name in ("bert", "roberta", "electra", "albert", "mpnet")),
@@ -208,7 +208,18 @@ def write_table(rows: list[dict], path: Path, minutes: float) -> None:
             f"| {row['name']} | {row['sites']} | {row['batchnorms']} "
             f"({row['batchnorms_left']}) | {_cell(row['half'])} | {_cell(row['all'])} | "
             f"{unfolded[:160]} | {'yes' if row['passed'] else 'no'} |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + notes_after_table(path))
+
+
+def notes_after_table(path: Path) -> str:
+    """The hand-written text below the table of an earlier `path` (how it was made, why the
+    failures fail), kept when the table is written again; "" if there is none."""
+    if not path.exists():
+        return ""
+    lines = path.read_text().splitlines()
+    rows = [index for index, line in enumerate(lines) if line.startswith("|")]
+    rest = lines[rows[-1] + 1:] if rows else []
+    return "\n".join(rest) + "\n" if any(line.strip() for line in rest) else ""
 
 
 def main() -> None:
@@ -218,6 +229,10 @@ def main() -> None:
     parser.add_argument("--out", default="docs/zoo.md")
     parser.add_argument("--only", nargs="*", help="these zoo names only")
     parser.add_argument("--from-json", help="write the table from the rows of an earlier run")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: put the new rows into the table's JSON (by name, "
+                             "in zoo order; rows of names no longer in the zoo dropped) instead "
+                             "of writing a table of these rows alone")
     args = parser.parse_args()
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
@@ -226,13 +241,23 @@ def main() -> None:
     if args.one:
         print(json.dumps(check_model(args.one)))
         return
-    start, rows = time.perf_counter(), []
+    table_json = Path(args.out).with_suffix(".json")
+    earlier = json.loads(table_json.read_text()) if args.merge and table_json.exists() else []
+    rows: list[dict] = []
     for name in args.only or ZOO:
         rows.append(_run_one(name, args.timeout))
         print(f"{name}: {'pass' if rows[-1].get('passed') else 'FAIL'} "
               f"({rows[-1]['minutes']:.1f} min) {rows[-1].get('error', '')}", flush=True)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    write_table(rows, Path(args.out), (time.perf_counter() - start) / 60)
+        table = merge_rows(earlier, rows) if args.merge else rows
+        table_json.write_text(json.dumps(table, indent=1))
+    write_table(table, Path(args.out), sum(row.get("minutes", 0.0) for row in table))
+
+
+def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """The zoo's rows in zoo order: each name's new row where it ran again, else its earlier
+    one (names no longer in the zoo are dropped, names not yet run are left out)."""
+    by_name = {row["name"]: row for row in earlier} | {row["name"]: row for row in new}
+    return [by_name[name] for name in ZOO if name in by_name]
 
 
 if __name__ == "__main__":

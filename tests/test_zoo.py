@@ -39,3 +39,21 @@ def test_zoo_model_folds_exactly(name: str) -> None:
         assert row[key]["exact"] and row[key]["agrees"], (key, row)
     if row["batchnorms"]:
         assert row["batchnorms_left"] < row["batchnorms"], row
+
+
+def test_rows_run_again_replace_theirs_in_zoo_order() -> None:
+    first, second = zoo.ZOO[0], zoo.ZOO[1]
+    earlier = [{"name": "gone:model", "passed": True}, {"name": second, "passed": False},
+               {"name": first, "passed": False}]
+    merged = zoo.merge_rows(earlier, [{"name": second, "passed": True}])
+    assert merged == [{"name": first, "passed": False}, {"name": second, "passed": True}]
+
+
+def test_the_notes_below_the_table_are_kept(tmp_path: Path) -> None:
+    table = tmp_path / "zoo.md"
+    table.write_text("# zoo\n\n| a | b |\n| --- | --- |\n| x | y |\n\n**Why.** Because.\n")
+    row = {"name": zoo.ZOO[0], "error": "boom", "passed": False}
+    zoo.write_table([row], table, 1.0)
+    text = table.read_text()
+    assert text.endswith("| no |\n\n**Why.** Because.\n") and "| x | y |" not in text
+    assert "1 models, 0 pass" in text
