@@ -14,6 +14,14 @@ which one it used (see `count_states`):
   channels only (0 < p < 1), 0 for a batch with none; result = mean over batches, every batch
   weighing the same (EGP's code divides the sum by the number of batches).
 
+Shared modules: a site module that runs at several places in one forward (ALBERT shares one
+layer across its depth; timm's efficientvit calls one `kernel_func` on queries and keys) is one
+site: every call's pre-activations are counted into the same neurons (a call is more samples of
+them), because linearizing the module linearizes every place, so the decision is the module's.
+The calls must agree on the neuron count; `SiteCounts.places` says how many there were, and a
+warning names such sites. Where the forward traces, `models.unshare_activations` gives each
+place its own module instead, which is finer.
+
 Padding: a model that declares a padding token id (an int attribute `pad_id`, as
 `depthcut.models.TransformerEncoder` built for a text dataset does) is given (N, T) token ids;
 its padding positions are not text, so they are left out of every count: at a site whose input
@@ -26,6 +34,7 @@ counted whole.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +61,7 @@ class SiteCounts:
 
     n_on: torch.Tensor  # int64, one entry per neuron
     n_off: torch.Tensor
+    places: int = 1  # calls of the site's module in one forward (shared module: > 1, pooled)
 
     @property
     def neurons(self) -> int:
@@ -198,17 +208,31 @@ class _SignCounter:
         self.off: torch.Tensor | None = None
         self.entropy_sum: torch.Tensor | None = None
         self.batches: torch.Tensor | None = None
-        self.called = False
+        # This batch's code-variant counts, pooled over the module's calls until `end_batch`.
+        self.batch_on: torch.Tensor | None = None
+        self.batch_off: torch.Tensor | None = None
+        self.calls = 0  # calls in the current forward
+        self.places = 0  # the most calls in one forward (a shared module: more than 1)
+        self.neurons: list[int] = []  # each call's neuron count in the current forward
         self.mask: torch.Tensor | None = None  # bool (N, T): the batch's real (non-pad) tokens
 
+    def start_batch(self, mask: torch.Tensor | None) -> None:
+        self.calls, self.neurons, self.mask = 0, [], mask
+
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if self.called:
-            raise SiteError(
-                f"site {self.name!r} ran twice in one forward: give each place its own module."
-            )
-        self.called = True
         z = args[0].detach()
         dim = _channel_dim(z, self.channel_dim, self.name)
+        self.calls += 1
+        self.places = max(self.places, self.calls)
+        self.neurons.append(int(z.shape[dim]))
+        if len(set(self.neurons)) > 1:
+            raise SiteError(
+                f"site {self.name!r} runs at {self.calls} places in one forward with different "
+                f"neuron counts ({', '.join(map(str, self.neurons))}): a shared module is one "
+                "site only where its calls have the same neurons. Give each place its own "
+                "module (depthcut.models.unshare_activations splits it where the forward "
+                "traces)."
+            )
         per_neuron = z.numel() // max(z.shape[dim], 1)
         mask = self._token_mask(z, dim)
         if mask is not None:
@@ -251,6 +275,18 @@ class _SignCounter:
             positive = z > 0 if mask is None else (z > 0) & mask
             on = per_neuron_sum(positive, dim).to(torch.float64)
             off = per_neuron - on
+        if self.batch_on is None:
+            self.batch_on, self.batch_off = on, off
+        else:  # another call of a shared module: the same neurons, more samples
+            self.batch_on = self.batch_on + on
+            self.batch_off = self.batch_off + off
+
+    def end_batch(self) -> None:
+        """Close a code variant's batch: its layer entropy from the counts of every call."""
+        if self.variant == "paper" or self.batch_on is None:
+            return
+        on, off = self.batch_on, self.batch_off
+        self.batch_on = self.batch_off = None
         entropy = neuron_entropy(on, off)
         if self.variant == "easier-code":
             batch_h = entropy.mean()
@@ -279,6 +315,7 @@ class _SignCounter:
             return BatchAveragedCounts(
                 n_on=self.on.round().to(torch.int64).cpu(),
                 n_off=self.off.round().to(torch.int64).cpu(),
+                places=max(self.places, 1),
                 variant=self.variant,
                 entropy_sum=float(self.entropy_sum),
                 batches=int(self.batches),
@@ -287,7 +324,7 @@ class _SignCounter:
             return None
         n_on = ((self.nonzero + self.signed_sum) / 2).round().to(torch.int64).cpu()
         n_off = ((self.nonzero - self.signed_sum) / 2).round().to(torch.int64).cpu()
-        return SiteCounts(n_on=n_on, n_off=n_off)
+        return SiteCounts(n_on=n_on, n_off=n_off, places=max(self.places, 1))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -367,10 +404,11 @@ def count_states(
             inputs = inputs.to(device, non_blocking=True)
             mask = padding_mask(inputs, pad_id)
             for counter in counters.values():
-                counter.called = False
-                counter.mask = mask
+                counter.start_batch(mask)
             die_at("entropy-batch")
             model(inputs)
+            for counter in counters.values():
+                counter.end_batch()
     finally:
         for handle in handles:
             handle.remove()
@@ -380,7 +418,20 @@ def count_states(
             buffer.copy_(value)
     if world_size() > 1:
         _sum_over_ranks(list(counters.values()), device)
+    _note_shared({name: counter.places for name, counter in counters.items()})
     return {name: counter.counts() for name, counter in counters.items()}
+
+
+def _note_shared(places: Mapping[str, int]) -> None:
+    """Warn once per call about sites whose module ran at several places in one forward."""
+    shared = [f"{name} ({count} places)" for name, count in places.items() if count > 1]
+    if shared:
+        warnings.warn(
+            f"shared site module(s): {', '.join(shared)}. Each is one site: its neuron counts "
+            "pool every call, and linearizing it linearizes every place (where the forward "
+            "traces, depthcut.models.unshare_activations gives each place its own module).",
+            stacklevel=3,
+        )
 
 
 def padding_mask(inputs: torch.Tensor, pad_id: int | None) -> torch.Tensor | None:

@@ -1,8 +1,11 @@
 """Rectifier sites: finding them in forward order, and linearizing them.
 
 A *site* is one rectifier activation module in the forward pass (METHODS section 1). Sites are
-the layers depthcut counts and removes, so every site must be its own module: a module shared by
-several places in the forward would mix their statistics and cannot be linearized at one place.
+the layers depthcut counts and removes, so a site is a module: a module called at several places
+in one forward (ALBERT shares a layer across its depth) is one *shared* site, counted over all
+its calls and linearized at all of them (`entropy` pools its counts and warns). Where the
+forward traces, `models.unshare_activations` gives each place its own module, which is finer:
+the library adapters and the Python API do so; `find_sites` warns about the modules left shared.
 
 Models that call activations as functions (`F.relu(x)`, `torch.relu(x)`, `x.relu()`, `F.gelu`,
 `F.silu`, `F.leaky_relu`, `F.relu6`, `F.hardtanh(x, 0, 6)`) have no module to hook or replace.
@@ -217,8 +220,10 @@ def find_sites(model: nn.Module) -> list[str]:
     """Qualified names of the model's rectifier modules, in forward order.
 
     Forward order comes from a torch.fx trace; rectifier modules the trace never reaches (dead
-    branches) follow in registration order. A rectifier module called at two places in one
-    forward is refused, because its two places cannot be measured or linearized separately.
+    branches) follow in registration order. A rectifier module called at several places in one
+    forward is one shared site, at its first call's place, with a warning: its places cannot be
+    measured or linearized separately (`models.unshare_activations` splits it where the forward
+    traces).
     Functional rectifier calls (F.relu, x.relu(), ...) are refused too, naming each call: run
     `modularize(model)` first, so every site is a module that hooks and `linearize` can reach.
     An untraceable model falls back to registration order with a warning (functional calls
@@ -250,11 +255,14 @@ def find_sites(model: nn.Module) -> list[str]:
     traced = [name for name in order if name in rectifiers]
     shared = sorted({name for name in traced if traced.count(name) > 1})
     if shared:
-        raise SiteError(
-            f"rectifier module(s) {', '.join(shared)} are called more than once per forward. "
-            "Give each place its own activation module (e.g. self.act1 = nn.ReLU(), "
-            "self.act2 = nn.ReLU()) so each site can be measured and linearized on its own."
+        warnings.warn(
+            f"rectifier module(s) {', '.join(shared)} are called at several places per forward: "
+            "each is one shared site (its counts pool every call; linearizing it linearizes "
+            "every place). depthcut.models.unshare_activations(model) gives each place its own "
+            "module, so each can be measured and linearized on its own.",
+            stacklevel=2,
         )
+    traced = list(dict.fromkeys(traced))  # a shared module at its first call's place
     return traced + [name for name in registered if name not in set(traced)]
 
 

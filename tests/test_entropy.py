@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from depthcut import count_states, measure_entropy, neuron_entropy
-from depthcut.entropy import per_neuron_sum
+from depthcut import count_states, find_sites, measure_entropy, neuron_entropy
+from depthcut.entropy import ENTROPY_VARIANTS, per_neuron_sum
 from depthcut.sites import SiteError
 
 
@@ -109,19 +109,68 @@ def test_always_on_and_always_off_neurons():
     assert counts.always_off().tolist() == [False, True, True, False]
 
 
-def test_shared_module_is_refused():
-    class Shared(nn.Module):
+class SharedAct(nn.Module):
+    """One activation module at two places (as ALBERT shares its layer across depth); the
+    second call reads the first's output shifted, so the two places see different values."""
+
+    def __init__(self, width: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)) - 1)))
+
+
+def _places_counts(model: SharedAct, data: list[torch.Tensor]) -> tuple[list, list]:
+    """Each call's ON/OFF counts per neuron, summed over the batches, read by hand."""
+    first = [model.fc1(x) for x in data]
+    second = [model.fc2(torch.relu(z) - 1) for z in first]
+    return ([sum(((z > 0).sum(0) for z in zs), torch.zeros(3, dtype=torch.long))
+             for zs in (first, second)],
+            [sum(((z < 0).sum(0) for z in zs), torch.zeros(3, dtype=torch.long))
+             for zs in (first, second)])
+
+
+@pytest.mark.parametrize("variant", ENTROPY_VARIANTS)
+def test_a_shared_module_is_one_site_pooling_its_calls(variant: str) -> None:
+    torch.manual_seed(0)
+    model = SharedAct().eval()
+    data = [torch.randn(5, 3), torch.randn(7, 3)]
+    with pytest.warns(UserWarning, match="one shared site"):
+        assert find_sites(model) == ["act"]
+    with pytest.warns(UserWarning, match=r"act \(2 places\)"):
+        counts = count_states(model, data, ["act"], variant=variant)["act"]
+    assert not model.act._forward_pre_hooks
+    with torch.no_grad():
+        (on1, on2), (off1, off2) = _places_counts(model, data)
+    assert counts.places == 2
+    assert counts.n_on.tolist() == (on1 + on2).tolist()  # no pre-activation is exactly 0
+    assert (counts.n_on + counts.n_off).tolist() == (on1 + on2 + off1 + off2).tolist()
+    if variant == "easier-code":  # each batch's entropy from both calls' counts together
+        with torch.no_grad():
+            per_batch = [model.fc1(x) for x in data]
+            per_batch = [torch.cat([z, model.fc2(torch.relu(z) - 1)]) for z in per_batch]
+        expected = sum(float(neuron_entropy((z >= 0).sum(0), (z < 0).sum(0)).mean())
+                       for z in per_batch) / 2
+        assert counts.layer_entropy() == pytest.approx(expected)
+
+
+def test_a_shared_module_with_different_widths_is_refused() -> None:
+    class Widths(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            self.fc = nn.Linear(3, 4)
             self.act = nn.ReLU()
 
         def forward(self, x):
-            return self.act(self.act(x) - 1)
+            return self.act(self.fc(self.act(x)))
 
-    with pytest.raises(SiteError, match="more than once"):
-        measure_entropy(Shared(), [torch.randn(2, 3)])
-    model = Shared()
-    with pytest.raises(SiteError, match="ran twice"):
+    model = Widths()
+    with pytest.raises(SiteError, match=r"2 places in one forward with different neuron "
+                                        r"counts \(3, 4\)"):
         measure_entropy(model, [torch.randn(2, 3)], ["act"])
     assert not model.act._forward_pre_hooks
 

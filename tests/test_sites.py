@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from depthcut import build_model, find_sites, linearize
+from depthcut import build_model, count_states, find_sites, linearize
+from depthcut.fold import fold
 from depthcut.sites import SiteError
 
 
@@ -75,3 +76,56 @@ def test_linearize_errors_name_the_problem():
 def test_model_without_sites_is_refused():
     with pytest.raises(SiteError, match="no rectifier sites"):
         find_sites(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+
+
+class SharedLayer(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class SharedAcrossDepth(nn.Module):
+    """One layer, activation and weights alike, applied at every depth (as ALBERT does), and a
+    shape check in forward that torch.fx cannot trace (transformers check shapes too)."""
+
+    def __init__(self, width: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.layer = SharedLayer(width)
+        self.depth = depth
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 4:
+            raise ValueError("expected 4 features")
+        hidden = self.embed(x)
+        for _ in range(self.depth):
+            hidden = self.layer(hidden)
+        return self.head(hidden.mean(1))
+
+
+def test_a_shared_site_is_linearized_at_every_place_and_folds_exactly():
+    torch.manual_seed(0)
+    model = SharedAcrossDepth().eval()
+    x = torch.randn(2, 5, 4)
+    with pytest.warns(UserWarning, match="registration order"):
+        sites = find_sites(model)
+    assert sites == ["layer.act"]
+    with pytest.warns(UserWarning, match=r"layer.act \(3 places\)"):
+        counts = count_states(model, [x], sites)["layer.act"]
+    assert counts.places == 3 and int((counts.n_on + counts.n_off).sum()) == 3 * 2 * 5 * 16
+    linear = linearize(model, sites)
+    with torch.no_grad():
+        hidden = linear.embed(x)
+        for _ in range(3):
+            hidden = hidden + linear.layer.fc2(linear.layer.fc1(hidden))
+        assert torch.allclose(linear(x), linear.head(hidden.mean(1)))  # no GELU at any depth
+    folded = fold(linear, x)
+    report = folded.fold_report
+    assert report.exact and report.agrees_in_float64 and not report.unfolded_parts
+    assert report.macs_after < report.macs_before / 10  # every depth collapsed into one op
