@@ -132,13 +132,16 @@ class Affine:
             bias = False
         elif self.kind == "linear":
             bias = bool(self.bias.any())
-            module = nn.Linear(self.in_features, self.out_features, bias=bias)
+            # skip_init: no random init of a weight overwritten at once (a VGG classifier's
+            # 25088x4096 costs a second of kaiming_uniform_).
+            module = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features,
+                                        bias=bias, device=like.device, dtype=like.dtype)
         else:
             bias = bool(self.bias.any())
-            module = nn.Conv2d(
-                self.in_features, self.out_features, self.kernel, self.stride, self.padding,
-                groups=self.groups, bias=bias,
-            )
+            module = nn.utils.skip_init(
+                nn.Conv2d, self.in_features, self.out_features, self.kernel, self.stride,
+                self.padding, groups=self.groups, bias=bias, device=like.device,
+                dtype=like.dtype)
         module = module.to(device=like.device, dtype=like.dtype)
         with torch.no_grad():
             module.weight.copy_(self.weight)
@@ -241,12 +244,15 @@ def compose(a: Affine, b: Affine) -> tuple[Affine, bool] | None:
     if a.kind == "linear":
         return Affine("linear", b.weight @ a.weight, b.weight @ a.bias + b.bias), True
     (ka0, ka1), (kb0, kb1), (sa0, sa1) = a.kernel, b.kernel, a.stride
-    weight = a.weight.new_zeros(b.out_features, a.in_features, ka0 + (kb0 - 1) * sa0,
-                                ka1 + (kb1 - 1) * sa1)
-    for i in range(kb0):
-        for j in range(kb1):
-            weight[:, :, i * sa0:i * sa0 + ka0, j * sa1:j * sa1 + ka1] += _tap_product(
-                b, i, j, a)
+    if (kb0, kb1) == (1, 1):  # one tap: the product is the weight (no zeros, no second copy)
+        weight = _tap_product(b, 0, 0, a)
+    else:
+        weight = a.weight.new_zeros(b.out_features, a.in_features, ka0 + (kb0 - 1) * sa0,
+                                    ka1 + (kb1 - 1) * sa1)
+        for i in range(kb0):
+            for j in range(kb1):
+                weight[:, :, i * sa0:i * sa0 + ka0, j * sa1:j * sa1 + ka1] += _tap_product(
+                    b, i, j, a)
     if b.is_depthwise:
         bias = b.bias + b.weight[:, 0].sum((1, 2)) * a.bias
     else:
