@@ -2,7 +2,8 @@
 to end, and the table of what each gives (docs/zoo.md).
 
 Each model is built as `--model LIBRARY:NAME` builds it (`models.build_external`: random init,
-activations one module per site), its BatchNorm statistics perturbed, and run on 64x64 images
+activations one module per site), its BatchNorm statistics perturbed and its all-zero weights
+(zero-initialised heads) made random, and run on 64x64 images
 (token ids (2, 32) for
 transformers' text models). Checked: sites are found, their entropies are finite, and
 with every second site linear, then with every site linear, the fold is exact against a float64
@@ -86,6 +87,21 @@ def _perturb_batchnorm(model: nn.Module, generator: torch.Generator) -> int:
     return count
 
 
+def _randomize_zero_weights(model: nn.Module, generator: torch.Generator) -> list[str]:
+    """Random values for every weight tensor (2 dims or more) that is all zeros, as libraries
+    initialise classifier heads (torchvision's ViT, timm's MLP-Mixer): a zero head makes every
+    output zero, and a fold compared on zeros tests nothing. Returns their names."""
+    names = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                fan_in = parameter[0].numel()
+                parameter.copy_(torch.randn(parameter.shape, generator=generator)
+                                / math.sqrt(fan_in))
+                names.append(name)
+    return names
+
+
 def _batchnorms_left(folded: nn.Module) -> int:
     """BatchNorm modules and F.batch_norm calls the folded model still runs."""
     left = sum(1 for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
@@ -123,6 +139,7 @@ def check_model(name: str) -> dict:
     text = name.startswith("hf:") and not name.startswith("hf:vit:")
     model = build_external(name, 10, 3, image_size=None if text else IMAGE_SIZE).eval()
     batchnorms = _perturb_batchnorm(model, generator)
+    _randomize_zero_weights(model, generator)
     x = (torch.randint(1, 500, (2, TOKENS), generator=generator) if text
          else torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator))
     sites = find_sites(model)
@@ -182,7 +199,8 @@ def write_table(rows: list[dict], path: Path, minutes: float) -> None:
         "",
         f"Written by `benchmarks/zoo.py` ({len(rows)} models, {passing} pass, "
         f"{100 * passing / max(len(rows), 1):.0f}%; {minutes:.0f} minutes on 2 shared CPU "
-        "cores). Random init, BatchNorm statistics perturbed, 64x64 images (token ids (2, 32) "
+        "cores). Random init, BatchNorm statistics perturbed, all-zero weights "
+        "(zero-initialised heads) made random, 64x64 images (token ids (2, 32) "
         "for transformers), fold policy `macs`. MACs are folded/unfolded; the error is the "
         "folded float32 model's relative error against the unfolded model evaluated in "
         "float64; a pass needs sites, finite entropies, both folds exact against float64 and "

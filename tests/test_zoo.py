@@ -57,3 +57,16 @@ def test_the_notes_below_the_table_are_kept(tmp_path: Path) -> None:
     text = table.read_text()
     assert text.endswith("| no |\n\n**Why.** Because.\n") and "| x | y |" not in text
     assert "1 models, 0 pass" in text
+
+
+def test_zero_initialised_weights_are_made_random() -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    kept = model[0].weight.clone()
+    names = zoo._randomize_zero_weights(model, torch.Generator().manual_seed(0))
+    assert names == ["1.weight"] and model[1].weight.all() and not model[1].bias.any()
+    assert torch.equal(model[0].weight, kept)
