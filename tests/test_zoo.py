@@ -27,7 +27,7 @@ def _importable(package: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", zoo.ZOO)
+@pytest.mark.parametrize("name", zoo.ZOO, ids=list(zoo.ZOO))
 def test_zoo_model_folds_exactly(name: str) -> None:
     library = zoo.library_of(name)
     if not _importable(library):
