@@ -13,6 +13,8 @@ own process with a timeout and writes the table:
 
     PYTHONPATH=. OMP_NUM_THREADS=2 /work/venv-zoo/bin/python benchmarks/zoo.py [--timeout 600]
 
+(`--only NAME ... --merge` runs those rows again and puts them into the table by name.)
+
 It needs torch 2.14.1, torchvision 0.29.1, timm 1.0.31 and transformers (docs/zoo.md says how
 to install them; about 5.5 GB).
 """
@@ -210,7 +212,8 @@ def write_table(rows: list[dict], path: Path, minutes: float) -> None:
         "`python3 -m venv /work/venv-zoo && /work/venv-zoo/bin/pip install torch==2.14.1 "
         "torchvision==0.29.1 timm==1.0.31 transformers pytest`; run with the checkout first "
         "on the path: `PYTHONPATH=. /work/venv-zoo/bin/python benchmarks/zoo.py` (or "
-        "`-m pytest tests/test_zoo.py`).",
+        "`-m pytest tests/test_zoo.py`); `--only NAME ... --merge` runs some rows again into "
+        "this table.",
         "",
         "| model | sites | BN (left) | every second site linear | every site linear | "
         "left unfolded | pass |",
