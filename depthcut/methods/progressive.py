@@ -135,14 +135,15 @@ class Progressive(Method):
 
     def change(self, run: StageRun) -> dict | str:
         candidates = Candidates.from_counts(run.model, run.count(self.remaining, self.config),
-                                            run.splits.train_eval, run.last.stage + 1)
+                                            run.splits.train_eval, run.last.stage + 1,
+                                            run.teacher, run.records)
         scored = self.scorer.score(candidates)
         count = self.step
         if self.config.max_sites is not None:
             count = min(count, self.config.max_sites - len(self.linearized))
         chosen = choose_sites(scored.scores, count)
         if not chosen:
-            return "no remaining site was reached by the forward pass"
+            return scored.nothing_chosen or "no remaining site was reached by the forward pass"
         self.previous = (clone_model(run.model), list(self.linearized))
         epochs = self.finetune.epochs
         ramp = self.config.blend * epochs * max(len(run.splits.train), 1)
