@@ -204,3 +204,33 @@ def easier_args(world: dict, *extra: str, out: str = "out", data: Path | None = 
     data = data if data is not None else world["root"]
     return ["easier", "--dataset", "cifar10", "--data-root", str(data), "--out",
             str(world["base"] / out), *TINY_RUN, *extra]
+
+
+class MacsTimer:
+    """A timer without noise for tests (registered by the `macs_timer` fixture as "test-macs"):
+    1 us per call plus 1 ns per multiply-add of the forward; `calls` counts what it timed."""
+
+    name = "test-macs"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def seconds(self, model, example, repeats: int = 15, warmup: int = 3) -> float:
+        from depthcut.cost import count_macs
+
+        self.calls += 1
+        return 1e-6 + count_macs(model, example) * 1e-9
+
+
+@pytest.fixture(name="macs_timer")
+def macs_timer_fixture() -> Iterator[MacsTimer]:
+    """The noiseless `MacsTimer`, registered while the test runs."""
+    from depthcut.cost import TIMERS, Timer, register_timer
+
+    class Registered(MacsTimer, Timer):
+        def prepare(self, model, example):
+            return lambda: model(example)
+
+    timer = register_timer(Registered())
+    yield timer
+    del TIMERS[timer.name]

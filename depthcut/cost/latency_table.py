@@ -134,10 +134,17 @@ class LatencyTable:
         self.entries, self._dirty = merged, False
 
 
-@torch.fx.wrap
-def _keep_alive(first: Tensor, *others: Tensor) -> Tensor:
-    """`first`; its other arguments are values a slice must still compute for later nodes."""
-    return first
+class _KeepAlive(nn.Module):
+    """Returns its first argument; the others are values a slice must still compute for the
+    nodes after it. A leaf for depthcut's tracer, so that folding keeps them."""
+
+    depthcut_leaf = True
+
+    def forward(self, first: Tensor, *others: Tensor) -> Tensor:
+        return first
+
+
+KEEP_ALIVE = "depthcut_keep_alive"
 
 
 class _Unpack(nn.Module):
@@ -211,13 +218,23 @@ def _cut(gm: torch.fx.GraphModule, region: list[torch.fx.Node], linear: set[str]
         later = [n for n in region if n is not last and n.op != "get_attr"
                  and any(user not in inside for user in n.users)]
         if later:
-            graph.output(graph.call_function(_keep_alive, (env[last], *(env[n] for n in later))))
+            graph.output(graph.call_module(KEEP_ALIVE, (env[last], *(env[n] for n in later))))
         else:
             graph.output(env[last])
     if not inputs:  # a slice of constants: give it an input to be called with
         graph.placeholder("unused")
     graph.lint()
-    return torch.fx.GraphModule(gm, graph), inputs
+    root = {name: module for name, module in gm.named_modules()
+            if any(n.op == "call_module" and n.target == name for n in graph.nodes)}
+    root[KEEP_ALIVE] = _KeepAlive()
+    root.update({str(n.target): _attribute(gm, str(n.target))
+                 for n in graph.nodes if n.op == "get_attr"})
+    return torch.fx.GraphModule(root, graph), inputs
+
+
+def _attribute(gm: nn.Module, target: str) -> object:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 class SegmentTimer:
@@ -380,9 +397,11 @@ class SegmentTimer:
         if last_site.op == "output":
             end = next(p for p, n in enumerate(nodes) if n.op == "output")
             return _cut(folded, nodes[start + 1:end + 1], set(), None)
-        end = next(p for p, n in enumerate(nodes)
-                   if n.op == "call_module" and n.target == last_site.target)
-        region, last = nodes[start + 1:end + 1], nodes[end]
+        # Everything after site i belongs to the segment, also a value the slice keeps alive
+        # for later nodes that folding placed after site j.
+        last = next(n for n in nodes if n.op == "call_module" and n.target == last_site.target)
+        region = [n for n in nodes[start + 1:]
+                  if n.op != "output" and not (n.op == "call_module" and n.target == KEEP_ALIVE)]
         return _cut(folded, region, set(), last)
 
 
