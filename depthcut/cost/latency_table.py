@@ -443,7 +443,8 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                         table: LatencyTable, sites: Sequence[str] | None = None,
                         span: int = DEFAULT_SPAN, allowed: Sequence[bool] | None = None,
                         segments: Iterable[Segment] | None = None,
-                        progress: bool = True) -> SegmentTable:
+                        progress: bool = True, repeats: int = 15,
+                        warmup: int = 3) -> SegmentTable:
     """Seconds of every segment of `model` (its `sites`, default all found) that a plan may use:
     from the table, timing the misses (a tqdm bar while it does), then saved."""
     from depthcut.sites import find_sites  # noqa: PLC0415 - only here
@@ -451,7 +452,7 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
     sites = list(find_sites(model) if sites is None else sites)
     start = time.perf_counter()
     hits, misses = table.hits, table.misses
-    timer = SegmentTimer(model, sample, context, table, sites)
+    timer = SegmentTimer(model, sample, context, table, sites, repeats, warmup)
     wanted = list(segments if segments is not None else
                   segments_within(len(sites), span, allowed))
     overhead = timer.overhead()

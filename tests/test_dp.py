@@ -1,0 +1,207 @@
+"""`--choose dp`: the dynamic programme against brute force, the scorer, and EASIER and
+progressive planning with it (a noiseless test timer: no timing in these tests)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from depthcut.cost.latency_table import LatencyTable, TableContext, build_segment_table
+from depthcut.errors import ConfigError
+from depthcut.methods.easier import EasierConfig, easier
+from depthcut.methods.progressive import ProgressiveConfig, progressive
+from depthcut.scorers import Candidates, choose_sites, scorer_for
+from depthcut.scorers.dp import DpScorer, plan_sites
+from depthcut.sites import find_sites
+from depthcut.train import TrainConfig, evaluate
+from tests.helpers import (
+    macs_timer_fixture,  # noqa: F401 - a fixture
+    one_thread,  # noqa: F401
+    seed_fixture,  # noqa: F401
+    tiny_splits,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def brute_force(importance, seconds, budget, overhead=0.0):
+    """(importance removed, seconds) of the best plan over every subset of kept sites."""
+    n = len(importance)
+    best, fastest = None, None
+    for keep in itertools.product([True, False], repeat=n):
+        if any(math.isnan(h) and not k for h, k in zip(importance, keep, strict=True)):
+            continue
+        kept = [0, *(i + 1 for i in range(n) if keep[i]), n + 1]
+        pairs = list(zip(kept, kept[1:], strict=False))
+        if any(pair not in seconds for pair in pairs):
+            continue
+        total = overhead + sum(seconds[pair] for pair in pairs)
+        removed = sum(h for h, k in zip(importance, keep, strict=True) if not k)
+        if fastest is None or total < fastest[1]:
+            fastest = (removed, total)
+        if total <= budget and (best is None or (removed, total) < best):
+            best = (removed, total)
+    return best, fastest
+
+
+def synthetic(rng: random.Random, n: int, span: int):
+    importance = [rng.choice([0.0, rng.random()]) for _ in range(n)]
+    if rng.random() < 0.3:
+        importance[rng.randrange(n)] = math.nan  # an unreached site: always kept
+    seconds = {(i, j): rng.uniform(0.1, 1.0) * (j - i) ** rng.uniform(0.3, 1.1)
+               for i in range(n + 1) for j in range(i + 1, min(n + 1, i + span + 1) + 1)}
+    return importance, seconds
+
+
+@pytest.mark.parametrize("trial", range(60))
+def test_the_dp_finds_the_brute_force_optimum(trial, seed):
+    rng = random.Random(seed.value * 1000 + trial)
+    n = rng.randint(1, 8)
+    importance, seconds = synthetic(rng, n, span=rng.randint(1, n))
+    dense = sum(seconds[(k, k + 1)] for k in range(n + 1))
+    for budget in (0.05 * dense, 0.5 * dense, 0.8 * dense, 1.5 * dense):
+        best, fastest = brute_force(importance, seconds, budget)
+        plan = plan_sites(importance, seconds, budget)
+        if best is None:  # infeasible: best effort is the fastest plan, flagged
+            assert not plan.feasible and plan.seconds == pytest.approx(fastest[1]), seed
+        else:
+            assert plan.feasible and plan.seconds <= budget + 1e-12, seed
+            assert plan.removed == pytest.approx(best[0], abs=1e-12), (seed, budget)
+            assert plan.seconds == pytest.approx(best[1]), (seed, budget)
+        kept = plan.kept
+        assert kept[0] == 0 and kept[-1] == n + 1 and kept == sorted(set(kept))
+        assert all(k in kept for k in range(1, n + 1) if math.isnan(importance[k - 1]))
+        assert plan.seconds == pytest.approx(sum(seconds[p] for p in zip(kept, kept[1:],
+                                                                         strict=False)))
+
+
+def test_a_loose_budget_removes_nothing_and_a_tight_one_the_least_entropy():
+    importance = [0.9, 0.1, 0.5]
+    seconds = {(i, j): 1.0 for i in range(4) for j in range(i + 1, 5)}  # any merge: 1 s
+    assert plan_sites(importance, seconds, 10.0).kept == [0, 1, 2, 3, 4]
+    plan = plan_sites(importance, seconds, 3.0)  # one segment fewer: one site goes
+    assert plan.kept == [0, 1, 3, 4] and plan.removed == pytest.approx(0.1)
+    plan = plan_sites(importance, seconds, 2.0)  # two fewer: the most entropic site stays
+    assert plan.kept == [0, 1, 4] and plan.removed == pytest.approx(0.6)
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def dp_config(tmp_path, cls=EasierConfig, **settings):
+    return cls(choose="dp", latency_budget=settings.pop("latency_budget", 0.6),
+               latency_backend="test-macs", latency_table=str(tmp_path / "table.json"),
+               **settings)
+
+
+def test_on_a_model_the_scorer_plans_the_brute_force_optimum(tmp_path, macs_timer):
+    model, splits = small_model(), tiny_splits()
+    sites = find_sites(model)
+    entropies = dict(zip(sites, [0.2, 0.7, 0.05, 0.4], strict=True))
+    sample = next(iter(splits.train_eval))[0][:1]
+    table = build_segment_table(model, sample, TableContext("test-macs", 1),
+                                LatencyTable(tmp_path / "table.json"), sites, span=4,
+                                progress=False)
+    dense = table.plan_seconds(list(range(len(sites) + 2)))
+    seen = set()
+    for budget in (1.0, 0.99, 0.9, 0.85, 0.7, 0.5, 0.01):
+        scorer = scorer_for(dp_config(tmp_path, latency_budget=budget))
+        best, fastest = brute_force(list(entropies.values()), table.seconds, budget * dense,
+                                    table.overhead)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scored = scorer.score(Candidates(model, entropies, examples=splits.train_eval))
+        assert [str(w.message)[:20] for w in caught] == (
+            [] if best is not None else ["dp: no plan meets la"])
+        record = scored.record["dp"]
+        chosen = choose_sites(scored.scores, len(sites))
+        assert set(chosen) == set(record["sites"])
+        assert sum(entropies[s] for s in chosen) == pytest.approx((best or fastest)[0])
+        assert record["within_budget"] == (best is not None)
+        assert {s: scored.scores[s] for s in chosen} == {s: entropies[s] for s in chosen}
+        assert all(math.isnan(scored.scores[s]) for s in sites if s not in chosen)
+        assert scored.record["dp_cost"]["misses"] == 0  # the table was built above
+        json.dumps(scored.record)
+        seen.add(tuple(chosen))
+    assert len(seen) >= 3  # the budgets did not all give the same plan
+
+
+def test_dp_without_a_budget_is_a_config_error(macs_timer):
+    with pytest.raises(ConfigError, match="latency_budget"):
+        EasierConfig(choose="dp")
+    with pytest.raises(ConfigError, match="latency_budget must be a fraction"):
+        ProgressiveConfig(choose="dp", latency_budget=-1)
+    with pytest.raises(ConfigError, match="dp_span"):
+        EasierConfig(choose="dp", latency_budget=0.5, dp_span=-1)
+    with pytest.raises(ConfigError, match="needs --latency-budget"):
+        DpScorer.from_config(type("Bare", (), {"latency_budget": None})())
+
+
+def test_a_later_stage_needs_a_dense_reference(tmp_path, macs_timer):
+    """A model with sites gone plans against the dense estimate of an earlier "dp" record (a
+    resumed run) or the dense model; with neither it refuses."""
+    model, splits = small_model(), tiny_splits()
+    sites = find_sites(model)
+    config = dp_config(tmp_path, latency_budget=0.85)
+    entropies = {s: 0.5 for s in sites}
+    first = scorer_for(config).score(Candidates(model, entropies, examples=splits.train_eval))
+    dense_record = {"stage": 0, "sites_total": len(sites) + 1}
+    later = Candidates(model, entropies, examples=splits.train_eval,
+                       records=[dense_record, {"stage": 1, "dp": first.record["dp"]}])
+    again = scorer_for(config).score(later)
+    assert again.record["dp"]["dense_ms"] == first.record["dp"]["dense_ms"]
+    with pytest.raises(ConfigError, match="no dense reference"):
+        scorer_for(config).score(Candidates(model, entropies, examples=splits.train_eval,
+                                            records=[dense_record]))
+    given = scorer_for(config).score(Candidates(model, entropies, examples=splits.train_eval,
+                                                records=[dense_record], dense=small_model()))
+    assert given.record["dp"]["dense_ms"] == first.record["dp"]["dense_ms"]
+
+
+def dense_record(model, splits) -> dict:
+    return {"method": "dense", "stage": 0, "sites_total": len(find_sites(model)),
+            "sites_linearized": 0, "linearized": [], "val_top1": evaluate(model, splits.val),
+            "test_top1": 0.0}
+
+
+def test_easier_takes_the_plan_one_site_at_a_time_and_stops_when_it_is_met(tmp_path,
+                                                                           macs_timer):
+    model, splits = small_model(), tiny_splits()
+    config = dp_config(tmp_path, latency_budget=0.85, delta=100.0,
+                       finetune=TrainConfig(epochs=0))
+    result = easier(model, splits, config, dense_record=dense_record(model, splits),
+                    progress=False)
+    stages = result.records[1:]
+    first_plan = stages[0]["dp"]["sites"]
+    assert len(first_plan) >= 2 and [r["chosen"] for r in stages] != []
+    for record in stages:  # the lowest-entropy site of each stage's plan
+        plan = record["dp"]["sites"]
+        assert record["chosen"] == [min(plan, key=lambda s: (record["entropy"][s],
+                                                             list(record["entropy"]).index(s)))]
+    assert stages[-1]["dp"]["dense_ms"] == stages[0]["dp"]["dense_ms"]
+    assert "plan removes no more sites" in result.stop_reason
+    assert result.records[-1]["dp"]["predicted_ratio"] <= 0.85
+    assert result.records[-1]["dp"]["within_budget"]
+
+
+def test_progressive_one_shot_linearizes_the_whole_plan(tmp_path, macs_timer):
+    model, splits = small_model(), tiny_splits()
+    config = dp_config(tmp_path, ProgressiveConfig, latency_budget=0.85, delta=100.0,
+                       first_step=99, max_stages=1, finetune=TrainConfig(epochs=1))
+    result = progressive(model, splits, config, dense_record=dense_record(model, splits),
+                         progress=False)
+    record = result.records[1]
+    assert sorted(record["chosen"]) == sorted(record["dp"]["sites"]) and record["chosen"]
+    assert find_sites(result.model) == [s for s in find_sites(small_model())
+                                        if s not in record["chosen"]]
