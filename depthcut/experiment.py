@@ -479,6 +479,9 @@ def run_comparison(
     if unknown or not methods:
         raise ConfigError(f"unknown or no methods {unknown}; choose from {', '.join(names)}")
     configs = dict(method_configs or {})
+    for method in methods:  # a variant's settings that do not hold fail before any training
+        spec, variant = names[method]
+        dataclasses.replace(configs.get(spec.name) or spec.config(), **variant)
     out = Path(out)
     check_writable(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)

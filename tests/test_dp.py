@@ -205,3 +205,35 @@ def test_progressive_one_shot_linearizes_the_whole_plan(tmp_path, macs_timer):
     assert sorted(record["chosen"]) == sorted(record["dp"]["sites"]) and record["chosen"]
     assert find_sites(result.model) == [s for s in find_sites(small_model())
                                         if s not in record["chosen"]]
+
+
+def test_compare_refuses_a_dp_variant_without_a_budget_before_training(tmp_path):
+    from depthcut.experiment import ExperimentConfig, run_comparison
+
+    for variant in ("easier-dp", "progressive-dp"):
+        with pytest.raises(ConfigError, match="latency_budget"):
+            run_comparison(ExperimentConfig(), ["easier", variant], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_command_plans_a_checkpoint_and_measures_the_plan(tmp_path, macs_timer,
+                                                                   capsys):
+    from depthcut.cli import main
+    from tests.helpers import tiny_world
+
+    world = tiny_world(tmp_path)
+    capsys.readouterr()
+    checkpoint = world["run"] / "checkpoints" / "stage_00.pt"
+    table = tmp_path / "table.json"
+    args = ["plan", "--dense-checkpoint", str(checkpoint), "--latency-budget", "0.999",
+            "--latency-backend", "test-macs", "--latency-table", str(table), "--samples", "32",
+            "--data-root", str(world["root"]), "--dp-span", "3", "--no-progress"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "plan: linearize" in first and "predicted latency ratio" in first
+    assert "measured latency ratio" in first and " 0 timed" not in first
+    assert main([*args, "--no-measure"]) == 0
+    again = capsys.readouterr().out
+    assert " 0 timed" in again and "measured latency ratio" not in again
+    plan_line = next(line for line in first.splitlines() if line.startswith("plan:"))
+    assert plan_line in again  # the same plan from the cached table

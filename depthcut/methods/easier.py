@@ -181,5 +181,6 @@ SPEC = register(MethodSpec(
              **{name: {"max_stages": None, **FINETUNE_PRESETS[name]}
                 for name in TRANSFER_PRESETS}},
     variants={"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"},
-              "easier-random": {"choose": "random"}, "easier-last": {"choose": "last"}},
+              "easier-random": {"choose": "random"}, "easier-last": {"choose": "last"},
+              "easier-dp": {"choose": "dp"}},  # dp: --latency-budget is needed
     depth_reference=True, check=_check, label_of=_label, describe=_describe, order=10))
