@@ -209,14 +209,15 @@ def easier_args(world: dict, *extra: str, out: str = "out", data: Path | None = 
 class MacsTimer:
     """A timer without noise for tests (registered by the `macs_timer` fixture as "test-macs"):
     1 us per call, 0.1 us per leaf module called (depthcut's own private helpers aside: the
-    wrappers that cut and feed segments) and 1 ns per multiply-add; `calls` counts timings."""
+    wrappers that cut and feed segments) and 1 ns per multiply-add; `calls` counts the modules
+    it prepared."""
 
     name = "test-macs"
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def seconds(self, model, example, repeats: int = 15, warmup: int = 3) -> float:
+    def prepare(self, model, example):
         from depthcut.cost import count_macs
 
         self.calls += 1
@@ -231,7 +232,19 @@ class MacsTimer:
             macs = count_macs(model, example)
         finally:
             handle.remove()
-        return 1e-6 + 1e-7 * len(leaves) + macs * 1e-9
+        seconds = 1e-6 + 1e-7 * len(leaves) + macs * 1e-9
+
+        def call():
+            return model(example)
+
+        call.seconds = seconds
+        return call
+
+    def measure(self, call, device, repeats: int = 15, warmup: int = 3) -> float:
+        return call.seconds
+
+    def seconds(self, model, example, repeats: int = 15, warmup: int = 3) -> float:
+        return self.measure(self.prepare(model, example), example.device)
 
 
 @pytest.fixture(name="macs_timer")
@@ -240,8 +253,7 @@ def macs_timer_fixture() -> Iterator[MacsTimer]:
     from depthcut.cost import TIMERS, Timer, register_timer
 
     class Registered(MacsTimer, Timer):
-        def prepare(self, model, example):
-            return lambda: model(example)
+        pass
 
     timer = register_timer(Registered())
     yield timer
