@@ -237,3 +237,12 @@ def test_the_plan_command_plans_a_checkpoint_and_measures_the_plan(tmp_path, mac
     assert " 0 timed" in again and "measured latency ratio" not in again
     plan_line = next(line for line in first.splitlines() if line.startswith("plan:"))
     assert plan_line in again  # the same plan from the cached table
+
+
+def test_the_cli_refuses_choose_dp_without_a_budget_before_any_work(tmp_path, capsys):
+    from depthcut.cli import main
+
+    code = main(["easier", "--choose", "dp", "--data-root", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "out")])
+    assert code != 0 and "choose dp needs latency_budget" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

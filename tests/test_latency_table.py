@@ -73,9 +73,9 @@ def test_a_built_table_is_read_back_without_folding_or_timing(tmp_path, macs_tim
                                 progress=False)
     assert len(first.seconds) == len(segments_within(4, 4)) == 15
     assert first.hits == 0 and first.misses == 16  # every segment and the call overhead
-    assert macs_timer.calls == 17 and path.exists()  # and the reference workload
+    assert macs_timer.calls == 16 and path.exists()
     entries = json.loads(path.read_text())["entries"]
-    assert len(entries) == 17 and sum(key.endswith("|reference") for key in entries) == 1
+    assert len(entries) == 16
 
     calls = macs_timer.calls
     monkeypatch.setattr(latency_table, "fold", lambda *a, **k: pytest.fail("folded again"))
@@ -166,22 +166,3 @@ def test_the_table_path_comes_from_the_environment(tmp_path, monkeypatch):
     assert LatencyTable().path == tmp_path / "env.json"
     assert LatencyTable(tmp_path / "given.json").path == tmp_path / "given.json"
 
-
-def test_timings_are_scaled_to_the_speed_the_reference_had_when_the_table_began(
-        tmp_path, macs_timer, monkeypatch):
-    """A machine twice as slow while the rest of a table is built (other processes) gives the
-    same entries: each timing is scaled by a reference workload timed beside it."""
-    model, steady, slowed = chain_model(), tmp_path / "steady.json", tmp_path / "slowed.json"
-    first = build_segment_table(model, SAMPLE, context(), LatencyTable(steady), span=2,
-                                progress=False)
-    entries = json.loads(steady.read_text())["entries"]
-    reference = {k: v for k, v in entries.items() if k.endswith("|reference")}
-    slowed.write_text(json.dumps({"format": 1, "entries": reference}))
-    measure = type(macs_timer).measure
-    monkeypatch.setattr(type(macs_timer), "measure",
-                        lambda self, call, *a, **k: 2 * measure(self, call, *a, **k))
-    second = build_segment_table(model, SAMPLE, context(), LatencyTable(slowed), span=2,
-                                 progress=False)
-    assert second.misses == first.misses == 13  # 12 segments and the overhead, no reference
-    assert second.seconds == pytest.approx(first.seconds)
-    assert second.overhead == pytest.approx(first.overhead)

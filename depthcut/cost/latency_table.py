@@ -35,7 +35,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +55,6 @@ TABLE_VARIABLE = "DEPTHCUT_LATENCY_TABLE"
 DEFAULT_SPAN = 8  # most sites a segment may hold inside (bounds the table's size)
 MERGE_FORMS = ("macs", "all")  # fold policies a segment's merged form may come from
 FOLD_BATCH = 2  # batch of the random input a slice is folded on (folding ignores the batch)
-# The reference workload every timing is scaled by (`SegmentTimer._timed`): a 3x3 conv.
-REFERENCE_CHANNELS, REFERENCE_SIZE, REFERENCE_REPEATS = 16, 16, 3
 
 Segment = tuple[int, int]  # (i, j): positions in the sentinel list, 0 = input, n+1 = output
 
@@ -268,8 +266,6 @@ class SegmentTimer:
         output = next(n for n in self.nodes if n.op == "output")
         self.boundary = [placeholders[-1], *(by_target[s] for s in self.sites), output]
         self.seconds_timing = 0.0
-        self._reference: Callable[[], object] | None = None
-        self._reference_base: float | None = None
 
     # ----------------------------------------------------------------------------- structure
     def _slice(self, i: int, j: int) -> list[torch.fx.Node]:
@@ -385,46 +381,9 @@ class SegmentTimer:
                 example = torch.cat([v.reshape(-1) for v in values])
             return self._timed(module, example)
 
-    # The machine's speed drifts (other processes, clocks) while a table of hundreds of entries
-    # is built, and the DP would favour whichever segments were timed in a fast moment. So
-    # each timing is bracketed by timings of a fixed reference workload on the same backend
-    # and scaled to the speed the reference had when the table was started (its own entry).
-    def _reference_call(self) -> Callable[[], object]:
-        if self._reference is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                conv = nn.Conv2d(REFERENCE_CHANNELS, REFERENCE_CHANNELS, 3, padding=1).eval()
-                x = torch.randn(self.context.batch, REFERENCE_CHANNELS, REFERENCE_SIZE,
-                                REFERENCE_SIZE)
-            device = self.context.device
-            self._reference = get_timer(self.context.backend).prepare(conv.to(device),
-                                                                      x.to(device))
-        return self._reference
-
-    def _reference_now(self, repeats: int = REFERENCE_REPEATS) -> float:
-        return get_timer(self.context.backend).measure(
-            self._reference_call(), torch.device(self.context.device), repeats, 1)
-
-    def reference(self) -> float:
-        """The reference workload's seconds when this table context was first timed."""
-        if self._reference_base is None:
-            key = f"{self.context.key()}|reference"
-            seconds = self.table.entries.get(key, {}).get("seconds")
-            if seconds is None:
-                seconds = self._reference_now(self.repeats)
-                self.table.put(key, seconds, what=f"reference conv {REFERENCE_CHANNELS}ch "
-                               f"{REFERENCE_SIZE}px")
-            self._reference_base = float(seconds)
-        return self._reference_base
-
     def _timed(self, module: nn.Module, example: Tensor) -> float:
-        """`module`'s seconds on `example`, scaled to the reference's speed (see above)."""
-        timer = get_timer(self.context.backend)
-        call = timer.prepare(module, example)
-        before = self._reference_now()
-        seconds = timer.measure(call, example.device, self.repeats, self.warmup)
-        after = self._reference_now()
-        return seconds * self.reference() / ((before + after) / 2)
+        return get_timer(self.context.backend).seconds(module, example, self.repeats,
+                                                       self.warmup)
 
     def _cut_folded(self, folded: torch.fx.GraphModule, i: int, j: int
                     ) -> tuple[torch.fx.GraphModule, list[torch.fx.Node]]:

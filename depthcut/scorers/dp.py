@@ -43,6 +43,7 @@ from depthcut.cost.latency_table import (
     TableContext,
     build_segment_table,
 )
+from depthcut.distributed import world_size
 from depthcut.errors import ConfigError
 from depthcut.scorers import Candidates, Scorer, Scores, example_batch, register_scorer
 from depthcut.sites import find_sites
@@ -186,7 +187,11 @@ class DpScorer(Scorer):
         table = LatencyTable(self.table_path)
         context = self.context()
         importance = [float(h) for h in entropies.values()]
-        with torch.random.fork_rng(devices=[]):
+        if world_size() > 1:  # each process would time its own table and plan otherwise
+            raise ConfigError("--choose dp does not run under torch.distributed yet: plan on "
+                              "one process (`depthcut plan`) or run without DDP")
+        # The table is timed in float32 whatever autocast a run holds (`--amp`).
+        with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
             segments = build_segment_table(
                 candidates.model, sample, context, table, sites, self.span,
                 allowed=[not math.isnan(h) for h in importance], progress=self.progress)
