@@ -92,6 +92,13 @@ def test_a_loose_budget_removes_nothing_and_a_tight_one_the_least_entropy():
     assert plan.kept == [0, 1, 4] and plan.removed == pytest.approx(0.6)
 
 
+def test_a_table_that_cannot_reach_the_output_is_a_config_error():
+    with pytest.raises(ConfigError, match="no chain of measured segments"):
+        plan_sites([0.1, 0.2], {(0, 1): 1.0, (1, 2): 1.0}, 5.0)
+    with pytest.raises(ConfigError, match="no chain"):  # the only way out skips a kept site
+        plan_sites([0.1, math.nan], {(0, 1): 1.0, (1, 3): 1.0}, 5.0)
+
+
 def small_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1),

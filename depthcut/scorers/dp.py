@@ -76,8 +76,6 @@ def plan_sites(importance: Sequence[float], seconds: Mapping[tuple[int, int], fl
     the segments a plan may use (a missing one is not allowed). Infeasible: the fastest plan,
     `feasible` False."""
     n = len(importance)
-    if n == 0 or (0, n + 1) not in seconds and not any(b == n + 1 for _, b in seconds):
-        raise ConfigError("no plan: the table has no segment reaching the output")
     must_keep = [math.isnan(h) for h in importance]
     # Importance removed by a segment: the sites strictly inside it (prefix sums).
     prefix = [0.0]
