@@ -253,3 +253,30 @@ def test_the_cli_refuses_choose_dp_without_a_budget_before_any_work(tmp_path, ca
                  "--out", str(tmp_path / "out")])
     assert code != 0 and "choose dp needs latency_budget" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_runs_the_dp_variants_from_one_dense_model(tmp_path, macs_timer):
+    """easier-dp plans every stage; progressive-dp linearizes its whole first plan in one
+    blended finetune (one shot)."""
+    from depthcut.cli import main
+    from depthcut.methods.progressive import ONE_SHOT
+    from depthcut.run import read_records
+    from tests.helpers import write_fake_cifar10
+
+    root = write_fake_cifar10(tmp_path / "data")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--dataset", "cifar10", "--data-root", str(root), "--width",
+                 "0.0625", "--epochs", "1", "--finetune-epochs", "1", "--max-stages", "2",
+                 "--delta", "100", "--batch-size", "32", "--device", "cpu",
+                 "--methods", "easier-dp", "progressive-dp", "--no-fair-reference",
+                 "--latency-budget", "0.999", "--latency-backend", "test-macs",
+                 "--latency-table", str(tmp_path / "table.json"), "--dp-span", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    easier_config = json.loads((out / "easier-dp" / "config.json").read_text())["easier"]
+    assert easier_config["choose"] == "dp" and easier_config["latency_budget"] == 0.999
+    stages = read_records(out / "easier-dp")[1:]
+    assert stages and all(r["chosen"][0] in r["dp"]["sites"] for r in stages)
+    one_shot = json.loads((out / "progressive-dp" / "config.json").read_text())["progressive"]
+    assert one_shot["first_step"] == ONE_SHOT and one_shot["max_stages"] == 1
+    (stage,) = read_records(out / "progressive-dp")[1:]
+    assert sorted(stage["chosen"]) == sorted(stage["dp"]["sites"]) and stage["chosen"]
