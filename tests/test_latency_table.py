@@ -3,6 +3,7 @@ timed, cached on disk by structure and context, reused without folding or timing
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -166,3 +167,51 @@ def test_the_table_path_comes_from_the_environment(tmp_path, monkeypatch):
     assert LatencyTable().path == tmp_path / "env.json"
     assert LatencyTable(tmp_path / "given.json").path == tmp_path / "given.json"
 
+
+
+def test_a_slice_that_does_not_fold_is_timed_as_it_is(tmp_path, macs_timer, monkeypatch):
+    """Where folding a slice raises FoldError its ops are timed unmerged (inside sites
+    removed), and the entry says so: the table still adds up to the model."""
+    from depthcut.fold import FoldError
+
+    def refuse(*args, **kwargs):
+        raise FoldError("not this one")
+
+    monkeypatch.setattr(latency_table, "fold", refuse)
+    sites = find_sites(chain_model())
+    built = build_segment_table(chain_model(), SAMPLE, context(), LatencyTable(tmp_path / "t"),
+                                span=len(sites), progress=False)
+    assert set(built.forms.values()) == {"unfolded"}
+    entries = json.loads((tmp_path / "t").read_text())["entries"]
+    assert {e.get("merge") for e in entries.values() if "segment" in e} == {"unfolded"}
+    linear = sites[1:3]
+    kept = [0, 1, 4, 5]
+    unmerged = linearize(chain_model(), linear).eval()
+    identities = 2 * 1e-7  # the linearized model still calls its 2 Identity modules
+    assert built.plan_seconds(kept) == pytest.approx(
+        macs_timer.seconds(unmerged, SAMPLE.expand(2, -1, -1, -1)) - identities, rel=1e-9)
+
+
+class Shifted(nn.Module):
+    """A parameter read by get_attr under a dotted name ("2.shift") inside a segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x) * 2 + self.shift
+
+
+def test_parameters_read_inside_a_segment_are_carried_into_it(tmp_path, macs_timer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Shifted(), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    table = LatencyTable(tmp_path / "t")
+    timer = SegmentTimer(model, SAMPLE, context(), table, find_sites(model))
+    assert timer.signature(1, 2) != timer.signature(0, 1)
+    built = build_segment_table(model, SAMPLE, context(), table, span=2, progress=False)
+    for linear, kept in (([], [0, 1, 2, 3]), (["1"], [0, 2, 3]), (["1", "3"], [0, 3])):
+        expected = folded_seconds(macs_timer, copy.deepcopy(model), linear)
+        assert built.plan_seconds(kept) == pytest.approx(expected, rel=1e-9), linear

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from depthcut.cost.timer import get_timer
 from depthcut.errors import ConfigError
-from depthcut.fold import fold
+from depthcut.fold import FoldError, fold
 from depthcut.graph import trace
 from depthcut.masks import clone_model
 
@@ -266,6 +266,7 @@ class SegmentTimer:
         output = next(n for n in self.nodes if n.op == "output")
         self.boundary = [placeholders[-1], *(by_target[s] for s in self.sites), output]
         self.seconds_timing = 0.0
+        self.forms: dict[Segment, str] = {}  # the merged form each segment read was timed in
 
     # ----------------------------------------------------------------------------- structure
     def _slice(self, i: int, j: int) -> list[torch.fx.Node]:
@@ -308,8 +309,8 @@ class SegmentTimer:
                 elif node.target in self.sites:
                     what.append("kept-site" if node not in kept else "boundary-site")
             elif node.op == "get_attr":
-                what = ["attr", repr(getattr(self.gm, node.target, None).__class__),
-                        str(tuple(getattr(self.gm, str(node.target)).shape))]
+                value = _attribute(self.gm, str(node.target))
+                what = ["attr", type(value).__qualname__, str(tuple(getattr(value, "shape", ())))]
             else:
                 target = node.target
                 what = [getattr(target, "__module__", "") or "",
@@ -345,14 +346,18 @@ class SegmentTimer:
         seconds = self.table.get(key)
         if seconds is None:
             start = time.perf_counter()
-            seconds = self._time_segment(i, j)
+            seconds, form = self._time_segment(i, j)
             names = ["input", *self.sites, "output"]
             self.table.put(key, seconds, segment=f"{names[i]} -> {names[j]}",
-                           linear=j - i - 1)
+                           linear=j - i - 1, merge=form)
             self.seconds_timing += time.perf_counter() - start
+        self.forms[(i, j)] = self.table.entries[key].get("merge", self.context.form)
         return seconds
 
-    def _time_segment(self, i: int, j: int) -> float:
+    def _time_segment(self, i: int, j: int) -> tuple[float, str]:
+        """Seconds of segment (i, j) in its merged form, and that form: the context's fold
+        policy, or "unfolded" where folding the slice fails (FoldError: the ops as they are,
+        the inside sites removed)."""
         region = self._slice(i, j)
         sliced, entering = _cut(self.gm, region, self.linear_between(i, j), self.boundary[j])
         assert len(entering) <= 1
@@ -365,7 +370,11 @@ class SegmentTimer:
             else:
                 shape, dtype = _meta(entering[0])
                 fold_input = _random(_with_batch(shape, FOLD_BATCH), dtype, "cpu")
-            folded = fold(sliced, fold_input, self.context.form)
+            form = self.context.form
+            try:
+                folded = fold(sliced, fold_input, form)
+            except FoldError:
+                folded, form = sliced, "unfolded"
             big = fold_input[:1].expand(self.context.batch, *fold_input.shape[1:]).contiguous()
             with torch.no_grad():
                 ShapeProp(folded).propagate(big)
@@ -379,7 +388,7 @@ class SegmentTimer:
             else:
                 module = _Unpack(timed, [v.shape for v in values])
                 example = torch.cat([v.reshape(-1) for v in values])
-            return self._timed(module, example)
+            return self._timed(module, example), form
 
     def _timed(self, module: nn.Module, example: Tensor) -> float:
         return get_timer(self.context.backend).seconds(module, example, self.repeats,
@@ -427,6 +436,7 @@ class SegmentTable:
 
     seconds: dict[Segment, float]
     overhead: float
+    forms: dict[Segment, str] = field(default_factory=dict)  # "macs", "all" or "unfolded"
     hits: int = 0
     misses: int = 0
     build_seconds: float = 0.0
@@ -466,8 +476,8 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
             seconds[segment] = max(timer.seconds(*segment) - overhead, 0.0)
     finally:
         table.save()
-    return SegmentTable(seconds, overhead, table.hits - hits, table.misses - misses,
-                        time.perf_counter() - start)
+    return SegmentTable(seconds, overhead, timer.forms, table.hits - hits,
+                        table.misses - misses, time.perf_counter() - start)
 
 
 def measure_whole(model: nn.Module, sample: Tensor, context: TableContext,

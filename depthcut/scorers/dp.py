@@ -205,7 +205,7 @@ class DpScorer(Scorer):
             "sites": chosen,
             "kept": [names[k] for k in plan.kept[1:-1]],
             "segments": [{"from": names[a], "to": names[b], "linear": b - a - 1,
-                          "merge": context.form, "ms": segments.seconds[(a, b)] * 1e3}
+                          "merge": segments.forms[(a, b)], "ms": segments.seconds[(a, b)] * 1e3}
                          for a, b in zip(plan.kept, plan.kept[1:], strict=False)],
             "budget": self.budget, "predicted_ratio": plan.seconds / dense,
             "within_budget": plan.feasible, "entropy_removed": plan.removed,
