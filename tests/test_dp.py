@@ -280,3 +280,29 @@ def test_compare_runs_the_dp_variants_from_one_dense_model(tmp_path, macs_timer)
     assert one_shot["first_step"] == ONE_SHOT and one_shot["max_stages"] == 1
     (stage,) = read_records(out / "progressive-dp")[1:]
     assert sorted(stage["chosen"]) == sorted(stage["dp"]["sites"]) and stage["chosen"]
+
+
+def test_a_killed_dp_run_resumes_with_its_dense_reference(tmp_path):
+    """A run killed between stages plans its next stage after --resume against the same dense
+    estimate (the dense model is loaded from stage 0 for the choice; the table is cached)."""
+    import signal
+
+    from depthcut.run import read_records
+    from tests.helpers import TINY_RUN, run_depthcut, write_fake_cifar10
+
+    root = write_fake_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["easier", "--dataset", "cifar10", "--data-root", str(root), "--out", str(out),
+            *TINY_RUN, "--max-stages", "2", "--delta", "100", "--choose", "dp",
+            "--latency-budget", "0.05", "--dp-span", "1",
+            "--latency-table", str(tmp_path / "table.json")]
+    killed = run_depthcut(*args, die_at="stage-end:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_depthcut("easier", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first, second = read_records(out)[1:]
+    assert second["dp"]["dense_ms"] == first["dp"]["dense_ms"]
+    # the table is read back; only segments across the removed site (longer than the span
+    # allowed in the dense model) are new
+    assert second["dp_cost"]["hits"] > 2 * second["dp_cost"]["misses"]
+    assert second["chosen"][0] in second["dp"]["sites"]

@@ -215,3 +215,21 @@ def test_parameters_read_inside_a_segment_are_carried_into_it(tmp_path, macs_tim
     for linear, kept in (([], [0, 1, 2, 3]), (["1"], [0, 2, 3]), (["1", "3"], [0, 3])):
         expected = folded_seconds(macs_timer, copy.deepcopy(model), linear)
         assert built.plan_seconds(kept) == pytest.approx(expected, rel=1e-9), linear
+
+
+def test_a_site_linearized_earlier_shares_the_entry_of_a_linear_site_inside(tmp_path,
+                                                                          macs_timer):
+    """After a stage linearizes a site (an Identity now), the segments across it are the dense
+    model's segments with that site inside: the same keys, nothing timed again."""
+    dense = chain_model()
+    table = LatencyTable(tmp_path / "t")
+    sites = find_sites(dense)
+    before = SegmentTimer(dense, SAMPLE, context(), table, sites)
+    later_model = linearize(chain_model(), [sites[1]])
+    later = SegmentTimer(later_model, SAMPLE, context(), table, find_sites(later_model))
+    assert later.signature(1, 2) == before.signature(1, 3)  # across the removed site
+    assert later.signature(0, 1) == before.signature(0, 1)
+    assert later.signature(1, 2) != before.signature(1, 2)
+    build_segment_table(dense, SAMPLE, context(), table, span=4, progress=False)
+    again = build_segment_table(later_model, SAMPLE, context(), table, span=4, progress=False)
+    assert again.misses == 0 and again.hits == len(again.seconds) + 1

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from depthcut.cost.timer import get_timer
 from depthcut.errors import ConfigError
 from depthcut.fold import FoldError, fold
-from depthcut.graph import trace
+from depthcut.graph import PASS_THROUGH, trace
 from depthcut.masks import clone_model
 
 TABLE_VARIABLE = "DEPTHCUT_LATENCY_TABLE"
@@ -209,7 +209,7 @@ def _cut(gm: torch.fx.GraphModule, region: list[torch.fx.Node], linear: set[str]
         if node.op == "output":
             graph.output(torch.fx.node.map_arg(node.args[0], value))
             break
-        if node.op == "call_module" and node.target in linear:
+        if _passes_through(gm, node, linear):
             env[node] = value(node.args[0])
             continue
         env[node] = graph.node_copy(node, value)
@@ -230,6 +230,12 @@ def _cut(gm: torch.fx.GraphModule, region: list[torch.fx.Node], linear: set[str]
     root.update({str(n.target): _attribute(gm, str(n.target))
                  for n in graph.nodes if n.op == "get_attr"})
     return torch.fx.GraphModule(root, graph), inputs
+
+
+def _passes_through(gm: nn.Module, node: torch.fx.Node, linear: set[str]) -> bool:
+    """A linear site, or a module that returns its input (Identity, eval Dropout)."""
+    return node.op == "call_module" and (
+        node.target in linear or isinstance(gm.get_submodule(str(node.target)), PASS_THROUGH))
 
 
 def _attribute(gm: nn.Module, target: str) -> object:
@@ -288,25 +294,36 @@ class SegmentTimer:
     def signature(self, i: int, j: int) -> str:
         """A hash of slice (i, j)'s structure: what it computes and on what shapes, not the
         weights; identical blocks share it."""
-        region = self._slice(i, j)
-        index = {node: k for k, node in enumerate(region)}
         linear = self.linear_between(i, j)
+        # Linear sites and no-ops (a site linearized earlier is an Identity) pass their input
+        # through: left out, so both spellings of the same computation share an entry.
+        dropped = {n for n in self._slice(i, j) if _passes_through(self.gm, n, linear)}
+        region = [n for n in self._slice(i, j) if n not in dropped]
+        index = {node: k for k, node in enumerate(region)}
         kept = {self.boundary[i], self.boundary[j]}
         modules = dict(self.gm.named_modules())
 
+        def through(node: torch.fx.Node) -> torch.fx.Node:
+            while node in dropped:
+                node = node.args[0]
+            return node
+
         def ref(arg: object) -> object:
             if isinstance(arg, torch.fx.Node):
+                arg = through(arg)
                 return f"%{index[arg]}" if arg in index else f"in:{_meta(arg)}"
             return repr(arg)
+
+        def used_after(node: torch.fx.Node) -> bool:
+            return any(used_after(user) if user in dropped else user not in index
+                       for user in node.users)
 
         described = []
         for node in region:
             if node.op == "call_module":
                 module = modules[node.target]
                 what = [type(module).__qualname__, repr(module)]
-                if node.target in linear:
-                    what.append("linear-site")
-                elif node.target in self.sites:
+                if node.target in self.sites:
                     what.append("kept-site" if node not in kept else "boundary-site")
             elif node.op == "get_attr":
                 value = _attribute(self.gm, str(node.target))
@@ -315,7 +332,7 @@ class SegmentTimer:
                 target = node.target
                 what = [getattr(target, "__module__", "") or "",
                         getattr(target, "__qualname__", str(target))]
-            users_after = any(user not in index for user in node.users)
+            users_after = used_after(node)
             described.append([node.op, what,
                               repr(torch.fx.node.map_aggregate(node.args, ref)),
                               repr(torch.fx.node.map_aggregate(node.kwargs, ref)),

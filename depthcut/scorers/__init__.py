@@ -68,6 +68,8 @@ class Scorer(ABC):
     # Record fields that say what choosing cost (seconds, cache hits), not what was chosen:
     # they may differ between two identical calls.
     volatile_fields: ClassVar[tuple[str, ...]] = ()
+    # Whether it reads `Candidates.dense` (a run then loads its dense model for it).
+    needs_dense: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: Any) -> Scorer:

@@ -151,6 +151,7 @@ class DpScorer(Scorer):
 
     name = "dp"
     volatile_fields: ClassVar[tuple[str, ...]] = ("dp_cost",)
+    needs_dense: ClassVar[bool] = True  # the budget is relative to the dense model
     budget: float = 0.6  # latency allowed, a fraction of the dense model's estimate
     backend: str = "eager"
     batch: int = 1
