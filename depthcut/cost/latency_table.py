@@ -22,10 +22,13 @@ model makes.
 
 The cache (`LatencyTable`, one JSON file: `latency_table` setting, else $DEPTHCUT_LATENCY_TABLE,
 else ~/.cache/depthcut/latency/table.json) is keyed by a structural signature of the *unfolded*
-slice (module types and reprs, call targets, wiring, batch-1 shapes, which sites are linear)
-and the context (backend, batch, device, thread count, torch version, merge form): weights do
-not enter, so identical repeated blocks share entries, a re-plan (next stage, another run of
-the same architecture) neither folds nor times anything once the entries exist.
+slice (module types and reprs, call targets, wiring, batch-1 shapes; linear sites and no-ops
+left out, so a site linearized at an earlier stage, an Identity now, reads the entry of the
+same segment with that site linear inside) and the context (backend, batch, device, thread
+count, torch version, merge form): weights do not enter, so identical repeated blocks share
+entries, and a re-plan (next stage, a resumed run, another run of the same architecture)
+neither folds nor times anything once the entries exist. A slice that does not fold
+(FoldError) is timed as it is and its entry says "unfolded".
 """
 
 from __future__ import annotations
