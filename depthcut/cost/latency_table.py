@@ -489,8 +489,9 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                   segments_within(len(sites), span, allowed))
     overhead = timer.overhead()
     seconds = {}
+    # With progress, a bar where stderr is a terminal (tqdm's None), so logs stay clean.
     bar = tqdm(wanted, desc=f"latency table ({context.backend}, batch {context.batch})",
-               disable=not progress, leave=False)
+               disable=None if progress else True, leave=False)
     try:
         for segment in bar:
             seconds[segment] = max(timer.seconds(*segment) - overhead, 0.0)
