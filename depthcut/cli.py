@@ -36,6 +36,7 @@ from depthcut.fold import POLICIES
 from depthcut.methods import MethodSpec, comparable, compare_defaults, methods
 from depthcut.options import add_options
 from depthcut.run import RunDirError
+from depthcut.scorers.dp import DP_IMPORTANCES
 from depthcut.train import TRAIN_OPTIONS
 
 # Bad input: depthcut's own errors, plus the operating system's (e.g. no space left on device
@@ -179,6 +180,8 @@ def _plan_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--latency-batch", type=int, default=1)
     parser.add_argument("--dp-span", type=int, help="most sites inside one segment (default 8)")
     parser.add_argument("--latency-table", help="the table's JSON file (default: the cache)")
+    parser.add_argument("--dp-importance", choices=DP_IMPORTANCES, default="entropy",
+                        help="entropy (default) or finetune (a short finetune per segment)")
     parser.add_argument("--no-measure", action="store_true",
                         help="do not time the whole folded models (the estimate only)")
     parser.add_argument("--dataset", choices=dataset_names(),
@@ -333,7 +336,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = workflows.plan_checkpoint(
         args.dense_checkpoint, latency_budget=args.latency_budget,
         latency_backend=args.latency_backend, latency_batch=args.latency_batch,
-        dp_span=args.dp_span, latency_table=args.latency_table, dataset=args.dataset,
+        dp_span=args.dp_span, latency_table=args.latency_table,
+        dp_importance=args.dp_importance, dataset=args.dataset,
         data_root=args.data_root, cache_dir=args.cache_dir, samples=args.samples,
         measure=not args.no_measure, progress=not args.no_progress)
     print(result.text())

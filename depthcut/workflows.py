@@ -317,7 +317,8 @@ class PlanResult:
                  f"latency table {self.cost['table']}: {self.cost['hits']} entries read, "
                  f"{self.cost['misses']} timed, {self.cost['seconds']:.1f} s",
                  f"plan: linearize {len(plan['sites'])} site(s), keep {len(plan['kept'])}; "
-                 f"entropy removed {plan['entropy_removed']:.3f} bits"
+                 + (f"entropy removed {plan['removed']:.3f} bits" if plan["importance"] ==
+                    "entropy" else f"loss added {plan['removed']:.3f} (short finetunes)")
                  + ("" if plan["within_budget"] else " (no plan meets the budget: the fastest)"),
                  "  " + (", ".join(plan["sites"]) or "(none)"),
                  "segments (merged form, linear sites inside, ms):"]
@@ -335,7 +336,7 @@ class PlanResult:
 def plan_checkpoint(
     checkpoint: str | Path, *, latency_budget: float, latency_backend: str = "eager",
     latency_batch: int = 1, dp_span: int | None = None, latency_table: str | None = None,
-    dataset: str | None = None, data_root: str | Path | None = None,
+    dp_importance: str = "entropy", dataset: str | None = None, data_root: str | Path | None = None,
     cache_dir: str | Path | None = None, samples: int | None = 1024, batch_size: int = 256,
     measure: bool = True, rounds: int = 5, progress: bool = True,
 ) -> PlanResult:
@@ -354,7 +355,7 @@ def plan_checkpoint(
     _check_samples(samples)
     settings = ChoiceSettings(choose="dp", latency_budget=latency_budget,
                               latency_backend=latency_backend, latency_batch=latency_batch,
-                              latency_table=latency_table,
+                              latency_table=latency_table, dp_importance=dp_importance,
                               **({} if dp_span is None else {"dp_span": dp_span}))
     checkpoint = Path(checkpoint)
     model, info = load_checkpoint(checkpoint)

@@ -31,7 +31,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def brute_force(importance, seconds, budget, overhead=0.0):
+def brute_force(importance, seconds, budget, overhead=0.0, segment_cost=None):
     """(importance removed, seconds) of the best plan over every subset of kept sites."""
     n = len(importance)
     best, fastest = None, None
@@ -44,6 +44,8 @@ def brute_force(importance, seconds, budget, overhead=0.0):
             continue
         total = overhead + sum(seconds[pair] for pair in pairs)
         removed = sum(h for h, k in zip(importance, keep, strict=True) if not k)
+        if segment_cost is not None:
+            removed = sum(segment_cost[pair] for pair in pairs if pair[1] - pair[0] > 1)
         if fastest is None or total < fastest[1]:
             fastest = (removed, total)
         if total <= budget and (best is None or (removed, total) < best):
@@ -80,6 +82,39 @@ def test_the_dp_finds_the_brute_force_optimum(trial, seed):
         assert all(k in kept for k in range(1, n + 1) if math.isnan(importance[k - 1]))
         assert plan.seconds == pytest.approx(sum(seconds[p] for p in zip(kept, kept[1:],
                                                                          strict=False)))
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_the_dp_with_a_cost_per_segment_finds_the_brute_force_optimum(trial, seed):
+    """dp_importance "finetune" prices whole segments, not sites: still exact."""
+    rng = random.Random(seed.value * 1000 + trial)
+    n = rng.randint(1, 7)
+    importance, seconds = synthetic(rng, n, span=rng.randint(1, n))
+    cost = {pair: rng.random() for pair in seconds if pair[1] - pair[0] > 1}
+    dense = sum(seconds[(k, k + 1)] for k in range(n + 1))
+    for budget in (0.3 * dense, 0.7 * dense):
+        best, fastest = brute_force(importance, seconds, budget, segment_cost=cost)
+        plan = plan_sites(importance, seconds, budget, segment_cost=cost)
+        assert plan.feasible == (best is not None), seed
+        assert plan.removed == pytest.approx((best or fastest)[0], abs=1e-12), (seed, budget)
+
+
+def test_finetune_importance_prices_each_segment_on_a_copy(tmp_path, macs_timer):
+    from depthcut.scorers.dp import finetune_importance
+
+    model, splits = small_model().train(), tiny_splits()
+    sites = find_sites(model)
+    segments = [(0, 1), (0, 2), (1, 3), (2, 5)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    costs = finetune_importance(model, sites, segments, splits.train_eval, steps=2)
+    assert set(costs) == {(0, 2), (1, 3), (2, 5)} and all(c >= 0 for c in costs.values())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model.training and find_sites(model) == sites
+    config = dp_config(tmp_path, latency_budget=0.9, dp_importance="finetune")
+    scored = scorer_for(config).score(Candidates(model, dict.fromkeys(sites, 0.5),
+                                                 examples=splits.train_eval))
+    assert scored.record["dp"]["importance"] == "finetune"
+    assert scored.record["dp"]["removed"] >= 0
 
 
 def test_a_loose_budget_removes_nothing_and_a_tight_one_the_least_entropy():

@@ -74,7 +74,9 @@ CHOICE_OPTIONS = (
            f"(default {DEFAULT_SPAN}; bounds the latency table)", argparse={"type": int}),
     Option("latency_table", "with --choose dp: the latency table's JSON file (default "
            "$DEPTHCUT_LATENCY_TABLE, else ~/.cache/depthcut/latency/table.json)"),
-    Option("dp_importance", "with --choose dp: what a kept site is worth (entropy)",
+    Option("dp_importance", "with --choose dp: what the plan keeps: entropy (default: a kept "
+           "site is worth its entropy) or finetune (LayerMerge-like: the loss a segment's "
+           "linearization adds after a short finetune of a copy; one per segment, dear)",
            argparse={"choices": DP_IMPORTANCES}),
 )
 

@@ -27,14 +27,17 @@ seconds). Re-planning reads the cached table: no fold and no timing once it exis
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from depthcut.cost.latency_table import (
     DEFAULT_SPAN,
@@ -45,10 +48,16 @@ from depthcut.cost.latency_table import (
 )
 from depthcut.distributed import world_size
 from depthcut.errors import ConfigError
+from depthcut.masks import clone_model
 from depthcut.scorers import Candidates, Scorer, Scores, example_batch, register_scorer
-from depthcut.sites import find_sites
+from depthcut.sites import find_sites, linearize
 
-DP_IMPORTANCES = ("entropy",)  # what a kept site is worth (`dp_importance`)
+# What the plan keeps (`dp_importance`): "entropy" (a kept site is worth its entropy), or
+# "finetune" (LayerMerge-like: a segment's cost is the loss its linearization adds after a
+# short finetune of a copy; `finetune_importance`).
+DP_IMPORTANCES = ("entropy", "finetune")
+FINETUNE_STEPS = 8  # SGD steps of each copy (dp_importance "finetune")
+FINETUNE_LR = 0.01
 
 
 @dataclass
@@ -68,13 +77,16 @@ class Plan:
 
 
 def plan_sites(importance: Sequence[float], seconds: Mapping[tuple[int, int], float],
-               budget: float, overhead: float = 0.0) -> Plan:
+               budget: float, overhead: float = 0.0,
+               segment_cost: Mapping[tuple[int, int], float] | None = None) -> Plan:
     """The plan over len(importance) sites keeping the most importance with
     overhead + sum of its segments' `seconds` <= `budget` (see the module docstring).
 
     `importance[k]` belongs to boundary k+1; NaN marks a site that must stay. `seconds` holds
     the segments a plan may use (a missing one is not allowed). Infeasible: the fastest plan,
-    `feasible` False."""
+    `feasible` False. `segment_cost`, where given, is the importance a segment with sites
+    inside removes (in place of the sum of their `importance`; still additive over segments,
+    so the DP stays exact)."""
     n = len(importance)
     must_keep = [math.isnan(h) for h in importance]
     # Importance removed by a segment: the sites strictly inside it (prefix sums).
@@ -83,6 +95,8 @@ def plan_sites(importance: Sequence[float], seconds: Mapping[tuple[int, int], fl
         prefix.append(prefix[-1] + (0.0 if math.isnan(h) else h))
 
     def removed(i: int, j: int) -> float:
+        if segment_cost is not None and j - i > 1:
+            return segment_cost[(i, j)]
         return prefix[j - 1] - prefix[i]
 
     ends: dict[int, list[tuple[int, int]]] = {}
@@ -195,7 +209,13 @@ class DpScorer(Scorer):
                 candidates.model, sample, context, table, sites, self.span,
                 allowed=[not math.isnan(h) for h in importance], progress=self.progress)
             dense = self._dense_seconds(candidates, sample, context, table, segments, sites)
-        plan = plan_sites(importance, segments.seconds, self.budget * dense, segments.overhead)
+        segment_cost = None
+        if self.importance == "finetune":
+            with torch.random.fork_rng(devices="all" if torch.cuda.is_available() else []):
+                segment_cost = finetune_importance(candidates.model, sites, segments.seconds,
+                                                   candidates.examples)
+        plan = plan_sites(importance, segments.seconds, self.budget * dense, segments.overhead,
+                          segment_cost)
         chosen = [sites[k - 1] for k in plan.linearized(len(sites))]
         if not plan.feasible:
             warnings.warn(f"dp: no plan meets latency budget {self.budget:g} (estimated "
@@ -209,9 +229,9 @@ class DpScorer(Scorer):
                           "merge": segments.forms[(a, b)], "ms": segments.seconds[(a, b)] * 1e3}
                          for a, b in zip(plan.kept, plan.kept[1:], strict=False)],
             "budget": self.budget, "predicted_ratio": plan.seconds / dense,
-            "within_budget": plan.feasible, "entropy_removed": plan.removed,
-            "dense_ms": dense * 1e3, "backend": self.backend, "batch": self.batch,
-            "span": self.span, "context": context.key()}
+            "within_budget": plan.feasible, "importance": self.importance,
+            "removed": plan.removed, "dense_ms": dense * 1e3, "backend": self.backend,
+            "batch": self.batch, "span": self.span, "context": context.key()}
         cost = {**segments.to_dict(), "seconds": time.perf_counter() - start,
                 "table": str(table.path)}
         scores = {site: (h if site in chosen else math.nan) for site, h in entropies.items()}
@@ -263,3 +283,39 @@ def check_dp_settings(budget: float | None, span: int, importance: str) -> None:
     if importance not in DP_IMPORTANCES:
         raise ConfigError(f"dp_importance must be one of {DP_IMPORTANCES}, got {importance!r}")
 
+
+
+def finetune_importance(model: nn.Module, sites: Sequence[str],
+                        segments: Iterable[tuple[int, int]], batches: Iterable,
+                        steps: int = FINETUNE_STEPS, lr: float = FINETUNE_LR
+                        ) -> dict[tuple[int, int], float]:
+    """LayerMerge-like importance (`dp_importance` "finetune"): for each segment with sites
+    inside, the cross-entropy a copy of `model` with those sites linear has after `steps` SGD
+    steps, minus the model's own, on the first batch of `batches` (the others train; pairs of
+    inputs and labels, the unaugmented training split in a run); never below 0. One short
+    finetune per segment: far dearer than entropy, for comparison. `model` is left as it was."""
+    loader = iter(copy.copy(batches))
+    held_out = next(loader)
+    training = [batch for _, batch in zip(range(steps), loader, strict=False)] or [held_out]
+    device = next(model.parameters()).device
+
+    def loss_of(candidate: nn.Module) -> float:
+        candidate.eval()
+        with torch.no_grad():
+            inputs, labels = held_out[0].to(device), held_out[1].to(device)
+            return float(F.cross_entropy(candidate(inputs), labels))
+
+    base = loss_of(clone_model(model))
+    costs = {}
+    for i, j in segments:
+        if j - i <= 1:
+            continue
+        candidate = linearize(clone_model(model), sites[i:j - 1]).train()
+        optimizer = torch.optim.SGD(candidate.parameters(), lr=lr, momentum=0.9)
+        for step in range(steps):
+            inputs, labels = training[step % len(training)][:2]
+            optimizer.zero_grad()
+            F.cross_entropy(candidate(inputs.to(device)), labels.to(device)).backward()
+            optimizer.step()
+        costs[(i, j)] = max(loss_of(candidate) - base, 0.0)
+    return costs
