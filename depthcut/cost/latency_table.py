@@ -274,7 +274,6 @@ class SegmentTimer:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         output = next(n for n in self.nodes if n.op == "output")
         self.boundary = [placeholders[-1], *(by_target[s] for s in self.sites), output]
-        self.seconds_timing = 0.0
         self.forms: dict[Segment, str] = {}  # the merged form each segment read was timed in
 
     # ----------------------------------------------------------------------------- structure
@@ -353,11 +352,9 @@ class SegmentTimer:
         key = f"{self.context.key()}|overhead"
         seconds = self.table.get(key)
         if seconds is None:
-            start = time.perf_counter()
             x = torch.zeros(self.context.batch, 1, device=self.context.device)
             seconds = self._timed(_Empty(), x)
             self.table.put(key, seconds, what="empty module call")
-            self.seconds_timing += time.perf_counter() - start
         return seconds
 
     def seconds(self, i: int, j: int) -> float:
@@ -365,12 +362,10 @@ class SegmentTimer:
         key = self.key(i, j)
         seconds = self.table.get(key)
         if seconds is None:
-            start = time.perf_counter()
             seconds, form = self._time_segment(i, j)
             names = ["input", *self.sites, "output"]
             self.table.put(key, seconds, segment=f"{names[i]} -> {names[j]}",
                            linear=j - i - 1, merge=form)
-            self.seconds_timing += time.perf_counter() - start
         self.forms[(i, j)] = self.table.entries[key].get("merge", self.context.form)
         return seconds
 
