@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from depthcut import distributed, experiment, reports, settings, workflows
+from depthcut.cost import TIMERS
 from depthcut.data import dataset_names
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.experiment import DATA_MODEL_OPTIONS, DENSE_TRAINING_OPTIONS
@@ -35,6 +36,7 @@ from depthcut.fold import POLICIES
 from depthcut.methods import MethodSpec, comparable, compare_defaults, methods
 from depthcut.options import add_options
 from depthcut.run import RunDirError
+from depthcut.scorers.dp import DP_IMPORTANCES
 from depthcut.train import TRAIN_OPTIONS
 
 # Bad input: depthcut's own errors, plus the operating system's (e.g. no space left on device
@@ -163,7 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--seed", type=int, default=WORKFLOW_DEFAULTS["heal"]["seed"])
     _data_options(heal, "heal", split_help="evaluate on only the first N test images")
     _import_parser(commands)
+    _plan_parser(commands)
     return parser
+
+
+def _plan_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("plan", help="--choose dp without training: the sites a "
+                                 "latency budget removes, predicted and measured latency")
+    parser.add_argument("--dense-checkpoint", type=Path, required=True,
+                        help="a stage checkpoint (its model is the dense reference)")
+    parser.add_argument("--latency-budget", type=float, required=True,
+                        help="latency allowed, a fraction of the BN-folded dense model's")
+    parser.add_argument("--latency-backend", default="eager", choices=tuple(TIMERS))
+    parser.add_argument("--latency-batch", type=int, default=1)
+    parser.add_argument("--dp-span", type=int, help="most sites inside one segment (default 8)")
+    parser.add_argument("--latency-table", help="the table's JSON file (default: the cache)")
+    parser.add_argument("--dp-importance", choices=DP_IMPORTANCES, default="entropy",
+                        help="entropy (default) or finetune (a short finetune per segment)")
+    parser.add_argument("--no-measure", action="store_true",
+                        help="do not time the whole folded models (the estimate only)")
+    parser.add_argument("--dataset", choices=dataset_names(),
+                        help="default: the checkpoint's dataset")
+    parser.add_argument("--data-root", help="default: the checkpoint's data root")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--samples", type=int, default=1024,
+                        help="training images the entropies are counted on (default 1024)")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def _import_parser(commands: argparse._SubParsersAction) -> None:
@@ -305,6 +332,18 @@ def cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    result = workflows.plan_checkpoint(
+        args.dense_checkpoint, latency_budget=args.latency_budget,
+        latency_backend=args.latency_backend, latency_batch=args.latency_batch,
+        dp_span=args.dp_span, latency_table=args.latency_table,
+        dp_importance=args.dp_importance, dataset=args.dataset,
+        data_root=args.data_root, cache_dir=args.cache_dir, samples=args.samples,
+        measure=not args.no_measure, progress=not args.no_progress)
+    print(result.text())
+    return 0
+
+
 def cmd_heal(args: argparse.Namespace) -> int:
     result = workflows.heal(
         args.folded, args.out, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
@@ -378,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None) or {
         "entropy": cmd_entropy, "fold": cmd_fold, "heal": cmd_heal, "report": cmd_report,
-        "import-model": cmd_import_model,
+        "import-model": cmd_import_model, "plan": cmd_plan,
     }[args.command]
     if getattr(args, "resume", None) is not None:
         handler = cmd_resume

@@ -68,6 +68,7 @@ from depthcut.run import (
     write_json,
 )
 from depthcut.run_lock import RunLock
+from depthcut.scorers import SCORERS
 from depthcut.sites import find_sites
 from depthcut.stages import (
     METRICS,
@@ -479,6 +480,9 @@ def run_comparison(
     if unknown or not methods:
         raise ConfigError(f"unknown or no methods {unknown}; choose from {', '.join(names)}")
     configs = dict(method_configs or {})
+    for method in methods:  # a variant's settings that do not hold fail before any training
+        spec, variant = names[method]
+        dataclasses.replace(configs.get(spec.name) or spec.config(), **variant)
     out = Path(out)
     check_writable(out, folder=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -665,9 +669,13 @@ def _record_data_root(run_dir: RunDir, data_root: str) -> None:
 
 
 def _teacher(method, run_dir: RunDir, prepared: Prepared) -> nn.Module | None:
-    """The run's dense model (its stage 0 checkpoint) when a training of `method` distills."""
+    """The run's dense model (its stage 0 checkpoint) when a training of `method` distills or
+    its site choice reads the dense model (`Scorer.needs_dense`: a latency budget relative to
+    it, also in a resumed run); trainings without distillation ignore it."""
     trainings = [value for value in vars(method).values() if isinstance(value, TrainConfig)]
-    if not any(training.distill > 0 for training in trainings):
+    choice = SCORERS.get(getattr(method, "choose", None) or "")
+    if not (any(training.distill > 0 for training in trainings)
+            or (choice is not None and choice.needs_dense)):
         return None
     teacher, _ = load_stage(prepared, run_dir.checkpoint_path(0))
     return prepare_model(teacher, prepared.device, prepared.channels_last).eval()

@@ -35,8 +35,8 @@ from depthcut.run import check_writable, load_checkpoint, load_folded, save_chec
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig, evaluate, resolve_device, seed_everything, train
 
-__all__ = ["EntropyReport", "FoldResult", "HealResult", "ImportResult", "entropy_report",
-           "fold_checkpoint", "heal", "import_model"]
+__all__ = ["EntropyReport", "FoldResult", "HealResult", "ImportResult", "PlanResult",
+           "entropy_report", "fold_checkpoint", "heal", "import_model", "plan_checkpoint"]
 
 
 @dataclass
@@ -296,3 +296,93 @@ def import_model(
     return ImportResult(out=out, model=prepared.spec.name, weights=Path(config.weights),
                         dataset=prepared.splits.dataset.name, test_top1=top1,
                         reset=prepared.reset_keys)
+
+
+@dataclass
+class PlanResult:
+    """`--choose dp`'s plan for a checkpoint, without training: the sites it would linearize,
+    the table's predicted latency ratio, and (measured) the whole folded models' ratio."""
+
+    checkpoint: Path
+    model: str
+    plan: dict  # the scorer's "dp" record
+    cost: dict  # its "dp_cost" record: table hits, misses, seconds
+    measured_ratio: float | None = None
+    measured_ms: dict = field(default_factory=dict)  # dense and planned, folded (policy macs)
+
+    def text(self) -> str:
+        plan = self.plan
+        lines = [f"{self.checkpoint}: {self.model}; latency budget {plan['budget']:g} of the "
+                 f"BN-folded dense model on {plan['backend']} at batch {plan['batch']}",
+                 f"latency table {self.cost['table']}: {self.cost['hits']} entries read, "
+                 f"{self.cost['misses']} timed, {self.cost['seconds']:.1f} s",
+                 f"plan: linearize {len(plan['sites'])} site(s), keep {len(plan['kept'])}; "
+                 + (f"entropy removed {plan['removed']:.3f} bits" if plan["importance"] ==
+                    "entropy" else f"loss added {plan['removed']:.3f} (short finetunes)")
+                 + ("" if plan["within_budget"] else " (no plan meets the budget: the fastest)"),
+                 "  " + (", ".join(plan["sites"]) or "(none)"),
+                 "segments (merged form, linear sites inside, ms):"]
+        lines += [f"  {s['from']} -> {s['to']}: {s['merge']}, {s['linear']}, {s['ms']:.3f}"
+                  for s in plan["segments"] if s["linear"]]
+        lines.append(f"predicted latency ratio {plan['predicted_ratio']:.3f} (dense estimate "
+                     f"{plan['dense_ms']:.2f} ms)")
+        if self.measured_ratio is not None:
+            lines.append(f"measured latency ratio {self.measured_ratio:.3f} (whole folded "
+                         f"models: dense {self.measured_ms['dense']:.2f} ms, planned "
+                         f"{self.measured_ms['planned']:.2f} ms)")
+        return "\n".join(lines)
+
+
+def plan_checkpoint(
+    checkpoint: str | Path, *, latency_budget: float, latency_backend: str = "eager",
+    latency_batch: int = 1, dp_span: int | None = None, latency_table: str | None = None,
+    dp_importance: str = "entropy", dataset: str | None = None, data_root: str | Path | None = None,
+    cache_dir: str | Path | None = None, samples: int | None = 1024, batch_size: int = 256,
+    measure: bool = True, rounds: int = 5, progress: bool = True,
+) -> PlanResult:
+    """Plan as `--choose dp` would from a checkpoint (its model is the dense reference): the
+    entropies on the training split's first `samples` images (no augmentation), the latency
+    table (built or read), the DP; with `measure`, the plan folded whole and timed round-robin
+    against the dense model folded (medians of `rounds`), to check the table's estimate."""
+    import statistics  # noqa: PLC0415
+
+    from depthcut.cost import get_timer  # noqa: PLC0415
+    from depthcut.scorers import Candidates  # noqa: PLC0415
+    from depthcut.scorers.choice import ChoiceSettings  # noqa: PLC0415
+    from depthcut.scorers.dp import DpScorer  # noqa: PLC0415
+    from depthcut.sites import linearize  # noqa: PLC0415
+
+    _check_samples(samples)
+    settings = ChoiceSettings(choose="dp", latency_budget=latency_budget,
+                              latency_backend=latency_backend, latency_batch=latency_batch,
+                              latency_table=latency_table, dp_importance=dp_importance,
+                              **({} if dp_span is None else {"dp_span": dp_span}))
+    checkpoint = Path(checkpoint)
+    model, info = load_checkpoint(checkpoint)
+    model = model.cpu().eval()
+    data = _dataset_for(info.get("extra", {}), dataset, data_root, cache_dir, progress)
+    loader = _loader(data.train_inputs, data.train_labels, data, samples, batch_size, "cpu")
+    counts = count_states(model, loader, find_sites(model), progress=progress)
+    scorer = DpScorer.from_config(settings)
+    scorer.progress = progress
+    from depthcut.entropy import layer_entropies  # noqa: PLC0415
+
+    scored = scorer.score(Candidates(model, layer_entropies(dict(counts)), counts, loader))
+    result = PlanResult(checkpoint, _model_name(info), scored.record["dp"],
+                        scored.record["dp_cost"])
+    if measure:
+        example = next(iter(loader))[0][:1]
+        big = example.expand(latency_batch, *example.shape[1:]).contiguous()
+        small = example.expand(2, *example.shape[1:]).contiguous()
+        timer = get_timer(latency_backend)
+        planned = linearize(load_checkpoint(checkpoint)[0].cpu().eval(), result.plan["sites"])
+        calls = {"dense": timer.prepare(fold(model, small, "macs"), big),
+                 "planned": timer.prepare(fold(planned, small, "macs"), big)}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                times[name].append(timer.measure(call, big.device, repeats=5, warmup=1))
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        result.measured_ms = {name: value * 1e3 for name, value in medians.items()}
+        result.measured_ratio = medians["planned"] / medians["dense"]
+    return result

@@ -29,7 +29,8 @@ from depthcut.scorers.payoff import PayoffScorer
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig, evaluate
 from tests.helpers import (
-    one_thread,  # noqa: F401 - a fixture
+    macs_timer_fixture,  # noqa: F401 - a fixture
+    one_thread,  # noqa: F401
     tiny_splits,  # noqa: F401
 )
 
@@ -71,12 +72,12 @@ def deepest_registered():
 
 def test_the_registry_names_the_shipped_scorers():
     assert CHOICES == tuple(SCORERS) == tuple(sorted(SCORERS))  # listed in name order
-    assert {"entropy", "payoff", "random", "last"} <= set(SCORERS)
+    assert {"entropy", "payoff", "random", "last", "dp"} <= set(SCORERS)
     assert SCORERS["entropy"] is EntropyScorer and SCORERS["payoff"] is PayoffScorer
     assert isinstance(scorer_for(EasierConfig()), EntropyScorer)
     payoff = EasierConfig(choose="payoff", payoff_weight=2.5, payoff_cost="latency")
     assert scorer_for(payoff) == PayoffScorer(weight=2.5, cost="latency")
-    with pytest.raises(ConfigError, match="choose must be one of 'entropy', 'last', "):
+    with pytest.raises(ConfigError, match="choose must be one of 'dp', 'entropy', 'last', "):
         check_choice("bogus")
     with pytest.raises(ValueError, match="already registered"):
         register_scorer(type("Impostor", (EntropyScorer,), {}))
@@ -91,22 +92,36 @@ def test_entropy_scorer_ranks_by_entropy_and_records_nothing():
         "b", "d", "a"]
 
 
+# Settings a scorer cannot choose without ("dp": a budget, tight enough that every reached
+# site is planned away, on the noiseless test timer; the table in the test's folder).
+CONTRACT_SETTINGS = {"dp": {"latency_budget": 0.2, "latency_backend": "test-macs"}}
+
+
 @pytest.mark.parametrize("name", sorted(SCORERS))
-def test_every_scorer_ranks_reached_sites_and_leaves_model_and_rng_alone(name):
+@pytest.mark.filterwarnings("ignore:dp. no plan meets")
+def test_every_scorer_ranks_reached_sites_and_leaves_model_and_rng_alone(name, macs_timer,
+                                                                          tmp_path):
     """The contract a new scorer is checked against the moment it registers: scores for
     candidate sites only (an unreached one is never chosen), record fields that JSON can write,
-    the same answer twice (default settings), and neither the model nor the RNGs changed."""
+    the same answer twice (default settings; fields that say what choosing cost aside), and
+    neither the model nor the RNGs changed."""
     model, splits = small_model().train(), tiny_splits()
     entropies = {"1": 0.3, "3": math.nan, "7": 0.1}
     candidates = Candidates(model, entropies, examples=splits.train_eval, stage=1)
-    scorer = SCORERS[name].from_config(EasierConfig(choose=name))
+    settings = CONTRACT_SETTINGS.get(name, {})
+    if settings:
+        settings = {**settings, "latency_table": str(tmp_path / "table.json")}
+    scorer = SCORERS[name].from_config(EasierConfig(choose=name, **settings))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     scored = scorer.score(candidates)
     assert set(scored.scores) <= set(entropies)
     assert set(choose_sites(scored.scores, 3)) == {"1", "7"}
     json.dumps(scored.record)
-    assert repr(scorer.score(candidates)) == repr(scored)  # NaN-safe
+    again = scorer.score(candidates)
+    for field_name in scorer.volatile_fields:
+        again.record.pop(field_name), scored.record.pop(field_name)
+    assert repr(again) == repr(scored)  # NaN-safe
     assert torch.equal(torch.get_rng_state(), rng) and model.training
     assert [type(m) for m in model] == [type(m) for m in small_model()]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

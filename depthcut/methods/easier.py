@@ -101,11 +101,12 @@ class Easier(Method):
 
     def change(self, run: StageRun) -> dict | str:
         candidates = Candidates.from_counts(run.model, run.count(self.remaining, self.config),
-                                            run.splits.train_eval, run.last.stage + 1)
+                                            run.splits.train_eval, run.last.stage + 1,
+                                            run.teacher, run.records)
         scored = self.scorer.score(candidates)
         chosen = choose_sites(scored.scores, self.config.k)
         if not chosen:
-            return "no remaining site was reached by the forward pass"
+            return scored.nothing_chosen or "no remaining site was reached by the forward pass"
         linearize(run.model, chosen)
         self.linearized += chosen
         return {"sites_linearized": len(self.linearized), "linearized": list(self.linearized),
@@ -180,5 +181,6 @@ SPEC = register(MethodSpec(
              **{name: {"max_stages": None, **FINETUNE_PRESETS[name]}
                 for name in TRANSFER_PRESETS}},
     variants={"easier-k2": {"k": 2}, "easier-payoff": {"choose": "payoff"},
-              "easier-random": {"choose": "random"}, "easier-last": {"choose": "last"}},
+              "easier-random": {"choose": "random"}, "easier-last": {"choose": "last"},
+              "easier-dp": {"choose": "dp"}},  # dp: --latency-budget is needed
     depth_reference=True, check=_check, label_of=_label, describe=_describe, order=10))

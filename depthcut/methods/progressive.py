@@ -79,6 +79,9 @@ class ProgressiveConfig(ChoiceSettings):
             raise ConfigError(f"blend (share of the finetune) must be in (0, 1], got {self.blend}")
 
 
+ONE_SHOT = 10**6  # a first step no model's site count reaches: take the whole plan at once
+
+
 class Blend(nn.Module):
     """(1 - t) act(x) + t x, t = min(1, training forwards so far / ramp_steps).
 
@@ -135,14 +138,15 @@ class Progressive(Method):
 
     def change(self, run: StageRun) -> dict | str:
         candidates = Candidates.from_counts(run.model, run.count(self.remaining, self.config),
-                                            run.splits.train_eval, run.last.stage + 1)
+                                            run.splits.train_eval, run.last.stage + 1,
+                                            run.teacher, run.records)
         scored = self.scorer.score(candidates)
         count = self.step
         if self.config.max_sites is not None:
             count = min(count, self.config.max_sites - len(self.linearized))
         chosen = choose_sites(scored.scores, count)
         if not chosen:
-            return "no remaining site was reached by the forward pass"
+            return scored.nothing_chosen or "no remaining site was reached by the forward pass"
         self.previous = (clone_model(run.model), list(self.linearized))
         epochs = self.finetune.epochs
         ramp = self.config.blend * epochs * max(len(run.splits.train), 1)
@@ -231,6 +235,8 @@ SPEC = register(MethodSpec(
                        "finetune_lr": FINETUNE_PRESETS[name]["finetune_lr"]}
                 for name, values in TRANSFER_PRESETS.items()}},
     variants={"progressive-random": {"choose": "random"},
-              "progressive-last": {"choose": "last"}},
+              "progressive-last": {"choose": "last"},
+              # one shot: the whole plan (--latency-budget) blended in during one finetune
+              "progressive-dp": {"choose": "dp", "first_step": ONE_SHOT, "max_stages": 1}},
     label_of=lambda settings: "Progressive" + choice_suffix(settings),
     describe=_describe, order=60))

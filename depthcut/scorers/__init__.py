@@ -14,7 +14,7 @@ import importlib
 import math
 import pkgutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,12 +34,18 @@ class Candidates:
     counts: Mapping[str, SiteCounts | None] = field(default_factory=dict)  # their sign counts
     examples: Iterable = ()  # batches of the unaugmented training split (`example_batch`)
     stage: int = 0  # the stage the choice is for (a seed, a schedule)
+    # The run so far, for scorers whose choice is relative to the dense model (a latency
+    # budget): the dense model where the run holds it, and the stage records (dense first).
+    dense: nn.Module | None = None
+    records: Sequence[Mapping] = ()
 
     @classmethod
     def from_counts(cls, model: nn.Module, counts: Mapping[str, SiteCounts | None],
-                    examples: Iterable = (), stage: int = 0) -> Candidates:
+                    examples: Iterable = (), stage: int = 0, dense: nn.Module | None = None,
+                    records: Sequence[Mapping] = ()) -> Candidates:
         """Candidates from a stage's sign counts (`StageRun.count`), entropies derived."""
-        return cls(model, layer_entropies(dict(counts)), counts, examples, stage)
+        return cls(model, layer_entropies(dict(counts)), counts, examples, stage, dense,
+                   records)
 
 
 @dataclass
@@ -49,6 +55,9 @@ class Scores:
 
     scores: dict[str, float]
     record: dict[str, Any] = field(default_factory=dict)
+    # Why no site is chosen when the scorer leaves every one NaN on purpose (a plan that is
+    # already met), for the method's stop reason.
+    nothing_chosen: str | None = None
 
 
 class Scorer(ABC):
@@ -56,6 +65,11 @@ class Scorer(ABC):
     `from_config` reads their settings from a method's config."""
 
     name: ClassVar[str]
+    # Record fields that say what choosing cost (seconds, cache hits), not what was chosen:
+    # they may differ between two identical calls.
+    volatile_fields: ClassVar[tuple[str, ...]] = ()
+    # Whether it reads `Candidates.dense` (a run then loads its dense model for it).
+    needs_dense: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: Any) -> Scorer:

@@ -14,6 +14,7 @@ from depthcut.cost import TIMERS, get_timer
 from depthcut.errors import ConfigError
 from depthcut.options import Option
 from depthcut.scorers import SCORERS, check_choice
+from depthcut.scorers.dp import DEFAULT_SPAN, DP_IMPORTANCES, check_dp_settings
 from depthcut.scorers.payoff import PAYOFF_COSTS, check_payoff_settings
 
 
@@ -29,6 +30,9 @@ class ChoiceSettings:
     latency_backend: str = "eager"  # the timer (`depthcut.cost.TIMERS`) latency is measured on
     latency_budget: float | None = None  # "dp": latency allowed, a fraction of the dense model's
     latency_batch: int = 1  # the batch size latency-aware choice times at
+    dp_span: int = DEFAULT_SPAN  # "dp": most sites inside one merged segment (table size)
+    latency_table: str | None = None  # "dp": the table's JSON file (None: the default cache)
+    dp_importance: str = "entropy"  # "dp": what a kept site is worth
 
     def __post_init__(self) -> None:
         check_choice(self.choose)
@@ -40,13 +44,18 @@ class ChoiceSettings:
                               f"latency, got {budget}")
         if self.latency_batch < 1:
             raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
+        check_dp_settings(budget, self.dp_span, self.dp_importance)
+        if self.choose == "dp" and budget is None:
+            raise ConfigError("choose dp needs latency_budget (--latency-budget: a fraction of "
+                              "the BN-folded dense model's latency, e.g. 0.6)")
 
 
 CHOICE_OPTIONS = (
     Option("choose", "site choice: entropy = lowest entropy (default); payoff = lowest entropy - "
            "payoff weight x the fraction of the folded cost that linearizing the site would "
            "save (a dry-run fold per site per stage); random = a seeded random order "
-           "(--choice-seed); last = the deepest site first",
+           "(--choice-seed); last = the deepest site first; dp = the sites a dynamic programme "
+           "removes to fit --latency-budget keeping the most entropy (a latency table)",
            argparse={"choices": lambda: tuple(SCORERS)}),
     Option("payoff_weight", "with --choose payoff: bits of entropy a site saving the whole "
            "folded cost is worth (default 1; 0 = entropy only)", argparse={"type": float}),
@@ -61,6 +70,14 @@ CHOICE_OPTIONS = (
            argparse={"type": float}),
     Option("latency_batch", "the batch size latency-aware site choice times at (default 1)",
            argparse={"type": int}),
+    Option("dp_span", f"with --choose dp: most sites one merged segment may hold inside "
+           f"(default {DEFAULT_SPAN}; bounds the latency table)", argparse={"type": int}),
+    Option("latency_table", "with --choose dp: the latency table's JSON file (default "
+           "$DEPTHCUT_LATENCY_TABLE, else ~/.cache/depthcut/latency/table.json)"),
+    Option("dp_importance", "with --choose dp: what the plan keeps: entropy (default: a kept "
+           "site is worth its entropy) or finetune (LayerMerge-like: the loss a segment's "
+           "linearization adds after a short finetune of a copy; one per segment, dear)",
+           argparse={"choices": DP_IMPORTANCES}),
 )
 
 

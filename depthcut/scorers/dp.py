@@ -1,0 +1,321 @@
+"""Latency-budgeted choice by dynamic programming ("dp"), after LayerMerge (Kim et al., ICML 2024)
+with entropy as the cheap importance.
+
+Sites s_1..s_n in forward order with sentinels s_0 (input) and s_{n+1} (output); a plan keeps
+0 = a_0 < a_1 < ... < a_m = n+1 and linearizes every other site. Its latency is estimated as
+the sum of its segments' measured latencies (`depthcut.cost.latency_table`: each segment
+folded, cut out and timed on the chosen backend at its real input shape, cached on disk), and
+`plan_sites` finds, exactly, the plan that keeps the most importance (default: the sum of the
+kept sites' entropies, i.e. removes the least entropy) with estimated latency <= budget x the
+dense model's (every site kept, BatchNorm folded, same backend, batch and table).
+
+Exactness: for every boundary position the DP keeps the Pareto frontier of (latency, importance
+removed) over partial plans ending there; a point dominated by another (no faster and no less
+removed) cannot be part of a better plan, since both continue alike, and a point already over
+the budget cannot come back under it (latencies are >= 0). The optimum over all plans whose
+segments hold at most `span` sites inside is therefore on the frontier of the output sentinel.
+Ties on importance go to the faster plan. Unreached sites (NaN entropy) are always kept. When
+no plan meets the budget the fastest plan is returned with `feasible` False (best effort: the
+scorer then warns and records it).
+
+As a scorer: the planned sites get their entropy as score (so EASIER with k=1 takes the plan's
+lowest-entropy site, finetunes, and plans again on the next stage's entropies; progressive
+takes up to its step of them), every other site NaN (never chosen); the record gains "dp": the
+plan (sites, segments and their merge form, predicted latency ratio, table hits and misses,
+seconds). Re-planning reads the cached table: no fold and no timing once it exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from depthcut.cost.latency_table import (
+    DEFAULT_SPAN,
+    LatencyTable,
+    SegmentTable,
+    TableContext,
+    build_segment_table,
+)
+from depthcut.distributed import world_size
+from depthcut.errors import ConfigError
+from depthcut.masks import clone_model
+from depthcut.scorers import Candidates, Scorer, Scores, example_batch, register_scorer
+from depthcut.sites import find_sites, linearize
+
+# What the plan keeps (`dp_importance`): "entropy" (a kept site is worth its entropy), or
+# "finetune" (LayerMerge-like: a segment's cost is the loss its linearization adds after a
+# short finetune of a copy; `finetune_importance`).
+DP_IMPORTANCES = ("entropy", "finetune")
+FINETUNE_STEPS = 8  # SGD steps of each copy (dp_importance "finetune")
+FINETUNE_LR = 0.01
+
+
+@dataclass
+class Plan:
+    """The DP's answer: boundary positions kept (0 and n+1 included), its estimated seconds,
+    the importance it removes, and whether it meets the budget."""
+
+    kept: list[int]
+    seconds: float
+    removed: float
+    feasible: bool
+
+    def linearized(self, n: int) -> list[int]:
+        """Boundary positions (1..n) of the sites the plan linearizes."""
+        kept = set(self.kept)
+        return [k for k in range(1, n + 1) if k not in kept]
+
+
+def plan_sites(importance: Sequence[float], seconds: Mapping[tuple[int, int], float],
+               budget: float, overhead: float = 0.0,
+               segment_cost: Mapping[tuple[int, int], float] | None = None) -> Plan:
+    """The plan over len(importance) sites keeping the most importance with
+    overhead + sum of its segments' `seconds` <= `budget` (see the module docstring).
+
+    `importance[k]` belongs to boundary k+1; NaN marks a site that must stay. `seconds` holds
+    the segments a plan may use (a missing one is not allowed). Infeasible: the fastest plan,
+    `feasible` False. `segment_cost`, where given, is the importance a segment with sites
+    inside removes (in place of the sum of their `importance`; still additive over segments,
+    so the DP stays exact)."""
+    n = len(importance)
+    must_keep = [math.isnan(h) for h in importance]
+    # Importance removed by a segment: the sites strictly inside it (prefix sums).
+    prefix = [0.0]
+    for h in importance:
+        prefix.append(prefix[-1] + (0.0 if math.isnan(h) else h))
+
+    def removed(i: int, j: int) -> float:
+        if segment_cost is not None and j - i > 1:
+            return segment_cost[(i, j)]
+        return prefix[j - 1] - prefix[i]
+
+    ends: dict[int, list[tuple[int, int]]] = {}
+    for (i, j) in seconds:
+        if any(must_keep[k] for k in range(i, j - 1)):
+            continue
+        ends.setdefault(j, []).append((i, j))
+    # frontier[j]: Pareto points (seconds, removed, back pointer) of plans ending kept at j.
+    Point = tuple[float, float, tuple[int, int] | None]
+    frontier: dict[int, list[Point]] = {0: [(overhead, 0.0, None)]}
+    fastest: dict[int, Point] = {0: (overhead, 0.0, None)}
+    for j in range(1, n + 2):
+        candidates: list[tuple[float, float, tuple[int, int]]] = []
+        best_fast: Point | None = None
+        for (i, _) in ends.get(j, []):
+            cost = seconds[(i, j)]
+            for index, (t, r, _) in enumerate(frontier.get(i, [])):
+                if t + cost <= budget:
+                    candidates.append((t + cost, r + removed(i, j), (i, index)))
+            if i in fastest:
+                t, r, _ = fastest[i]
+                point = (t + cost, r + removed(i, j), (i, -1))
+                if best_fast is None or point[:2] < best_fast[:2]:
+                    best_fast = point
+        candidates.sort(key=lambda p: (p[0], p[1]))
+        kept_points: list[Point] = []
+        for point in candidates:  # ascending seconds: keep strictly decreasing removal
+            if not kept_points or point[1] < kept_points[-1][1]:
+                kept_points.append(point)
+        if kept_points:
+            frontier[j] = kept_points
+        if best_fast is not None:
+            fastest[j] = best_fast
+
+    def walk(j: int, index: int) -> list[int]:
+        kept = [j]
+        while j != 0:
+            point = fastest[j] if index == -1 else frontier[j][index]
+            j, index = point[2]
+            kept.append(j)
+        return kept[::-1]
+
+    if n + 1 in frontier:
+        best = min(range(len(frontier[n + 1])),
+                   key=lambda k: (frontier[n + 1][k][1], frontier[n + 1][k][0]))
+        t, r, _ = frontier[n + 1][best]
+        return Plan(walk(n + 1, best), t, r, True)
+    if n + 1 not in fastest:
+        raise ConfigError("no plan: no chain of measured segments reaches the output")
+    t, r, _ = fastest[n + 1]
+    return Plan(walk(n + 1, -1), t, r, False)
+
+
+@dataclass
+class DenseReference:
+    """The dense model's estimated seconds and the context it was read in."""
+
+    seconds: float
+    context: str
+
+
+@register_scorer
+@dataclass
+class DpScorer(Scorer):
+    """Plans the sites to linearize under a latency budget (see the module docstring)."""
+
+    name = "dp"
+    volatile_fields: ClassVar[tuple[str, ...]] = ("dp_cost",)
+    needs_dense: ClassVar[bool] = True  # the budget is relative to the dense model
+    budget: float = 0.6  # latency allowed, a fraction of the dense model's estimate
+    backend: str = "eager"
+    batch: int = 1
+    span: int = DEFAULT_SPAN
+    table_path: str | None = None  # None: $DEPTHCUT_LATENCY_TABLE or ~/.cache/depthcut/...
+    importance: str = "entropy"
+    progress: bool = True  # a bar while the latency table is built
+    dense: DenseReference | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_dp_settings(self.budget, self.span, self.importance)
+
+    @classmethod
+    def from_config(cls, config: Any) -> DpScorer:
+        if config.latency_budget is None:
+            raise ConfigError("--choose dp needs --latency-budget (a fraction of the "
+                              "BN-folded dense model's latency, e.g. 0.6)")
+        return cls(budget=config.latency_budget, backend=config.latency_backend,
+                   batch=config.latency_batch, span=getattr(config, "dp_span", DEFAULT_SPAN),
+                   table_path=getattr(config, "latency_table", None),
+                   importance=getattr(config, "dp_importance", "entropy"))
+
+    def context(self) -> TableContext:
+        device = "cuda" if self.backend == "cuda" else "cpu"
+        return TableContext(self.backend, self.batch, device)
+
+    def score(self, candidates: Candidates) -> Scores:
+        start = time.perf_counter()
+        entropies = candidates.entropies
+        sites = list(entropies)
+        sample = example_batch(candidates.examples, 1)
+        table = LatencyTable(self.table_path)
+        context = self.context()
+        importance = [float(h) for h in entropies.values()]
+        if world_size() > 1:  # each process would time its own table and plan otherwise
+            raise ConfigError("--choose dp does not run under torch.distributed yet: plan on "
+                              "one process (`depthcut plan`) or run without DDP")
+        # The table is timed in float32 whatever autocast a run holds (`--amp`).
+        with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
+            segments = build_segment_table(
+                candidates.model, sample, context, table, sites, self.span,
+                allowed=[not math.isnan(h) for h in importance], progress=self.progress)
+            dense = self._dense_seconds(candidates, sample, context, table, segments, sites)
+        segment_cost = None
+        if self.importance == "finetune":
+            with torch.random.fork_rng(devices="all" if torch.cuda.is_available() else []):
+                segment_cost = finetune_importance(candidates.model, sites, segments.seconds,
+                                                   candidates.examples)
+        plan = plan_sites(importance, segments.seconds, self.budget * dense, segments.overhead,
+                          segment_cost)
+        chosen = [sites[k - 1] for k in plan.linearized(len(sites))]
+        if not plan.feasible:
+            warnings.warn(f"dp: no plan meets latency budget {self.budget:g} (estimated "
+                          f"{plan.seconds / dense:.3f} of dense at best); taking the fastest",
+                          stacklevel=2)
+        names = ["input", *sites, "output"]
+        record = {
+            "sites": chosen,
+            "kept": [names[k] for k in plan.kept[1:-1]],
+            "segments": [{"from": names[a], "to": names[b], "linear": b - a - 1,
+                          "merge": segments.forms[(a, b)], "ms": segments.seconds[(a, b)] * 1e3}
+                         for a, b in zip(plan.kept, plan.kept[1:], strict=False)],
+            "budget": self.budget, "predicted_ratio": plan.seconds / dense,
+            "within_budget": plan.feasible, "importance": self.importance,
+            "removed": plan.removed, "dense_ms": dense * 1e3, "backend": self.backend,
+            "batch": self.batch, "span": self.span, "context": context.key()}
+        cost = {**segments.to_dict(), "seconds": time.perf_counter() - start,
+                "table": str(table.path)}
+        scores = {site: (h if site in chosen else math.nan) for site, h in entropies.items()}
+        nothing = None if chosen else (
+            f"the latency plan removes no more sites (estimated {plan.seconds / dense:.3f} of "
+            f"dense <= budget {self.budget:g})")
+        return Scores(scores, {"dp": record, "dp_cost": cost}, nothing_chosen=nothing)
+
+    def _dense_seconds(self, candidates: Candidates, sample: torch.Tensor,
+                       context: TableContext, table: LatencyTable, segments: SegmentTable,
+                       sites: list[str]) -> float:
+        """The dense model's estimate: every site kept, same table. From `candidates.dense`
+        when given; else the current model when none of its sites is gone yet (the first
+        stage, or a plan made directly); else this scorer's earlier answer (its own or an
+        earlier stage record's "dp" field, same backend and batch)."""
+        key = context.key()
+        if self.dense is not None and self.dense.context == key:
+            return self.dense.seconds
+        seconds = None
+        total = candidates.records[0].get("sites_total") if candidates.records else None
+        if candidates.dense is not None:
+            dense_sites = find_sites(candidates.dense)
+            chain = [(k, k + 1) for k in range(len(dense_sites) + 1)]
+            seconds = build_segment_table(
+                candidates.dense, sample, context, table, dense_sites, segments=chain,
+                progress=self.progress).plan_seconds(list(range(len(dense_sites) + 2)))
+        elif total is None or total == len(sites):
+            seconds = segments.plan_seconds(list(range(len(sites) + 2)))
+        else:
+            for record in reversed(list(candidates.records)):
+                earlier = record.get("dp")
+                if isinstance(earlier, Mapping) and earlier.get("context") == key:
+                    seconds = earlier["dense_ms"] / 1e3
+                    break
+        if seconds is None:
+            raise ConfigError("dp: no dense reference for the latency budget: pass the dense "
+                              "model (Candidates.dense) or plan from the first stage")
+        self.dense = DenseReference(seconds, key)
+        return seconds
+
+
+def check_dp_settings(budget: float | None, span: int, importance: str) -> None:
+    """ConfigError for a budget that is not a positive fraction, a span < 0 or an unknown
+    importance."""
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ConfigError(f"latency_budget must be a fraction > 0, got {budget}")
+    if span < 0:
+        raise ConfigError(f"dp_span (sites inside a segment) must be >= 0, got {span}")
+    if importance not in DP_IMPORTANCES:
+        raise ConfigError(f"dp_importance must be one of {DP_IMPORTANCES}, got {importance!r}")
+
+
+
+def finetune_importance(model: nn.Module, sites: Sequence[str],
+                        segments: Iterable[tuple[int, int]], batches: Iterable,
+                        steps: int = FINETUNE_STEPS, lr: float = FINETUNE_LR
+                        ) -> dict[tuple[int, int], float]:
+    """LayerMerge-like importance (`dp_importance` "finetune"): for each segment with sites
+    inside, the cross-entropy a copy of `model` with those sites linear has after `steps` SGD
+    steps, minus the model's own, on the first batch of `batches` (the others train; pairs of
+    inputs and labels, the unaugmented training split in a run); never below 0. One short
+    finetune per segment: far dearer than entropy, for comparison. `model` is left as it was."""
+    loader = iter(copy.copy(batches))
+    held_out = next(loader)
+    training = [batch for _, batch in zip(range(steps), loader, strict=False)] or [held_out]
+    device = next(model.parameters()).device
+
+    def loss_of(candidate: nn.Module) -> float:
+        candidate.eval()
+        with torch.no_grad():
+            inputs, labels = held_out[0].to(device), held_out[1].to(device)
+            return float(F.cross_entropy(candidate(inputs), labels))
+
+    base = loss_of(clone_model(model))
+    costs = {}
+    for i, j in segments:
+        if j - i <= 1:
+            continue
+        candidate = linearize(clone_model(model), sites[i:j - 1]).train()
+        optimizer = torch.optim.SGD(candidate.parameters(), lr=lr, momentum=0.9)
+        for step in range(steps):
+            inputs, labels = training[step % len(training)][:2]
+            optimizer.zero_grad()
+            F.cross_entropy(candidate(inputs.to(device)), labels.to(device)).backward()
+            optimizer.step()
+        costs[(i, j)] = max(loss_of(candidate) - base, 0.0)
+    return costs
