@@ -84,12 +84,15 @@ def perturbed(name: str, width: float) -> nn.Module:
 
 
 def build_variant(spec: str, example: torch.Tensor) -> Variant:
+    """Both forms of `spec` (NAME:WIDTH), folded on `example`'s device (where they are timed:
+    the folded modules may hold tensors that `.to()` would not move)."""
     name, _, width = spec.partition(":")
     start = time.perf_counter()
     dense = perturbed(name, float(width or 1.0))
     sites = find_sites(dense)
     linear = linearize(perturbed(name, float(width or 1.0)), sites)
     linear.load_state_dict(dense.state_dict())
+    dense, linear = dense.to(example.device), linear.to(example.device)
     forms = {"dense": fold(dense, example, "macs"), "linear": fold(linear, example, "macs")}
     macs = {form: count_macs(module, example[:1]) for form, module in forms.items()}
     return Variant(spec, forms, macs, len(sites), time.perf_counter() - start)
@@ -97,13 +100,14 @@ def build_variant(spec: str, example: torch.Tensor) -> Variant:
 
 def prepare_all(variants: list[Variant], backends: list[str], batches: list[int],
                 device: torch.device, deadline: float) -> Timings:
-    """Every (variant, backend, batch, form) call prepared; a backend that refuses or fails is
+    """Every (variant, backend, batch, form) call prepared, backend after backend (the cheap
+    ones, listed first, are not crowded out by compiling); a backend that refuses or fails is
     recorded, and past `deadline` (perf_counter) the rest are skipped."""
     timings = Timings()
-    for variant in variants:
-        forms = {form: module.to(device) for form, module in variant.forms.items()}
-        for backend in backends:
-            timer = get_timer(backend)
+    for backend in backends:
+        timer = get_timer(backend)
+        for variant in variants:
+            forms = variant.forms
             for batch in batches:
                 key = (variant.name, backend, batch)
                 if time.perf_counter() > deadline:
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     backends = args.backends or list(GPU_BACKENDS if device.type == "cuda" else CPU_BACKENDS)
-    example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(device)
     variants = []
     for spec in args.models:
         variants.append(build_variant(spec, example))
