@@ -5,7 +5,7 @@ here touches data) and taken out again before anything runs, so that torch's own
 imports still see them missing; onnxruntime is not asked for. Refuses without a GPU unless
 given `--device cpu` (a dry run).
 
-    PYTHONPATH=. python3 scripts/gpu_latency.py [--time-limit 200] [latency_backends options]
+    PYTHONPATH=. python3 scripts/gpu_latency.py [--time-limit 230] [latency_backends options]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     finally:
         for key in added:
             del sys.modules[key]
-    benchmark.main(["--device", "cuda", "--rounds", "15", "--time-limit", "200", *argv])
+    benchmark.main(["--device", "cuda", "--rounds", "15", "--time-limit", "230", *argv])
     return 0
 
 

@@ -4,7 +4,7 @@
 # torch.compile (inductor) and eager timed by CUDA events, batch 1 and 128
 # (benchmarks/latency_backends.py through scripts/gpu_latency.py). Needs python3 with torch
 # (CUDA) only: no onnxruntime, nothing to install. Finishes in under 5 minutes (preparing stops
-# at 120 s, timing at 200 s; killed at 285 s). The markdown goes to stdout and to
+# at 138 s, timing at 230 s; killed at 290 s). The markdown goes to stdout and to
 # ${OUT:-.}/gpu_latency.md.
 #
 #   bash scripts/gpu_latency.sh                   # from the repository root
@@ -15,4 +15,4 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 target="${OUT:-.}/gpu_latency.md"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-PYTHONPATH=. timeout 285 "$python" scripts/gpu_latency.py "$@" | tee "$target"
+PYTHONPATH=. timeout 290 "$python" scripts/gpu_latency.py "$@" | tee "$target"
