@@ -62,10 +62,14 @@ class OnnxRuntimeTimer(Timer):
     name = "onnxruntime"
 
     def session_options(self, onnxruntime: ModuleType) -> object:
-        """CPU threads as torch's, so that both runtimes are timed on the same cores."""
+        """CPU threads as torch's, so that both runtimes are timed on the same cores. Idle
+        threads sleep instead of spinning: models are timed side by side in one process (the
+        stages of Table 3, both sides of a merge), each session with its own thread pool, and
+        a pool still spinning after its call would take the cores from the next one timed."""
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: export warnings are not the user's
         return options
 
