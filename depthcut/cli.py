@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from depthcut import distributed, experiment, reports, settings, workflows
-from depthcut.cost import TIMERS
+from depthcut.cost import DEFAULT_TIMER, TIMERS
 from depthcut.data import dataset_names
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.experiment import DATA_MODEL_OPTIONS, DENSE_TRAINING_OPTIONS
@@ -54,8 +54,10 @@ WORKFLOW_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _experiment_options(parser: argparse.ArgumentParser) -> None:
-    """Options every method shares (data, model, dense training); defaults come from presets."""
+def _experiment_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Options every method shares (data, model, dense training); defaults come from presets.
+    Returns their keys: a method's setting of the same key (one key sets every config that
+    declares it) is not added twice."""
     group = parser.add_argument_group("data and model")
     group.add_argument("--preset", choices=sorted(settings.presets()), default="quick",
                        help="base settings: quick (minutes on CPU), paper (EASIER Table 4, "
@@ -74,21 +76,23 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--print-config", action="store_true",
                      help="print the resolved settings (preset, then --config, then flags) as "
                      "JSON and exit, without loading data or training; --out not needed")
+    return {option.key for option in (*DATA_MODEL_OPTIONS, *DENSE_TRAINING_OPTIONS,
+                                      *TRAIN_OPTIONS)}
 
 
 def _method_parser(commands: argparse._SubParsersAction, spec: MethodSpec) -> None:
     parser = commands.add_parser(spec.command, help=spec.help)
     parser.set_defaults(handler=cmd_method, spec=spec)
-    _experiment_options(parser)
+    seen = _experiment_options(parser)
     group = parser.add_argument_group(spec.title or spec.label)
-    add_options(group, (*spec.options, *spec.training_options), seen=set())
+    add_options(group, (*spec.options, *spec.training_options), seen=seen)
 
 
 def _compare_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "compare", help="train dense once, run several methods from it, write the report")
     parser.set_defaults(handler=cmd_compare)
-    _experiment_options(parser)
+    seen = _experiment_options(parser)
     names = list(comparable())
     variants = [name for name in names if name not in compare_defaults()]
     parser.add_argument("--methods", nargs="+", default=argparse.SUPPRESS,
@@ -96,7 +100,6 @@ def _compare_parser(commands: argparse._SubParsersAction) -> None:
                         f"{' and '.join(variants)})")
     parser.add_argument("--no-fair-reference", action="store_true",
                         help="skip training the dense model as long as each method")
-    seen: set[str] = set()
     shared = []
     for spec in methods():
         if not spec.comparable:
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-measure", action="store_true",
                         help="do not fold and time EASIER stages (tables show -)")
     report.add_argument("--no-progress", action="store_true")
+    _latency_backend_option(report, "the backend Table 3's latencies (batch 1 and 128) are "
+                            "measured on")
 
     entropy = commands.add_parser("entropy", help="print the per-site entropy of a checkpoint")
     entropy.add_argument("--checkpoint", type=Path, required=True)
@@ -148,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--policy", choices=POLICIES,
                       default=WORKFLOW_DEFAULTS["fold_checkpoint"]["policy"],
                       help="macs: merge only where MACs do not rise (default); all: every "
-                      "merge; latency: merge where measured faster on --device")
+                      "merge; latency: merge where measured faster on --latency-backend "
+                      "(on --device)")
+    _latency_backend_option(fold, "with --policy latency: the backend merges are timed on")
     fold.add_argument("--export", choices=("onnx",), help="also write OUT with .onnx suffix")
     _data_options(fold, "fold_checkpoint",
                   split_help="test images used for agreement and top-1 (default: all)")
@@ -169,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _latency_backend_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--latency-backend", choices=tuple(TIMERS), default=DEFAULT_TIMER,
+                        help=f"{what}: eager (PyTorch as it is, default), onnxruntime (ONNX "
+                        "Runtime CPU; pip install 'depthcut[onnx]'), compile (torch.compile, "
+                        "inductor), cuda (CUDA events)")
+
+
 def _plan_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("plan", help="--choose dp without training: the sites a "
                                  "latency budget removes, predicted and measured latency")
@@ -176,7 +190,7 @@ def _plan_parser(commands: argparse._SubParsersAction) -> None:
                         help="a stage checkpoint (its model is the dense reference)")
     parser.add_argument("--latency-budget", type=float, required=True,
                         help="latency allowed, a fraction of the BN-folded dense model's")
-    parser.add_argument("--latency-backend", default="eager", choices=tuple(TIMERS))
+    _latency_backend_option(parser, "where the table and the whole models are timed")
     parser.add_argument("--latency-batch", type=int, default=1)
     parser.add_argument("--dp-span", type=int, help="most sites inside one segment (default 8)")
     parser.add_argument("--latency-table", help="the table's JSON file (default: the cache)")
@@ -307,7 +321,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     report = reports.build_report(args.runs, args.out, measure=not args.no_measure,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress,
+                                  latency_backend=args.latency_backend)
     print(report.read_text())
     print(f"Report, tables and plots in {report.parent}")
     return 0
@@ -327,7 +342,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, policy=args.policy, export=args.export,
         dataset=args.dataset, data_root=args.data_root, cache_dir=args.cache_dir,
         samples=args.samples, batch_size=args.batch_size, device=args.device,
-        progress=not args.no_progress)
+        progress=not args.no_progress, latency_backend=args.latency_backend)
     print(result.text())
     return 0
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from depthcut import distributed
+from depthcut.cost import DEFAULT_TIMER, TIMERS, get_timer
 from depthcut.data import (
     NORMALIZE_HELP,
     ArrayDataset,
@@ -129,9 +130,13 @@ class ExperimentConfig:
     # How a text file's rows name their text and label (DatasetSpec.settings of textfile).
     text_field: str = "text"
     label_field: str = "label"
+    # The timer (depthcut.cost.TIMERS) the folded answer and the report's Table 3 are timed on;
+    # the same key sets the latency-aware site choice's backend (scorers.choice.ChoiceSettings).
+    latency_backend: str = DEFAULT_TIMER
     progress: bool = True
 
     def __post_init__(self) -> None:
+        get_timer(self.latency_backend)
         if isinstance(self.model, nn.Module):
             raise ConfigError(
                 f"ExperimentConfig.model names a model ('resnet18', 'timm:NAME', "
@@ -196,6 +201,11 @@ DATA_MODEL_OPTIONS: tuple[Option, ...] = (
     Option("text_field", "textfile: the JSONL key or CSV column of the texts (default text)"),
     Option("label_field", "textfile: the JSONL key or CSV column of the labels (default "
            "label)"),
+    Option("latency_backend", "where latency is measured (the folded answer, the report's "
+           "Table 3, latency-aware site choice): eager (PyTorch as it is, default), onnxruntime "
+           "(ONNX Runtime CPU; pip install 'depthcut[onnx]'), compile (torch.compile, "
+           "inductor), cuda (CUDA events), or another registered timer",
+           argparse={"choices": lambda: tuple(TIMERS)}),
 )
 DENSE_TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("epochs", "dense training epochs", path="dense.epochs", argparse={"type": int}),
@@ -530,7 +540,8 @@ def _compare(config: ExperimentConfig, methods: Sequence[str], out: Path, names:
         _run_method(_from_dense(config, dirs[0]), reference, settings, out / reference.name,
                     overwrite)
         dirs.append(out / reference.name)
-    return build_report(dirs, out / "report", progress=config.progress)
+    return build_report(dirs, out / "report", progress=config.progress,
+                        latency_backend=config.latency_backend)
 
 
 def _from_dense(config: ExperimentConfig, first: Path) -> ExperimentConfig:
@@ -620,7 +631,9 @@ def run_prepared(config: ExperimentConfig, method_spec: MethodSpec, method, run_
                             teacher=_teacher(method, run_dir, prepared), hooks=prepared.hooks)
         distributed.barrier()  # rank 0 has written every checkpoint
         answer_model, _ = load_stage(prepared, run_dir.path / result.answer["checkpoint"])
-        folded_model, folded = fold_answer(answer_model, prepared.splits)
+        dense_stage, _ = load_stage(prepared, run_dir.checkpoint_path(0))
+        folded_model, folded = fold_answer(answer_model, prepared.splits,
+                                           timer=config.latency_backend, dense=dense_stage)
         result.answer_model, result.folded_model = answer_model, folded_model
         folded["stage"] = result.answer["stage"]
         folded["checkpoint"] = "checkpoints/answer_folded.pt"
@@ -687,15 +700,16 @@ def _autocast(config: ExperimentConfig, prepared: Prepared) -> torch.autocast:
     return torch.autocast(prepared.device.type, dtype=torch.bfloat16, enabled=config.amp)
 
 
-def fold_answer(model: nn.Module, splits: DataSplits, policy: str = "macs"
+def fold_answer(model: nn.Module, splits: DataSplits, policy: str = "macs", *,
+                timer: str = DEFAULT_TIMER, dense: nn.Module | None = None
                 ) -> tuple[nn.Module, dict]:
     """Fold `model` on a test batch and measure it: test top-1 of both, MACs, batch-1 latency
-    (without a test split: on the validation split; with neither, folded on a training batch
-    and no top-1)."""
+    on `timer` (without a test split: on the validation split; with neither, folded on a
+    training batch and no top-1); with `dense`, the BN-folded dense model timed beside it."""
     held_out = splits.test if splits.test is not None else splits.val
     example = next(iter(held_out if held_out is not None else splits.train_eval))[0].cpu()
     data = None if held_out is None else ((x.cpu(), y.cpu()) for x, y in held_out)
-    return measure_stage(model, example, policy=policy, data=data)
+    return measure_stage(model, example, policy=policy, data=data, timer=timer, baseline=dense)
 
 
 def _settings(cls: type, values: dict):

@@ -56,12 +56,30 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: str | Path,
     except ImportError:
         return result
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    result.update(checked=True, max_abs_diff=check_onnx_session(session, model, example_input,
+                                                                tolerance))
+    return result
+
+
+def onnx_feeds(session: object, example_input: Tensor) -> dict:
+    """An onnxruntime session's input, `example_input` as the contiguous array it reads."""
     name = session.get_inputs()[0].name
-    got = torch.from_numpy(session.run(None, {name: example_input.numpy()})[0])
+    return {name: example_input.detach().cpu().contiguous().numpy()}
+
+
+def check_onnx_session(session: object, model: nn.Module, example_input: Tensor,
+                       tolerance: float = 1e-4) -> float:
+    """The largest |ONNX - PyTorch| of the first output on `example_input`; ExportError when
+    it exceeds `tolerance` relative to the output's scale (at least 1)."""
+    got = torch.from_numpy(session.run(None, onnx_feeds(session, example_input))[0])
     with torch.no_grad():
         expected = model(example_input)
-    diff = float((got - expected).abs().max())
-    result.update(checked=True, max_abs_diff=diff)
-    if diff > tolerance * max(float(expected.abs().max()), 1.0):
+    if isinstance(expected, (tuple, list)):
+        expected = expected[0]
+    if got.shape != expected.shape:
+        raise ExportError(f"the ONNX model's output has shape {tuple(got.shape)}, PyTorch's "
+                          f"{tuple(expected.shape)}")
+    diff = float((got - expected.detach().cpu()).abs().max())
+    if not diff <= tolerance * max(float(expected.abs().max()), 1.0):
         raise ExportError(f"the ONNX model differs from PyTorch by {diff:.3g} on the example")
-    return result
+    return diff

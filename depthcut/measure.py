@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from depthcut.cost import DEFAULT_TIMER, Timer, get_timer
@@ -13,12 +14,16 @@ from depthcut.fold import fold
 
 def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
                   data: Iterable | None = None, latency: Mapping[int, int] | None = None,
-                  timer: str | Timer = DEFAULT_TIMER) -> tuple[nn.Module, dict]:
+                  timer: str | Timer = DEFAULT_TIMER, baseline: nn.Module | None = None
+                  ) -> tuple[nn.Module, dict]:
     """Fold `model` (on CPU, eval mode) on `example`, a batch at the run's real input shape,
     and measure unfolded and folded: MACs per image, parameters, operators, conv/linear depth,
     exactness, top-1 on `data` when given, and the median latency in ms at each batch size of
     `latency` (batch size -> repeats; default batch 1, 30 repeats; {} times nothing) on slices
-    of `example`, timed by `timer` (a `depthcut.cost` timer or its name).
+    of `example`, timed by `timer` (a `depthcut.cost` timer or its name; the measurements name
+    it and the thread count). With `baseline` (the dense model), it is folded the same way and
+    timed beside them (`latency_ms_batchN_dense_folded`, `macs_dense_folded`): the BN-folded
+    dense model on the same backend, what a speed-up is relative to.
     Returns (folded model, measurements)."""
     model = model.cpu().eval()
     example = example.cpu()
@@ -46,10 +51,18 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
         "folded_at": report.input_size,
         "bias_maps": len(report.bias_maps),
     }
+    timed = {"unfolded": model, "folded": folded}
+    if baseline is not None:
+        timed["dense_folded"] = fold(baseline.cpu().eval(), example, policy)
+        measured["macs_dense_folded"] = timed["dense_folded"].fold_report.macs_after // batch
     timing = get_timer(timer)
-    for size, repeats in ({1: 30} if latency is None else latency).items():
+    sizes = {1: 30} if latency is None else latency
+    if sizes:
+        measured.update(latency_backend=timing.name, latency_threads=torch.get_num_threads(),
+                        latency_timer=timing.describe())
+    for size, repeats in sizes.items():
         x = example[:size]
-        for name, module in (("unfolded", model), ("folded", folded)):
+        for name, module in timed.items():
             measured[f"latency_ms_batch{size}_{name}"] = 1e3 * timing.seconds(
                 module, x, repeats=repeats)
     measured["merges_taken"] = sum(m.taken for m in report.merges)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from depthcut.cost import get_timer
+from depthcut.cost import DEFAULT_TIMER, get_timer
 from depthcut.data import display_name
 from depthcut.entropy import SiteCounts
 from depthcut.errors import ConfigError
@@ -205,7 +205,23 @@ def folded_section(folded: Mapping) -> list[str]:
         f"{folded['max_abs_diff']:.3g} (relative {folded['relative_error']:.3g}; {exact}). "
         f"Folded model: `{folded.get('checkpoint', '-')}`.",
         "",
+        *_against_dense(folded),
     ]
+
+
+def _against_dense(folded: Mapping) -> list[str]:
+    """Where the latency was measured, and the folded answer against the BN-folded dense model
+    on the same backend (answers written before these were kept: nothing)."""
+    if "latency_backend" not in folded:
+        return []
+    lines = f"Latency backend: {folded.get('latency_timer', folded['latency_backend'])}"
+    dense_ms = folded.get("latency_ms_batch1_dense_folded")
+    if dense_ms:
+        lines += (f"; the BN-folded dense model takes {dense_ms:.3f} ms at batch 1 there: the "
+                  f"folded answer is {folded['latency_ms_batch1_folded'] / dense_ms:.3f}x its "
+                  f"latency and {folded['macs_folded'] / folded['macs_dense_folded']:.3f}x its "
+                  "MACs")
+    return [lines + ".", ""]
 
 
 def entropy_table(counts: Mapping[str, SiteCounts | None]) -> str:
@@ -316,17 +332,25 @@ def check_compatible(runs: Sequence[Run]) -> None:
             )
 
 
-def measure_stage_costs(run: Run, progress: bool = True, rounds: int = 7) -> dict:
+def measure_stage_costs(run: Run, progress: bool = True, rounds: int = 7,
+                        timer: str = DEFAULT_TIMER) -> dict:
     """Fold every stage checkpoint of a run and time it, unfolded and folded, at batch 1 and
-    128 on random inputs at the run's input shape; cached in the run.
+    128 on random inputs at the run's input shape, on `timer` (a `depthcut.cost` timer's name);
+    cached in the run, with the backend and thread count it was timed on.
 
     The timing is round-robin: each of `rounds` rounds times every stage's two models once
     (batch 1: the median of 5 calls; batch 128: one call), and a stage's figure is the median
     over rounds, so a burst of load from another process spreads over all stages instead of
     landing on one. A cache missing any stage (or written before depth and exactness were
-    kept) is measured again as a whole."""
+    kept, or on another backend or thread count) is measured again as a whole."""
     stages = [r for r in run.records if r.get("checkpoint")]
-    if all("depth_folded" in run.stage_costs.get(str(r["stage"]), {}) for r in stages):
+    timing, threads = get_timer(timer), torch.get_num_threads()
+
+    def cached(cost: dict) -> bool:  # caches older than the backend were timed in eager
+        return ("depth_folded" in cost and cost.get("latency_backend", "eager") == timing.name
+                and cost.get("latency_threads", threads) == threads)
+
+    if all(cached(run.stage_costs.get(str(r["stage"]), {})) for r in stages):
         return run.stage_costs
     costs: dict[str, dict] = {}
     models: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {}
@@ -344,19 +368,22 @@ def measure_stage_costs(run: Run, progress: bool = True, rounds: int = 7) -> dic
         models[key] = (model.eval(), folded)
         if progress:
             print(f"{run.path}: stage {key} folded", flush=True)
-    timer, repeats = get_timer(), {1: 5, 128: 1}  # batch size -> calls per round
-    calls = {(key, batch, form): timer.prepare(module, inputs[:batch])
+    repeats = {1: 5, 128: 1}  # batch size -> calls per round
+    calls = {(key, batch, form): timing.prepare(module, inputs[:batch])
              for key, pair in models.items() for batch in repeats
              for form, module in zip(("unfolded", "folded"), pair, strict=True)}
     times: dict[str, dict[str, list[float]]] = {key: {} for key in models}
     for _ in range(rounds):
         for (key, batch, form), call in calls.items():
-            seconds = timer.measure(call, inputs.device, repeats[batch], warmup=1)
+            seconds = timing.measure(call, inputs.device, repeats[batch], warmup=1)
             times[key].setdefault(f"ms_batch{batch}_{form}", []).append(1e3 * seconds)
     for key, measured in times.items():
         costs[key].update({name: statistics.median(values) for name, values in measured.items()})
+        costs[key].update(latency_backend=timing.name, latency_threads=threads,
+                          latency_timer=timing.describe())
     if progress:
-        print(f"{run.path}: {len(models)} stages timed, {rounds} rounds", flush=True)
+        print(f"{run.path}: {len(models)} stages timed on {timing.describe()}, {rounds} rounds",
+              flush=True)
     write_json(run.path / STAGE_COSTS, costs)
     run.stage_costs = costs
     return costs
@@ -433,7 +460,7 @@ def table3(run: Run) -> tuple[list[str], list[list[str]]]:
     headers = ["stage", "sites removed", "test top-1", "MMACs unfolded", "MMACs folded",
                "MACs vs dense", "depth unfolded", "depth folded", "fold exact (rel. error)",
                "ms b1 unfolded", "ms b1 folded", "b1 vs dense", "ms b128 unfolded",
-               "ms b128 folded", "b128 vs dense"]
+               "ms b128 folded", "b128 vs dense", "latency backend"]
     dense = run.stage_costs.get(str(run.records[0]["stage"]), {}) if run.records else {}
 
     def ratio(cost: dict, key: str) -> str:
@@ -459,8 +486,26 @@ def table3(run: Run) -> tuple[list[str], list[list[str]]]:
             ratio(cost, "ms_batch1_folded"),
             _fmt(cost.get("ms_batch128_unfolded"), 1), _fmt(cost.get("ms_batch128_folded"), 1),
             ratio(cost, "ms_batch128_folded"),
+            _backend(cost),
         ])
     return headers, rows
+
+
+def _backend(cost: Mapping) -> str:
+    """The backend a stage was timed on and its threads (costs older than the backend were
+    timed in eager, their thread count not kept); - where it was not timed."""
+    if "ms_batch1_folded" not in cost:
+        return "-"
+    threads = cost.get("latency_threads")
+    return cost.get("latency_backend", "eager") + (f", {threads} threads" if threads else "")
+
+
+def latency_caption(run: Run) -> str:
+    """Where a run's Table 3 latencies were measured, as its caption names it."""
+    timed = [cost for cost in run.stage_costs.values() if "ms_batch1_folded" in cost]
+    if not timed:
+        return "not timed"
+    return timed[0].get("latency_timer") or f"{_backend(timed[0])} (PyTorch)"
 
 
 def _csv(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -582,10 +627,10 @@ def _dataset_name(run: Run) -> str:
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bool = True,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, latency_backend: str = DEFAULT_TIMER) -> Path:
     """Write the comparison of `run_dirs` into `out`: Markdown and CSV tables, PNG plots and
     `report.md`. With `measure`, the stages of every method that removes sites are folded and
-    timed once (cached)."""
+    timed once on `latency_backend` (cached; timed again on another backend or thread count)."""
     start = time.perf_counter()
     runs = [load_run(path) for path in run_dirs]
     check_compatible(runs)
@@ -613,7 +658,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
                   "reduction.", ""]
     for number, run in enumerate(costed):
         if measure:
-            measure_stage_costs(run, progress=progress)
+            measure_stage_costs(run, progress=progress, timer=latency_backend)
         headers3, rows3 = table3(run)
         name = "table3" if number == 0 else f"table3_{run.path.name}"
         atomic_write_text(out / f"{name}.md", markdown_table(headers3, rows3) + "\n")
@@ -621,8 +666,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, measure: bo
         lines += [f"## {run.label}: cost per stage, folded (Table 3 style)", "",
                   "Each stage checkpoint folded with policy `macs`; depth = conv/linear ops on "
                   "the longest path; 'vs dense' = folded figure / stage 0 folded (the "
-                  "BN-folded dense model); latency is the median on this machine's CPU "
-                  "(eager), batch 1 and 128, timed stage after stage in one run.", "",
+                  "BN-folded dense model, on the same backend); latency is the median on "
+                  f"{latency_caption(run)}, batch 1 and 128, timed round-robin over the stages "
+                  "in one run.", "",
                   markdown_table(headers3, rows3), ""]
     if plot_accuracy_vs_sites(runs, out / "accuracy_vs_sites.png"):
         lines += ["![test top-1 against sites removed](accuracy_vs_sites.png)", ""]

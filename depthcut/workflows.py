@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from depthcut.cost import DEFAULT_TIMER, get_timer
 from depthcut.data import (
     ArrayDataset,
     BatchLoader,
@@ -29,7 +30,7 @@ from depthcut.entropy import SiteCounts, count_states
 from depthcut.errors import ConfigError
 from depthcut.experiment import ExperimentConfig, absolute_paths, prepare
 from depthcut.export import export_onnx
-from depthcut.fold import FoldReport, fold
+from depthcut.fold import FoldReport, LatencyPolicy, fold
 from depthcut.reports import entropy_table
 from depthcut.run import check_writable, load_checkpoint, load_folded, save_checkpoint, save_folded
 from depthcut.sites import find_sites
@@ -75,6 +76,7 @@ class FoldResult:
     dataset: str
     images: int  # test images the report's agreement and top-1 were measured on
     onnx: dict | None = None  # export_onnx's {"path", "checked", "max_abs_diff"}
+    latency_timer: str | None = None  # policy "latency": the backend it timed merges on
 
     def text(self) -> str:
         lines = [
@@ -83,6 +85,8 @@ class FoldResult:
             self.report.markdown(),
             f"\nFolded model saved to {self.out}",
         ]
+        if self.latency_timer is not None:
+            lines.append(f"Merges timed on {self.latency_timer}.")
         if not self.report.exact:
             lines.append("Border-approximate merges changed the function near image borders; "
                          f"`depthcut heal --folded {self.out} --out HEALED.pt` finetunes it "
@@ -204,10 +208,11 @@ def fold_checkpoint(
     checkpoint: str | Path, out: str | Path, *, policy: str = "macs", export: str | None = None,
     dataset: str | None = None, data_root: str | Path | None = None,
     cache_dir: str | Path | None = None, samples: int | None = None, batch_size: int = 128,
-    device: str = "cpu", progress: bool = True,
+    device: str = "cpu", progress: bool = True, latency_backend: str = DEFAULT_TIMER,
 ) -> FoldResult:
     """Fold a stage checkpoint under `policy`, check it on the test split (its first `samples`
-    images, or all), save it to `out`; with `export="onnx"`, also write `out` with suffix .onnx."""
+    images, or all), save it to `out`; with `export="onnx"`, also write `out` with suffix .onnx.
+    Policy "latency" times merges on `latency_backend` (a `depthcut.cost` timer's name)."""
     if export not in (None, "onnx"):
         raise ConfigError(f"export must be 'onnx' or None, got {export!r}")
     _check_samples(samples)
@@ -219,7 +224,9 @@ def fold_checkpoint(
     loader = _loader(data.test_inputs, data.test_labels, data, samples, batch_size,
                      torch_device)
     example = next(iter(loader))[0]
-    folded = fold(model.to(torch_device), example, policy, data=loader)
+    timer = get_timer(latency_backend)
+    chosen = LatencyPolicy(timer=timer) if policy == LatencyPolicy.name else policy
+    folded = fold(model.to(torch_device), example, chosen, data=loader)
     linearized = list(info.get("linearized", []))
     extra = {**info.get("extra", {}), "source": str(checkpoint), "linearized": linearized,
              "spec": info["spec"].to_dict()}
@@ -230,7 +237,8 @@ def fold_checkpoint(
     return FoldResult(checkpoint=checkpoint, out=out, module=folded,
                       report=folded.fold_report, model=_model_name(info),
                       linearized=linearized, dataset=data.name, images=len(loader.inputs),
-                      onnx=exported)
+                      onnx=exported,
+                      latency_timer=timer.describe() if chosen is not policy else None)
 
 
 def heal(

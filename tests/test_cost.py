@@ -80,9 +80,13 @@ def test_every_registered_timer_times_a_tiny_model(name: str) -> None:
     timer = get_timer(name)
     model, x = conv_bn()
     assert timer.name == name and get_timer(timer) is timer
-    seconds = timer.seconds(model, x, repeats=3, warmup=1)
+    try:
+        call = timer.prepare(model, x)
+    except ConfigError as refusal:  # its package or device is missing here (test_timers.py)
+        pytest.skip(str(refusal))
+    seconds = timer.measure(call, x.device, repeats=3, warmup=1)
     assert math.isfinite(seconds) and seconds > 0
-    again = timer.measure(timer.prepare(model, x), x.device, repeats=3, warmup=1)
+    again = timer.seconds(model, x, repeats=3, warmup=1)
     assert math.isfinite(again) and again > 0
 
 

@@ -2,12 +2,20 @@
 
 Every timing in depthcut goes through a `Timer` (`timer.py`): fold's "latency" policy,
 `measure.measure_stage`, the report's Table 3 timing and the payoff cost. A timer backend is one
-file here that registers itself (`eager.py`: the module called as it is, on CPU or CUDA); a
-backend that compiles or exports first (ONNX Runtime, torch.compile) does so in `prepare`,
-which receives the module and an example input. Pick one by name with `get_timer`.
+file here that registers itself: `eager.py` (the module called as it is, on CPU or CUDA),
+`onnx_runtime.py` ("onnxruntime": exported to ONNX once, ONNX Runtime's CPU execution provider,
+the export checked against PyTorch), `compiled.py` ("compile": torch.compile with inductor),
+`cuda_events.py` ("cuda": CUDA events as the clock). A backend that compiles or exports first
+does so in `prepare`, which receives the module and an example input; one whose package or
+device is missing is registered all the same and refuses when used. Pick one by name with
+`get_timer`.
 """
 
-from depthcut.cost import eager  # noqa: F401 (registers the "eager" timer)
+# Imported for their registration, in the order `--latency-backend` lists them.
+from depthcut.cost import eager  # noqa: F401, I001
+from depthcut.cost import onnx_runtime  # noqa: F401
+from depthcut.cost import compiled  # noqa: F401
+from depthcut.cost import cuda_events  # noqa: F401
 from depthcut.cost.macs import count_macs
 from depthcut.cost.timer import (
     DEFAULT_TIMER,

@@ -59,6 +59,11 @@ class Timer(ABC):
         """Median seconds of a prepared `call()` whose inputs live on `device`."""
         return median_seconds(call, repeats, warmup, device=device)
 
+    def describe(self) -> str:
+        """The backend as a table or summary names it: its name, what runs it and the thread
+        count, since a latency means little without them."""
+        return f"{self.name} (PyTorch {torch.__version__}), {torch.get_num_threads()} threads"
+
     def seconds(self, model: nn.Module | Callable[[Tensor], Tensor], example: Tensor,
                 repeats: int = 15, warmup: int = 3) -> float:
         """Median seconds of one forward of `model` on `example` (prepared, then measured; to

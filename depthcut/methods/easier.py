@@ -167,6 +167,7 @@ def _describe(result: MethodResult) -> str:
         lines.append(f"Answer folded ({folded['policy']}): test top-1 "
                      f"{folded['top1_folded']:.2f}, MACs/image {folded['macs_unfolded']:,} -> "
                      f"{folded['macs_folded']:,}, batch-1 latency "
+                     f"({folded.get('latency_backend', 'eager')}) "
                      f"{folded['latency_ms_batch1_unfolded']:.2f} -> "
                      f"{folded['latency_ms_batch1_folded']:.2f} ms")
     return "\n".join(lines)

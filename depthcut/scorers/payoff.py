@@ -13,8 +13,9 @@ saves together with a chain neighbour (a site one linear run away,
 `depthcut.graph.chain_neighbours`) when that is more: a MobileNetV2 block folds into one
 convolution only once both of its sites are linear, so neither saves anything alone; the half
 credit lets the first be chosen, and the second then saves the whole amount. The cost is the
-folded MACs ("macs", deterministic) or the median batch-1 latency of the folded model on CPU
-("latency"; noisy, and a saving may then come out negative). Ties keep forward order, as
+folded MACs ("macs", deterministic) or the median latency of the folded model on CPU at
+`latency_batch` on the `latency_backend` timer ("latency"; noisy, and a saving may then come
+out negative; the dry-run batch is repeated up to that batch size). Ties keep forward order, as
 `choose_sites`. The trade-off: with weight w, a site whose linearization saves a fraction f of
 the folded cost is worth w * f bits of entropy, so w = 1 lets a site that saves 10% beat one 0.1
 bits less entropic; w = 0 chooses exactly as "entropy"; a large w chooses by saving, entropy
@@ -27,6 +28,7 @@ the model nor the random number generators training uses.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from depthcut.cost import get_timer
+from depthcut.cost import DEFAULT_TIMER, get_timer
 from depthcut.distributed import all_reduce_sum, world_size
 from depthcut.errors import ConfigError
 from depthcut.fold import FoldError, fold
@@ -45,7 +47,7 @@ from depthcut.scorers import Candidates, Scorer, Scores, example_batch, register
 from depthcut.sites import linearize
 
 PAYOFF_EXAMPLES = 8  # inputs of the batch the dry-run folds run on (MACs scale with it)
-PAYOFF_LATENCY_REPEATS = 10  # batch-1 runs of each folded model; the median is its latency
+PAYOFF_LATENCY_REPEATS = 10  # runs of each folded model; the median is its latency
 
 FoldedCost = Callable[[nn.Module, Tensor], float]  # a model's cost once folded; FoldError
 
@@ -55,11 +57,13 @@ def folded_macs(model: nn.Module, example: Tensor) -> float:
     return float(fold(model, example, "macs").fold_report.macs_after)
 
 
-def folded_latency(model: nn.Module, example: Tensor) -> float:
-    """The median seconds of one batch-1 forward of `model` folded (policy "macs"), on the
-    default timer (`depthcut.cost`)."""
+def folded_latency(model: nn.Module, example: Tensor, timer: str = DEFAULT_TIMER,
+                   batch: int = 1) -> float:
+    """The median seconds of one forward of `model` folded (policy "macs") at batch size
+    `batch` (`example` repeated as needed), on `timer` (`depthcut.cost`)."""
     folded = fold(model, example, "macs")
-    return get_timer().seconds(folded, example[:1], repeats=PAYOFF_LATENCY_REPEATS)
+    timed = example[torch.arange(batch) % len(example)]
+    return get_timer(timer).seconds(folded, timed, repeats=PAYOFF_LATENCY_REPEATS)
 
 
 FOLDED_COSTS: dict[str, FoldedCost] = {"macs": folded_macs, "latency": folded_latency}
@@ -140,13 +144,25 @@ class PayoffScorer(Scorer):
     name = "payoff"
     weight: float = 1.0  # bits of entropy a site saving the whole folded cost is worth
     cost: str = "macs"  # what a saving is measured in: a key of FOLDED_COSTS
+    latency_backend: str = DEFAULT_TIMER  # "latency": the timer it is measured on
+    latency_batch: int = 1  # "latency": the batch size it is measured at
 
     def __post_init__(self) -> None:
         check_payoff_settings(self.weight, self.cost)
+        get_timer(self.latency_backend)
 
     @classmethod
     def from_config(cls, config: Any) -> PayoffScorer:
-        return cls(weight=config.payoff_weight, cost=config.payoff_cost)
+        return cls(weight=config.payoff_weight, cost=config.payoff_cost,
+                   latency_backend=getattr(config, "latency_backend", DEFAULT_TIMER),
+                   latency_batch=getattr(config, "latency_batch", 1))
+
+    def folded_cost(self) -> FoldedCost:
+        """What a saving is measured in, with the backend and batch size where it is latency."""
+        if self.cost == "latency":
+            return functools.partial(folded_latency, timer=self.latency_backend,
+                                     batch=self.latency_batch)
+        return FOLDED_COSTS[self.cost]
 
     def score(self, candidates: Candidates) -> Scores:
         model, entropies = candidates.model, candidates.entropies
@@ -155,7 +171,7 @@ class PayoffScorer(Scorer):
         pairs = sorted({tuple(sorted((site, other))) for site in measured
                         for other in neighbours[site] if other in measured})
         savings = payoff_savings(model, example_batch(candidates.examples, PAYOFF_EXAMPLES),
-                                 measured, FOLDED_COSTS[self.cost], pairs) if measured else {}
+                                 measured, self.folded_cost(), pairs) if measured else {}
         if self.cost == "latency" and measured and world_size() > 1:
             # Timings differ between processes: average them so every rank chooses alike.
             savings = mean_over_ranks(savings, next(model.parameters()).device)
