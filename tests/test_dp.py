@@ -18,7 +18,7 @@ from depthcut.errors import ConfigError
 from depthcut.methods.easier import EasierConfig, easier
 from depthcut.methods.progressive import ProgressiveConfig, progressive
 from depthcut.scorers import Candidates, choose_sites, scorer_for
-from depthcut.scorers.dp import DpScorer, plan_sites
+from depthcut.scorers.dp import DpScorer, plan_sites, site_importance
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig, evaluate
 from tests.helpers import (
@@ -177,6 +177,38 @@ def test_on_a_model_the_scorer_plans_the_brute_force_optimum(tmp_path, macs_time
         json.dumps(scored.record)
         seen.add(tuple(chosen))
     assert len(seen) >= 3  # the budgets did not all give the same plan
+
+
+def test_the_controls_plan_at_the_same_latency_by_another_worth(tmp_path, macs_timer):
+    """dp_importance "last" and "random": the same DP and table, another worth per site: "last"
+    removes the deepest sites the budget allows, "random" a seeded order stable across stages
+    (per site name), and both meet the budget the entropy plan meets."""
+    model, splits = small_model(), tiny_splits()
+    sites = find_sites(model)
+    entropies = dict(zip(sites, [0.2, 0.7, 0.05, 0.4], strict=True))
+    assert site_importance(entropies, "last") == [4.0, 3.0, 2.0, 1.0]
+    assert site_importance(entropies, "entropy") == list(entropies.values())
+    drawn = site_importance(entropies, "random", seed=1)
+    assert drawn == site_importance(entropies, "random", seed=1) != site_importance(
+        entropies, "random", seed=2)
+    later = site_importance({s: h for s, h in entropies.items() if s != sites[0]}, "random", 1)
+    assert later == drawn[1:]  # a re-plan without the first site keeps the others' worth
+    assert math.isnan(site_importance({"a": math.nan}, "random")[0])
+    plans = {}
+    for importance in ("entropy", "last", "random"):
+        scorer = scorer_for(dp_config(tmp_path, latency_budget=0.9, dp_importance=importance,
+                                      choice_seed=1))
+        record = scorer.score(Candidates(model, entropies, examples=splits.train_eval)).record
+        assert record["dp"]["within_budget"] and record["dp"]["predicted_ratio"] <= 0.9
+        plans[importance] = record["dp"]["sites"]
+    worth = dict(zip(sites, site_importance(entropies, "last"), strict=True))
+    table = build_segment_table(model, next(iter(splits.train_eval))[0][:1],
+                                TableContext("test-macs", 1),
+                                LatencyTable(tmp_path / "table.json"), sites, span=8,
+                                progress=False)
+    best, _ = brute_force(list(worth.values()), table.seconds,
+                          0.9 * table.plan_seconds(list(range(len(sites) + 2))), table.overhead)
+    assert sum(worth[s] for s in plans["last"]) == pytest.approx(best[0])
 
 
 def test_dp_without_a_budget_is_a_config_error(macs_timer):

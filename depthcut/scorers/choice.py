@@ -76,7 +76,9 @@ CHOICE_OPTIONS = (
            "$DEPTHCUT_LATENCY_TABLE, else ~/.cache/depthcut/latency/table.json)"),
     Option("dp_importance", "with --choose dp: what the plan keeps: entropy (default: a kept "
            "site is worth its entropy) or finetune (LayerMerge-like: the loss a segment's "
-           "linearization adds after a short finetune of a copy; one per segment, dear)",
+           "linearization adds after a short finetune of a copy; one per segment, dear); the "
+           "controls at the same latency: random (seeded by --choice-seed) or last (deepest "
+           "first)",
            argparse={"choices": DP_IMPORTANCES}),
 )
 

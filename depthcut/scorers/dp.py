@@ -18,17 +18,19 @@ Ties on importance go to the faster plan. Unreached sites (NaN entropy) are alwa
 no plan meets the budget the fastest plan is returned with `feasible` False (best effort: the
 scorer then warns and records it).
 
-As a scorer: the planned sites get their entropy as score (so EASIER with k=1 takes the plan's
-lowest-entropy site, finetunes, and plans again on the next stage's entropies; progressive
-takes up to its step of them), every other site NaN (never chosen); the record gains "dp": the
-plan (sites, segments and their merge form, predicted latency ratio, table hits and misses,
-seconds). Re-planning reads the cached table: no fold and no timing once it exists.
+As a scorer: the planned sites get their worth (`dp_importance`: by default their entropy) as
+score (so EASIER with k=1 takes the plan's lowest-entropy site, finetunes, and plans again on
+the next stage's entropies; progressive takes up to its step of them), every other site NaN
+(never chosen); the record gains "dp": the plan (sites, segments and their merge form, predicted
+latency ratio, table hits and misses, seconds). Re-planning reads the cached table: no fold and
+no timing once it exists.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,8 +56,10 @@ from depthcut.sites import find_sites, linearize
 
 # What the plan keeps (`dp_importance`): "entropy" (a kept site is worth its entropy), or
 # "finetune" (LayerMerge-like: a segment's cost is the loss its linearization adds after a
-# short finetune of a copy; `finetune_importance`).
-DP_IMPORTANCES = ("entropy", "finetune")
+# short finetune of a copy; `finetune_importance`); the controls at the same latency: "random"
+# (a seeded uniform worth per site, `choice_seed`) and "last" (a site is worth its depth from
+# the end: the deepest goes first wherever latency allows).
+DP_IMPORTANCES = ("entropy", "finetune", "random", "last")
 FINETUNE_STEPS = 8  # SGD steps of each copy (dp_importance "finetune")
 FINETUNE_LR = 0.01
 
@@ -172,6 +176,7 @@ class DpScorer(Scorer):
     span: int = DEFAULT_SPAN
     table_path: str | None = None  # None: $DEPTHCUT_LATENCY_TABLE or ~/.cache/depthcut/...
     importance: str = "entropy"
+    seed: int = 0  # importance "random"
     progress: bool = True  # a bar while the latency table is built
     dense: DenseReference | None = field(default=None, repr=False)
 
@@ -186,7 +191,8 @@ class DpScorer(Scorer):
         return cls(budget=config.latency_budget, backend=config.latency_backend,
                    batch=config.latency_batch, span=getattr(config, "dp_span", DEFAULT_SPAN),
                    table_path=getattr(config, "latency_table", None),
-                   importance=getattr(config, "dp_importance", "entropy"))
+                   importance=getattr(config, "dp_importance", "entropy"),
+                   seed=getattr(config, "choice_seed", 0))
 
     def context(self) -> TableContext:
         device = "cuda" if self.backend == "cuda" else "cpu"
@@ -199,7 +205,7 @@ class DpScorer(Scorer):
         sample = example_batch(candidates.examples, 1)
         table = LatencyTable(self.table_path)
         context = self.context()
-        importance = [float(h) for h in entropies.values()]
+        importance = site_importance(entropies, self.importance, self.seed)
         if world_size() > 1:  # each process would time its own table and plan otherwise
             raise ConfigError("--choose dp does not run under torch.distributed yet: plan on "
                               "one process (`depthcut plan`) or run without DDP")
@@ -234,7 +240,8 @@ class DpScorer(Scorer):
             "batch": self.batch, "span": self.span, "context": context.key()}
         cost = {**segments.to_dict(), "seconds": time.perf_counter() - start,
                 "table": str(table.path)}
-        scores = {site: (h if site in chosen else math.nan) for site, h in entropies.items()}
+        scores = {site: (worth if site in chosen else math.nan)
+                  for site, worth in zip(sites, importance, strict=True)}
         nothing = None if chosen else (
             f"the latency plan removes no more sites (estimated {plan.seconds / dense:.3f} of "
             f"dense <= budget {self.budget:g})")
@@ -271,6 +278,23 @@ class DpScorer(Scorer):
                               "model (Candidates.dense) or plan from the first stage")
         self.dense = DenseReference(seconds, key)
         return seconds
+
+
+def site_importance(entropies: Mapping[str, float], importance: str, seed: int = 0
+                    ) -> list[float]:
+    """What each site is worth to the plan, in forward order (NaN: unreached, always kept): its
+    entropy, or for the controls a seeded random worth per site name ("random": the same across
+    stages, so a re-plan keeps to one random order) or its depth from the end ("last").
+    "finetune" prices segments later; its sites keep their entropy for the order in the plan."""
+    if importance == "random":
+        return [math.nan if math.isnan(h) else
+                random.Random(f"depthcut-dp-random:{seed}:{site}").random()
+                for site, h in entropies.items()]
+    if importance == "last":
+        n = len(entropies)
+        return [math.nan if math.isnan(h) else float(n - k)
+                for k, h in enumerate(entropies.values())]
+    return [float(h) for h in entropies.values()]
 
 
 def check_dp_settings(budget: float | None, span: int, importance: str) -> None:
