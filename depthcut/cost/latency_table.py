@@ -466,6 +466,9 @@ class SegmentTable:
                 "build_seconds": self.build_seconds}
 
 
+SAVE_EVERY_SECONDS = 30.0  # how often a table being built is written out
+
+
 def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                         table: LatencyTable, sites: Sequence[str] | None = None,
                         span: int = DEFAULT_SPAN, allowed: Sequence[bool] | None = None,
@@ -473,7 +476,7 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                         progress: bool = True, repeats: int = 15,
                         warmup: int = 3) -> SegmentTable:
     """Seconds of every segment of `model` (its `sites`, default all found) that a plan may use:
-    from the table, timing the misses (a tqdm bar while it does), then saved."""
+    from the table, timing the misses (a tqdm bar while it does), saved as it grows."""
     from depthcut.sites import find_sites  # noqa: PLC0415 - only here
 
     sites = list(find_sites(model) if sites is None else sites)
@@ -487,9 +490,13 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
     # With progress, a bar where stderr is a terminal (tqdm's None), so logs stay clean.
     bar = tqdm(wanted, desc=f"latency table ({context.backend}, batch {context.batch})",
                disable=None if progress else True, leave=False)
+    saved = time.perf_counter()
     try:
         for segment in bar:
             seconds[segment] = max(timer.seconds(*segment) - overhead, 0.0)
+            if time.perf_counter() - saved > SAVE_EVERY_SECONDS:  # a killed build keeps most
+                table.save()
+                saved = time.perf_counter()
     finally:
         table.save()
     return SegmentTable(seconds, overhead, timer.forms, table.hits - hits,
