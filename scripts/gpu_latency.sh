@@ -15,4 +15,4 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 target="${OUT:-.}/gpu_latency.md"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-PYTHONPATH=. timeout 290 "$python" scripts/gpu_latency.py "$@" | tee "$target"
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout 290 "$python" scripts/gpu_latency.py "$@" | tee "$target"
