@@ -195,7 +195,12 @@ def _plan_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dp-span", type=int, help="most sites inside one segment (default 8)")
     parser.add_argument("--latency-table", help="the table's JSON file (default: the cache)")
     parser.add_argument("--dp-importance", choices=DP_IMPORTANCES, default="entropy",
-                        help="entropy (default) or finetune (a short finetune per segment)")
+                        help="entropy (default), finetune (a short finetune per segment), or "
+                        "the controls random and last")
+    parser.add_argument("--dp-verify", type=int, help="plans measured whole while planning, "
+                        "the budget tightened after a miss (default 4; 0 = the table only)")
+    parser.add_argument("--choice-seed", type=int, default=0,
+                        help="the seed of --dp-importance random (default 0)")
     parser.add_argument("--no-measure", action="store_true",
                         help="do not time the whole folded models (the estimate only)")
     parser.add_argument("--dataset", choices=dataset_names(),
@@ -352,7 +357,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         args.dense_checkpoint, latency_budget=args.latency_budget,
         latency_backend=args.latency_backend, latency_batch=args.latency_batch,
         dp_span=args.dp_span, latency_table=args.latency_table,
-        dp_importance=args.dp_importance, dataset=args.dataset,
+        dp_importance=args.dp_importance, dp_verify=args.dp_verify,
+        choice_seed=args.choice_seed, dataset=args.dataset,
         data_root=args.data_root, cache_dir=args.cache_dir, samples=args.samples,
         measure=not args.no_measure, progress=not args.no_progress)
     print(result.text())

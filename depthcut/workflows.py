@@ -325,8 +325,10 @@ class PlanResult:
                  f"latency table {self.cost['table']}: {self.cost['hits']} entries read, "
                  f"{self.cost['misses']} timed, {self.cost['seconds']:.1f} s",
                  f"plan: linearize {len(plan['sites'])} site(s), keep {len(plan['kept'])}; "
-                 + (f"entropy removed {plan['removed']:.3f} bits" if plan["importance"] ==
-                    "entropy" else f"loss added {plan['removed']:.3f} (short finetunes)")
+                 + {"entropy": f"entropy removed {plan['removed']:.3f} bits",
+                    "finetune": f"loss added {plan['removed']:.3f} (short finetunes)"}.get(
+                     plan["importance"], f"{plan['importance']} worth removed "
+                     f"{plan['removed']:.3f}")
                  + ("" if plan["within_budget"] else " (no plan meets the budget: the fastest)"),
                  "  " + (", ".join(plan["sites"]) or "(none)"),
                  "segments (merged form, linear sites inside, ms):"]
@@ -334,6 +336,10 @@ class PlanResult:
                   for s in plan["segments"] if s["linear"]]
         lines.append(f"predicted latency ratio {plan['predicted_ratio']:.3f} (dense estimate "
                      f"{plan['dense_ms']:.2f} ms)")
+        if plan.get("checked_plans"):
+            lines.append(f"the plan measured whole while planning: {plan['measured_ratio']:.3f} "
+                         f"of dense ({plan['checked_plans']} plan(s) measured, the budget "
+                         "tightened after each miss)")
         if self.measured_ratio is not None:
             lines.append(f"measured latency ratio {self.measured_ratio:.3f} (whole folded "
                          f"models: dense {self.measured_ms['dense']:.2f} ms, planned "
@@ -344,7 +350,8 @@ class PlanResult:
 def plan_checkpoint(
     checkpoint: str | Path, *, latency_budget: float, latency_backend: str = "eager",
     latency_batch: int = 1, dp_span: int | None = None, latency_table: str | None = None,
-    dp_importance: str = "entropy", dataset: str | None = None, data_root: str | Path | None = None,
+    dp_importance: str = "entropy", dp_verify: int | None = None, choice_seed: int = 0,
+    dataset: str | None = None, data_root: str | Path | None = None,
     cache_dir: str | Path | None = None, samples: int | None = 1024, batch_size: int = 256,
     measure: bool = True, rounds: int = 5, progress: bool = True,
 ) -> PlanResult:
@@ -364,7 +371,9 @@ def plan_checkpoint(
     settings = ChoiceSettings(choose="dp", latency_budget=latency_budget,
                               latency_backend=latency_backend, latency_batch=latency_batch,
                               latency_table=latency_table, dp_importance=dp_importance,
-                              **({} if dp_span is None else {"dp_span": dp_span}))
+                              choice_seed=choice_seed,
+                              **({} if dp_span is None else {"dp_span": dp_span}),
+                              **({} if dp_verify is None else {"dp_verify": dp_verify}))
     checkpoint = Path(checkpoint)
     model, info = load_checkpoint(checkpoint)
     model = model.cpu().eval()

@@ -46,7 +46,7 @@ QUICK = {
     "width": 0.25, "zeta": 0.5,
     "choose": "entropy", "payoff_weight": 1.0, "payoff_cost": "macs", "choice_seed": 0,
     "latency_backend": "eager", "latency_budget": None, "latency_batch": 1,
-    "dp_span": 8, "latency_table": None, "dp_importance": "entropy",
+    "dp_span": 8, "latency_table": None, "dp_importance": "entropy", "dp_verify": 4,
     "metric": "top1",
     "distill": 0.0, "distill_temperature": 4.0, "progressive_epochs": 1, "first_step": 4,
     "max_sites": None, "blend": 0.5,

@@ -18,6 +18,7 @@ from depthcut.errors import ConfigError
 from depthcut.methods.easier import EasierConfig, easier
 from depthcut.methods.progressive import ProgressiveConfig, progressive
 from depthcut.scorers import Candidates, choose_sites, scorer_for
+from depthcut.scorers import dp as dp_module
 from depthcut.scorers.dp import DpScorer, plan_sites, site_importance
 from depthcut.sites import find_sites
 from depthcut.train import TrainConfig, evaluate
@@ -209,6 +210,30 @@ def test_the_controls_plan_at_the_same_latency_by_another_worth(tmp_path, macs_t
     best, _ = brute_force(list(worth.values()), table.seconds,
                           0.9 * table.plan_seconds(list(range(len(sites) + 2))), table.overhead)
     assert sum(worth[s] for s in plans["last"]) == pytest.approx(best[0])
+
+
+def test_a_plan_that_misses_the_budget_measured_whole_is_planned_again_tighter(
+        tmp_path, macs_timer, monkeypatch):
+    """The table's estimate proposes, the whole model measured disposes: a plan whose measured
+    ratio misses the budget is replaced by the DP's plan under a tightened target."""
+    model, splits = small_model(), tiny_splits()
+    sites = find_sites(model)
+    entropies = dict(zip(sites, [0.2, 0.7, 0.05, 0.4], strict=True))
+    candidates = Candidates(model, entropies, examples=splits.train_eval)
+    trusted = scorer_for(dp_config(tmp_path, latency_budget=0.9, dp_verify=0)).score(candidates)
+    assert trusted.record["dp"]["measured_ratio"] is None
+    assert trusted.record["dp"]["checked_plans"] == 0
+    assert 0 < len(trusted.record["dp"]["sites"]) < 3  # the estimate alone removes 1 or 2
+    # A backend on which only removing 3 sites or more pays (measured whole: 1.0 or 0.5 s).
+    def measured(model, sample, context):
+        left = sum(isinstance(m, nn.ReLU) for m in model.modules())
+        return 0.5 if left <= len(sites) - 3 else 1.0
+    monkeypatch.setattr(dp_module, "measure_whole", measured)
+    scored = scorer_for(dp_config(tmp_path, latency_budget=0.9, dp_verify=10)).score(candidates)
+    record = scored.record["dp"]
+    assert record["measured_ratio"] == 0.5 and record["within_budget"]
+    assert record["checked_plans"] >= 2 and len(record["sites"]) >= 3
+    assert set(choose_sites(scored.scores, len(sites))) == set(record["sites"])
 
 
 def test_dp_without_a_budget_is_a_config_error(macs_timer):

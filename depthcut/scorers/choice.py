@@ -14,7 +14,7 @@ from depthcut.cost import TIMERS, get_timer
 from depthcut.errors import ConfigError
 from depthcut.options import Option
 from depthcut.scorers import SCORERS, check_choice
-from depthcut.scorers.dp import DEFAULT_SPAN, DP_IMPORTANCES, check_dp_settings
+from depthcut.scorers.dp import DEFAULT_SPAN, DP_IMPORTANCES, VERIFY_ROUNDS, check_dp_settings
 from depthcut.scorers.payoff import PAYOFF_COSTS, check_payoff_settings
 
 
@@ -33,6 +33,7 @@ class ChoiceSettings:
     dp_span: int = DEFAULT_SPAN  # "dp": most sites inside one merged segment (table size)
     latency_table: str | None = None  # "dp": the table's JSON file (None: the default cache)
     dp_importance: str = "entropy"  # "dp": what a kept site is worth
+    dp_verify: int = VERIFY_ROUNDS  # "dp": plans measured whole, the budget tightened on a miss
 
     def __post_init__(self) -> None:
         check_choice(self.choose)
@@ -45,6 +46,8 @@ class ChoiceSettings:
         if self.latency_batch < 1:
             raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
         check_dp_settings(budget, self.dp_span, self.dp_importance)
+        if self.dp_verify < 0:
+            raise ConfigError(f"dp_verify must be >= 0 (0: trust the table), got {self.dp_verify}")
         if self.choose == "dp" and budget is None:
             raise ConfigError("choose dp needs latency_budget (--latency-budget: a fraction of "
                               "the BN-folded dense model's latency, e.g. 0.6)")
@@ -74,6 +77,9 @@ CHOICE_OPTIONS = (
            f"(default {DEFAULT_SPAN}; bounds the latency table)", argparse={"type": int}),
     Option("latency_table", "with --choose dp: the latency table's JSON file (default "
            "$DEPTHCUT_LATENCY_TABLE, else ~/.cache/depthcut/latency/table.json)"),
+    Option("dp_verify", "with --choose dp: how many plans are measured whole against the dense "
+           f"model, the budget tightened after a miss (default {VERIFY_ROUNDS}; 0 = trust the "
+           "latency table's estimate)", argparse={"type": int}),
     Option("dp_importance", "with --choose dp: what the plan keeps: entropy (default: a kept "
            "site is worth its entropy) or finetune (LayerMerge-like: the loss a segment's "
            "linearization adds after a short finetune of a copy; one per segment, dear); the "
