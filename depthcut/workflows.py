@@ -359,9 +359,7 @@ def plan_checkpoint(
     entropies on the training split's first `samples` images (no augmentation), the latency
     table (built or read), the DP; with `measure`, the plan folded whole and timed round-robin
     against the dense model folded (medians of `rounds`), to check the table's estimate."""
-    import statistics  # noqa: PLC0415
-
-    from depthcut.cost import get_timer  # noqa: PLC0415
+    from depthcut.cost.latency_table import measured_ratio  # noqa: PLC0415
     from depthcut.scorers import Candidates  # noqa: PLC0415
     from depthcut.scorers.choice import ChoiceSettings  # noqa: PLC0415
     from depthcut.scorers.dp import DpScorer  # noqa: PLC0415
@@ -388,18 +386,9 @@ def plan_checkpoint(
     result = PlanResult(checkpoint, _model_name(info), scored.record["dp"],
                         scored.record["dp_cost"])
     if measure:
-        example = next(iter(loader))[0][:1]
-        big = example.expand(latency_batch, *example.shape[1:]).contiguous()
-        small = example.expand(2, *example.shape[1:]).contiguous()
-        timer = get_timer(latency_backend)
         planned = linearize(load_checkpoint(checkpoint)[0].cpu().eval(), result.plan["sites"])
-        calls = {"dense": timer.prepare(fold(model, small, "macs"), big),
-                 "planned": timer.prepare(fold(planned, small, "macs"), big)}
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                times[name].append(timer.measure(call, big.device, repeats=5, warmup=1))
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        result.measured_ms = {name: value * 1e3 for name, value in medians.items()}
-        result.measured_ratio = medians["planned"] / medians["dense"]
+        ratio, planned_s, dense_s = measured_ratio(planned, model, next(iter(loader))[0][:1],
+                                                   scorer.context(), rounds=rounds)
+        result.measured_ms = {"dense": dense_s * 1e3, "planned": planned_s * 1e3}
+        result.measured_ratio = ratio
     return result

@@ -225,10 +225,11 @@ def test_a_plan_that_misses_the_budget_measured_whole_is_planned_again_tighter(
     assert trusted.record["dp"]["checked_plans"] == 0
     assert 0 < len(trusted.record["dp"]["sites"]) < 3  # the estimate alone removes 1 or 2
     # A backend on which only removing 3 sites or more pays (measured whole: 1.0 or 0.5 s).
-    def measured(model, sample, context):
+    def measured(model, reference, sample, context):
         left = sum(isinstance(m, nn.ReLU) for m in model.modules())
-        return 0.5 if left <= len(sites) - 3 else 1.0
-    monkeypatch.setattr(dp_module, "measure_whole", measured)
+        ratio = 0.5 if left <= len(sites) - 3 else 1.0
+        return ratio, ratio, 1.0
+    monkeypatch.setattr(dp_module, "measured_ratio", measured)
     scored = scorer_for(dp_config(tmp_path, latency_budget=0.9, dp_verify=10)).score(candidates)
     record = scored.record["dp"]
     assert record["measured_ratio"] == 0.5 and record["within_budget"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -503,14 +504,23 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                         table.misses - misses, time.perf_counter() - start)
 
 
-def measure_whole(model: nn.Module, sample: Tensor, context: TableContext,
-                  repeats: int = 15, warmup: int = 3) -> float:
-    """Seconds of `model` folded whole (the context's form) on the backend at its batch: what
-    a plan's estimate is checked against."""
+def measured_ratio(model: nn.Module, reference: nn.Module, sample: Tensor,
+                   context: TableContext, rounds: int = 5, repeats: int = 5
+                   ) -> tuple[float, float, float]:
+    """`model` against `reference`, each folded whole (the context's form) and timed on the
+    backend at its batch, round-robin: `rounds` times each in turn, `repeats` calls each, the
+    medians. Timed side by side so that a machine's drift falls on both. Returns (ratio,
+    model seconds, reference seconds): what a plan's estimate is checked against."""
+    timer = get_timer(context.backend)
     with torch.random.fork_rng(devices=[]):
         example = sample[:1].detach().cpu()
-        folded = fold(model, example.expand(FOLD_BATCH, *example.shape[1:]).contiguous(),
-                      context.form).to(context.device)
+        small = example.expand(FOLD_BATCH, *example.shape[1:]).contiguous()
         big = example.expand(context.batch, *example.shape[1:]).contiguous().to(context.device)
-        return get_timer(context.backend).seconds(folded, big, repeats, warmup)
-
+        calls = [timer.prepare(fold(m, small, context.form).to(context.device), big)
+                 for m in (model, reference)]
+        times: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for call, values in zip(calls, times, strict=True):
+                values.append(timer.measure(call, big.device, repeats=repeats, warmup=1))
+    planned, dense = (statistics.median(values) for values in times)
+    return planned / dense, planned, dense

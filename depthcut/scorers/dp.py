@@ -47,7 +47,7 @@ from depthcut.cost.latency_table import (
     SegmentTable,
     TableContext,
     build_segment_table,
-    measure_whole,
+    measured_ratio,
 )
 from depthcut.distributed import world_size
 from depthcut.errors import ConfigError
@@ -162,12 +162,10 @@ def plan_sites(importance: Sequence[float], seconds: Mapping[tuple[int, int], fl
 
 @dataclass
 class DenseReference:
-    """The dense model's estimated seconds and the context it was read in (and, once a plan was
-    checked, its whole folded model's measured seconds)."""
+    """The dense model's estimated seconds and the context it was read in."""
 
     seconds: float
     context: str
-    measured: float | None = None
 
 
 @register_scorer
@@ -264,25 +262,24 @@ class DpScorer(Scorer):
     def _plan_and_check(self, candidates: Candidates, sample: torch.Tensor,
                         context: TableContext, importance: list[float], segments: SegmentTable,
                         dense: float, segment_cost: Any) -> tuple[Plan, float | None, int]:
-        """The DP's plan under the budget; then (with `verify` > 0) the plan measured whole on
-        the backend against the dense model measured whole, and while it misses the budget,
-        planned again under a target tightened by the miss. Returns the plan, its measured
-        ratio (None unchecked) and how many plans were measured."""
+        """The DP's plan under the budget; then (with `verify` > 0) the plan folded whole and
+        timed on the backend round-robin beside the dense model folded whole, and while it
+        misses the budget, planned again under a target tightened by the miss. Returns the
+        plan, its measured ratio (None unchecked) and how many plans were measured."""
         target = self.budget * dense
         plan = plan_sites(importance, segments.seconds, target, segments.overhead, segment_cost)
         if self.verify < 1:
             return plan, None, 0
         names = list(candidates.entropies)
-        whole_dense = self._dense_measured(candidates, sample, context)
+        reference = candidates.dense if candidates.dense is not None else candidates.model
         measured, rounds, tried = None, 0, set()
         while True:
             chosen = tuple(names[k - 1] for k in plan.linearized(len(names)))
             if chosen in tried:  # a tighter target gave the same plan: no use measuring again
                 break
             tried.add(chosen)
-            with torch.random.fork_rng(devices=[]):
-                model = linearize(clone_model(candidates.model), list(chosen))
-                measured = measure_whole(model, sample, context) / whole_dense
+            model = linearize(clone_model(candidates.model), list(chosen))
+            measured = measured_ratio(model, reference, sample, context)[0]
             rounds += 1
             if measured <= self.budget or not chosen or rounds >= self.verify:
                 break
@@ -290,18 +287,6 @@ class DpScorer(Scorer):
             plan = plan_sites(importance, segments.seconds, target, segments.overhead,
                               segment_cost)
         return plan, measured, rounds
-
-    def _dense_measured(self, candidates: Candidates, sample: torch.Tensor,
-                        context: TableContext) -> float:
-        """The dense model's whole folded seconds on the backend (measured once per scorer)."""
-        if self.dense is not None and self.dense.measured is not None:
-            return self.dense.measured
-        reference = candidates.dense if candidates.dense is not None else candidates.model
-        with torch.random.fork_rng(devices=[]):
-            seconds = measure_whole(reference, sample, context)
-        if self.dense is not None:
-            self.dense.measured = seconds
-        return seconds
 
     def _dense_seconds(self, candidates: Candidates, sample: torch.Tensor,
                        context: TableContext, table: LatencyTable, segments: SegmentTable,
