@@ -360,6 +360,7 @@ def plan_checkpoint(
     table (built or read), the DP; with `measure`, the plan folded whole and timed round-robin
     against the dense model folded (medians of `rounds`), to check the table's estimate."""
     from depthcut.cost.latency_table import measured_ratio  # noqa: PLC0415
+    from depthcut.entropy import layer_entropies  # noqa: PLC0415
     from depthcut.scorers import Candidates  # noqa: PLC0415
     from depthcut.scorers.choice import ChoiceSettings  # noqa: PLC0415
     from depthcut.scorers.dp import DpScorer  # noqa: PLC0415
@@ -380,8 +381,6 @@ def plan_checkpoint(
     counts = count_states(model, loader, find_sites(model), progress=progress)
     scorer = DpScorer.from_config(settings)
     scorer.progress = progress
-    from depthcut.entropy import layer_entropies  # noqa: PLC0415
-
     scored = scorer.score(Candidates(model, layer_entropies(dict(counts)), counts, loader))
     result = PlanResult(checkpoint, _model_name(info), scored.record["dp"],
                         scored.record["dp_cost"])
