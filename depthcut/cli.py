@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -36,7 +37,7 @@ from depthcut.fold import POLICIES
 from depthcut.methods import MethodSpec, comparable, compare_defaults, methods
 from depthcut.options import add_options
 from depthcut.run import RunDirError
-from depthcut.scorers.dp import DP_IMPORTANCES
+from depthcut.scorers.choice import CHOICE_OPTIONS
 from depthcut.train import TRAIN_OPTIONS
 
 # Bad input: depthcut's own errors, plus the operating system's (e.g. no space left on device
@@ -183,24 +184,20 @@ def _latency_backend_option(parser: argparse.ArgumentParser, what: str) -> None:
                         "inductor), cuda (CUDA events)")
 
 
+PLAN_SETTINGS = ("latency_budget", "latency_backend", "latency_batch", "dp_span", "latency_table",
+                 "dp_importance", "dp_verify", "choice_seed")  # what `depthcut plan` takes
+
+
 def _plan_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("plan", help="--choose dp without training: the sites a "
                                  "latency budget removes, predicted and measured latency")
     parser.add_argument("--dense-checkpoint", type=Path, required=True,
                         help="a stage checkpoint (its model is the dense reference)")
-    parser.add_argument("--latency-budget", type=float, required=True,
-                        help="latency allowed, a fraction of the BN-folded dense model's")
-    _latency_backend_option(parser, "where the table and the whole models are timed")
-    parser.add_argument("--latency-batch", type=int, default=1)
-    parser.add_argument("--dp-span", type=int, help="most sites inside one segment (default 8)")
-    parser.add_argument("--latency-table", help="the table's JSON file (default: the cache)")
-    parser.add_argument("--dp-importance", choices=DP_IMPORTANCES, default="entropy",
-                        help="entropy (default), finetune (a short finetune per segment), or "
-                        "the controls random and last")
-    parser.add_argument("--dp-verify", type=int, help="plans measured whole while planning, "
-                        "the budget tightened after a miss (default 4; 0 = the table only)")
-    parser.add_argument("--choice-seed", type=int, default=0,
-                        help="the seed of --dp-importance random (default 0)")
+    # The choice settings --choose dp reads, declared once (scorers.choice.CHOICE_OPTIONS).
+    add_options(parser, [dataclasses.replace(option, argparse={**option.argparse,
+                                                               "required": True})
+                         if option.key == "latency_budget" else option
+                         for option in CHOICE_OPTIONS if option.key in PLAN_SETTINGS])
     parser.add_argument("--no-measure", action="store_true",
                         help="do not time the whole folded models (the estimate only)")
     parser.add_argument("--dataset", choices=dataset_names(),
@@ -353,12 +350,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    choice = {key: getattr(args, key) for key in PLAN_SETTINGS if hasattr(args, key)}
     result = workflows.plan_checkpoint(
-        args.dense_checkpoint, latency_budget=args.latency_budget,
-        latency_backend=args.latency_backend, latency_batch=args.latency_batch,
-        dp_span=args.dp_span, latency_table=args.latency_table,
-        dp_importance=args.dp_importance, dp_verify=args.dp_verify,
-        choice_seed=args.choice_seed, dataset=args.dataset,
+        args.dense_checkpoint, **choice, dataset=args.dataset,
         data_root=args.data_root, cache_dir=args.cache_dir, samples=args.samples,
         measure=not args.no_measure, progress=not args.no_progress)
     print(result.text())

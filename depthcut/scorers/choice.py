@@ -64,7 +64,8 @@ CHOICE_OPTIONS = (
            "folded cost is worth (default 1; 0 = entropy only)", argparse={"type": float}),
     Option("payoff_cost", "with --choose payoff: savings in folded MACs (default) or measured "
            "latency on --latency-backend (noisy)", argparse={"choices": PAYOFF_COSTS}),
-    Option("choice_seed", "with --choose random: the seed of the order (default 0)",
+    Option("choice_seed", "with --choose random or --dp-importance random: the seed of the "
+           "random order (default 0)",
            argparse={"type": int}),
     Option("latency_backend", "where latency is measured: eager (PyTorch as it is, default), "
            "or another registered timer", argparse={"choices": lambda: tuple(TIMERS)}),
