@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--out", type=Path, required=True, help="where to save the folded model")
     fold.add_argument("--policy", choices=POLICIES,
                       default=WORKFLOW_DEFAULTS["fold_checkpoint"]["policy"],
-                      help="macs: merge only where MACs do not rise (default); all: every "
-                      "merge; latency: merge where measured faster on --latency-backend "
-                      "(on --device)")
+                      help="macs: merge only where MACs do not rise (default); shallow: every "
+                      "exact merge (fewest ops); all: every merge; latency: merge where "
+                      "measured faster on --latency-backend (on --device)")
     _latency_backend_option(fold, "with --policy latency: the backend merges are timed on")
     fold.add_argument("--export", choices=("onnx",), help="also write OUT with .onnx suffix")
     _data_options(fold, "fold_checkpoint",
@@ -184,8 +184,9 @@ def _latency_backend_option(parser: argparse.ArgumentParser, what: str) -> None:
                         "inductor), cuda (CUDA events)")
 
 
+# What `depthcut plan` takes.
 PLAN_SETTINGS = ("latency_budget", "latency_backend", "latency_batch", "dp_span", "latency_table",
-                 "dp_importance", "dp_verify", "choice_seed")  # what `depthcut plan` takes
+                 "dp_importance", "dp_verify", "dp_merge", "choice_seed")
 
 
 def _plan_parser(commands: argparse._SubParsersAction) -> None:

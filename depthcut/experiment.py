@@ -41,6 +41,7 @@ from depthcut.data import (
 )
 from depthcut.errors import ConfigError, DepthcutError
 from depthcut.faults import die_at
+from depthcut.fold import FoldPolicy
 from depthcut.measure import measure_stage
 from depthcut.memory_estimate import check_fits, estimate_training_memory, meta_model
 from depthcut.memory_format import MemoryFormat, choose_memory_format
@@ -70,6 +71,7 @@ from depthcut.run import (
 )
 from depthcut.run_lock import RunLock
 from depthcut.scorers import SCORERS
+from depthcut.scorers.dp import answer_fold_policy
 from depthcut.sites import find_sites
 from depthcut.stages import (
     METRICS,
@@ -632,7 +634,9 @@ def run_prepared(config: ExperimentConfig, method_spec: MethodSpec, method, run_
         distributed.barrier()  # rank 0 has written every checkpoint
         answer_model, _ = load_stage(prepared, run_dir.path / result.answer["checkpoint"])
         dense_stage, _ = load_stage(prepared, run_dir.checkpoint_path(0))
-        folded_model, folded = fold_answer(answer_model, prepared.splits,
+        # A dp plan's answer is folded as it planned each segment (its merge forms).
+        policy = answer_fold_policy(result.records, result.answer["stage"])
+        folded_model, folded = fold_answer(answer_model, prepared.splits, policy,
                                            timer=config.latency_backend, dense=dense_stage)
         result.answer_model, result.folded_model = answer_model, folded_model
         folded["stage"] = result.answer["stage"]
@@ -700,7 +704,7 @@ def _autocast(config: ExperimentConfig, prepared: Prepared) -> torch.autocast:
     return torch.autocast(prepared.device.type, dtype=torch.bfloat16, enabled=config.amp)
 
 
-def fold_answer(model: nn.Module, splits: DataSplits, policy: str = "macs", *,
+def fold_answer(model: nn.Module, splits: DataSplits, policy: str | FoldPolicy = "macs", *,
                 timer: str = DEFAULT_TIMER, dense: nn.Module | None = None
                 ) -> tuple[nn.Module, dict]:
     """Fold `model` on a test batch and measure it: test top-1 of both, MACs, batch-1 latency

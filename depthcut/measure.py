@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from depthcut.cost import DEFAULT_TIMER, Timer, get_timer
-from depthcut.fold import fold
+from depthcut.fold import FoldPolicy, fold
 
 
-def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
+def measure_stage(model: nn.Module, example: Tensor, *, policy: str | FoldPolicy = "macs",
                   data: Iterable | None = None, latency: Mapping[int, int] | None = None,
                   timer: str | Timer = DEFAULT_TIMER, baseline: nn.Module | None = None
                   ) -> tuple[nn.Module, dict]:
@@ -23,7 +23,8 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
     of `example`, timed by `timer` (a `depthcut.cost` timer or its name; the measurements name
     it and the thread count). With `baseline` (the dense model), it is folded the same way and
     timed beside them (`latency_ms_batchN_dense_folded`, `macs_dense_folded`): the BN-folded
-    dense model on the same backend, what a speed-up is relative to.
+    dense model on the same backend, what a speed-up is relative to (a preset's name folds it
+    under that preset; a policy object, e.g. a dp plan's per-segment forms, under "macs").
     Returns (folded model, measurements)."""
     model = model.cpu().eval()
     example = example.cpu()
@@ -31,7 +32,7 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
     report = folded.fold_report
     batch = len(example)
     measured = {
-        "policy": policy,
+        "policy": report.policy,
         "top1_unfolded": report.top1_unfolded,
         "top1_folded": report.top1_folded,
         "agreement": report.agreement,
@@ -53,7 +54,8 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str = "macs",
     }
     timed = {"unfolded": model, "folded": folded}
     if baseline is not None:
-        timed["dense_folded"] = fold(baseline.cpu().eval(), example, policy)
+        dense_policy = policy if isinstance(policy, str) else "macs"
+        timed["dense_folded"] = fold(baseline.cpu().eval(), example, dense_policy)
         measured["macs_dense_folded"] = timed["dense_folded"].fold_report.macs_after // batch
     timing = get_timer(timer)
     sizes = {1: 30} if latency is None else latency

@@ -351,7 +351,7 @@ def plan_checkpoint(
     checkpoint: str | Path, *, latency_budget: float, latency_backend: str = "eager",
     latency_batch: int = 1, dp_span: int | None = None, latency_table: str | None = None,
     dp_importance: str = "entropy", dp_verify: int | None = None, choice_seed: int = 0,
-    dataset: str | None = None, data_root: str | Path | None = None,
+    dp_merge: str = "macs", dataset: str | None = None, data_root: str | Path | None = None,
     cache_dir: str | Path | None = None, samples: int | None = 1024, batch_size: int = 256,
     measure: bool = True, rounds: int = 5, progress: bool = True,
 ) -> PlanResult:
@@ -363,14 +363,14 @@ def plan_checkpoint(
     from depthcut.entropy import layer_entropies  # noqa: PLC0415
     from depthcut.scorers import Candidates  # noqa: PLC0415
     from depthcut.scorers.choice import ChoiceSettings  # noqa: PLC0415
-    from depthcut.scorers.dp import DpScorer  # noqa: PLC0415
+    from depthcut.scorers.dp import DpScorer, plan_fold_policy  # noqa: PLC0415
     from depthcut.sites import linearize  # noqa: PLC0415
 
     _check_samples(samples)
     settings = ChoiceSettings(choose="dp", latency_budget=latency_budget,
                               latency_backend=latency_backend, latency_batch=latency_batch,
                               latency_table=latency_table, dp_importance=dp_importance,
-                              choice_seed=choice_seed,
+                              choice_seed=choice_seed, dp_merge=dp_merge,
                               **({} if dp_span is None else {"dp_span": dp_span}),
                               **({} if dp_verify is None else {"dp_verify": dp_verify}))
     checkpoint = Path(checkpoint)
@@ -386,8 +386,9 @@ def plan_checkpoint(
                         scored.record["dp_cost"])
     if measure:
         planned = linearize(load_checkpoint(checkpoint)[0].cpu().eval(), result.plan["sites"])
-        ratio, planned_s, dense_s = measured_ratio(planned, model, next(iter(loader))[0][:1],
-                                                   scorer.context(), rounds=rounds)
+        ratio, planned_s, dense_s = measured_ratio(
+            planned, model, next(iter(loader))[0][:1], scorer.context(), rounds=rounds,
+            policy=plan_fold_policy(result.plan["segments"]))
         result.measured_ms = {"dense": dense_s * 1e3, "planned": planned_s * 1e3}
         result.measured_ratio = ratio
     return result

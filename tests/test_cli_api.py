@@ -47,6 +47,7 @@ QUICK = {
     "choose": "entropy", "payoff_weight": 1.0, "payoff_cost": "macs", "choice_seed": 0,
     "latency_backend": "eager", "latency_budget": None, "latency_batch": 1,
     "dp_span": 8, "latency_table": None, "dp_importance": "entropy", "dp_verify": 4,
+    "dp_merge": "macs",
     "metric": "top1",
     "distill": 0.0, "distill_temperature": 4.0, "progressive_epochs": 1, "first_step": 4,
     "max_sites": None, "blend": 0.5,

@@ -225,7 +225,7 @@ def test_a_plan_that_misses_the_budget_measured_whole_is_planned_again_tighter(
     assert trusted.record["dp"]["checked_plans"] == 0
     assert 0 < len(trusted.record["dp"]["sites"]) < 3  # the estimate alone removes 1 or 2
     # A backend on which only removing 3 sites or more pays (measured whole: 1.0 or 0.5 s).
-    def measured(model, reference, sample, context):
+    def measured(model, reference, sample, context, policy=None):
         left = sum(isinstance(m, nn.ReLU) for m in model.modules())
         ratio = 0.5 if left <= len(sites) - 3 else 1.0
         return ratio, ratio, 1.0

@@ -468,8 +468,9 @@ def test_user_policy_is_honoured_and_declines_are_recorded() -> None:
 
 def test_presets_are_policy_callables() -> None:
     block, x = linear_basic_block()
-    assert set(POLICIES) == {"macs", "all", "latency"} and all(map(callable, POLICIES.values()))
-    for name in ("macs", "all"):
+    assert set(POLICIES) == {"macs", "shallow", "all", "latency"}
+    assert all(map(callable, POLICIES.values()))
+    for name in ("macs", "shallow", "all"):
         by_name = fold(block, x, name).fold_report
         by_callable = fold(block, x, POLICIES[name]).fold_report
         assert by_name.policy == name

@@ -11,7 +11,8 @@ How a segment is timed (`_time_segment`): the traced model's nodes are sliced in
 from just after s_i to s_j (the slice is widened back to an earlier node when it reads more
 than one value from before it, e.g. a residual skip, so that it has one input); the sites inside
 are removed (linear); the slice is folded on its own (`depthcut.fold`, policy `form`: "macs",
-the exact fold of least multiply-adds, is the merge form recorded); the folded graph is cut
+the exact fold of least multiply-adds, or "shallow", every exact merge; `fastest_forms` takes
+each segment in its faster form, as LayerMerge chooses how to merge each); the folded graph is cut
 again between s_i and s_j (kept sites stay call_module nodes; values from before the cut become
 inputs, shapes from torch.fx ShapeProp); and that sub-module is timed by the backend's timer
 (`depthcut.cost`) at the table's batch, its inputs packed into one flat tensor when there are
@@ -51,13 +52,13 @@ from tqdm.auto import tqdm
 
 from depthcut.cost.timer import get_timer
 from depthcut.errors import ConfigError
-from depthcut.fold import FoldError, fold
+from depthcut.fold import FoldError, FoldPolicy, fold
 from depthcut.graph import PASS_THROUGH, trace
 from depthcut.masks import clone_model
 
 TABLE_VARIABLE = "DEPTHCUT_LATENCY_TABLE"
 DEFAULT_SPAN = 8  # most sites a segment may hold inside (bounds the table's size)
-MERGE_FORMS = ("macs", "all")  # fold policies a segment's merged form may come from
+MERGE_FORMS = ("macs", "shallow", "all")  # fold policies a segment's merged form may come from
 FOLD_BATCH = 2  # batch of the random input a slice is folded on (folding ignores the batch)
 
 Segment = tuple[int, int]  # (i, j): positions in the sentinel list, 0 = input, n+1 = output
@@ -291,6 +292,14 @@ class SegmentTimer:
                 return region
             start = min(self.position[node] for node in entering)
 
+    def modules(self, i: int, j: int) -> list[str]:
+        """The modules segment (i, j) runs of its own (not widened back), sites left out: what
+        a per-segment fold form applies to (`depthcut.fold.FormsPolicy`)."""
+        start, end = self.position[self.boundary[i]], self.position[self.boundary[j]]
+        sites = set(self.sites)
+        return [str(n.target) for n in self.nodes[start + 1:end + 1]
+                if n.op == "call_module" and n.target not in sites]
+
     def linear_between(self, i: int, j: int) -> set[str]:
         return set(self.sites[i:j - 1])  # boundary k is site k-1 of the list
 
@@ -452,7 +461,8 @@ class SegmentTable:
 
     seconds: dict[Segment, float]
     overhead: float
-    forms: dict[Segment, str] = field(default_factory=dict)  # "macs", "all" or "unfolded"
+    forms: dict[Segment, str] = field(default_factory=dict)  # a MERGE_FORMS name or "unfolded"
+    modules: dict[Segment, list[str]] = field(default_factory=dict)  # SegmentTimer.modules
     hits: int = 0
     misses: int = 0
     build_seconds: float = 0.0
@@ -500,14 +510,31 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                 saved = time.perf_counter()
     finally:
         table.save()
-    return SegmentTable(seconds, overhead, timer.forms, table.hits - hits,
+    modules = {segment: timer.modules(*segment) for segment in wanted}
+    return SegmentTable(seconds, overhead, timer.forms, modules, table.hits - hits,
                         table.misses - misses, time.perf_counter() - start)
 
 
+def fastest_forms(tables: Sequence[SegmentTable]) -> SegmentTable:
+    """One table from the same segments timed in several merge forms: each segment in its
+    fastest form (LayerMerge's choice of how to merge each segment). The overhead is the
+    first table's (an empty call: the same in every form)."""
+    first = tables[0]
+    seconds, forms = {}, {}
+    for segment in first.seconds:
+        fastest = min(tables, key=lambda table: table.seconds[segment])
+        seconds[segment] = fastest.seconds[segment]
+        forms[segment] = fastest.forms.get(segment, "macs")
+    return SegmentTable(seconds, first.overhead, forms, first.modules,
+                        sum(t.hits for t in tables), sum(t.misses for t in tables),
+                        sum(t.build_seconds for t in tables))
+
+
 def measured_ratio(model: nn.Module, reference: nn.Module, sample: Tensor,
-                   context: TableContext, rounds: int = 5, repeats: int = 5
-                   ) -> tuple[float, float, float]:
-    """`model` against `reference`, each folded whole (the context's form) and timed on the
+                   context: TableContext, rounds: int = 5, repeats: int = 5,
+                   policy: str | FoldPolicy | None = None) -> tuple[float, float, float]:
+    """`model` against `reference`, each folded whole (`model` under `policy`, default the
+    context's form; `reference` in the context's form) and timed on the
     backend at its batch, round-robin: `rounds` times each in turn, `repeats` calls each, the
     medians. Timed side by side so that a machine's drift falls on both. Returns (ratio,
     model seconds, reference seconds): what a plan's estimate is checked against."""
@@ -516,8 +543,8 @@ def measured_ratio(model: nn.Module, reference: nn.Module, sample: Tensor,
         example = sample[:1].detach().cpu()
         small = example.expand(FOLD_BATCH, *example.shape[1:]).contiguous()
         big = example.expand(context.batch, *example.shape[1:]).contiguous().to(context.device)
-        calls = [timer.prepare(fold(m, small, context.form).to(context.device), big)
-                 for m in (model, reference)]
+        folded = (fold(model, small, policy or context.form), fold(reference, small, context.form))
+        calls = [timer.prepare(m.to(context.device), big) for m in folded]
         times: list[list[float]] = [[], []]
         for _ in range(rounds):
             for call, values in zip(calls, times, strict=True):

@@ -29,9 +29,10 @@ bias map, original(0) - merged(0), for the input size the model is folded at
 (`layers.BiasMapConv2d`, which refuses any other size with `InputSizeError`; the report gives
 `input_size` and `bias_maps`). Otherwise the merge is border-approximate, and the report gives
 the measured deviation. Each proposed merge is a `Merge` record (`rewrite.propose`); the policy
-(`policy.py`: a `FoldPolicy`, "macs", "all" and "latency" being presets in `POLICIES`, or a
-plain callable `(Merge) -> bool`) decides whether it is taken, with both sides at hand to run
-(`MergeSides`); "macs" and "latency" take exact merges only. Folding a bias never costs: it is
+(`policy.py`: a `FoldPolicy`, "macs", "shallow", "all" and "latency" being presets in
+`POLICIES`, `FormsPolicy` one preset per part of the model, or a plain callable
+`(Merge) -> bool`) decides whether it is taken, with both sides at hand to run (`MergeSides`);
+"macs", "shallow" and "latency" take exact merges only. Folding a bias never costs: it is
 always taken. The report (`report.py`) lists every merge, taken or declined, and why.
 """
 
@@ -45,10 +46,12 @@ from depthcut.fold.policy import (
     AllPolicy,
     CallablePolicy,
     FoldPolicy,
+    FormsPolicy,
     LatencyPolicy,
     MacsPolicy,
     Merge,
     MergeSides,
+    ShallowPolicy,
 )
 from depthcut.fold.registry import LINEAR, PER_CHANNEL, register_rule, unregister_rule
 from depthcut.fold.report import FoldReport, compare_outputs
@@ -70,11 +73,13 @@ __all__ = [
     "FoldPolicy",
     "FoldReport",
     "FoldState",
+    "FormsPolicy",
     "InputSizeError",
     "LatencyPolicy",
     "MacsPolicy",
     "Merge",
     "MergeSides",
+    "ShallowPolicy",
     "Zero",
     "add_parallel",
     "affine_of",

@@ -8,8 +8,10 @@ merge (sequential, then parallel). `sides` (`MergeSides`) holds what a policy ma
 a merge replaces and the merged op, as modules, and inputs of the shape they read.
 
 The presets, one name each, are in `POLICIES`: "macs" (exact merges that do not raise the
-multiply-adds), "all" (every merge: the shallowest graph), "latency" (exact merges measured
-faster here by a timer of `depthcut.cost`; `LatencyPolicy(timer=...)` picks another). A user's
+multiply-adds), "shallow" (every exact merge: the shallowest exact graph), "all" (every merge:
+the shallowest graph), "latency" (exact merges measured faster here by a timer of
+`depthcut.cost`; `LatencyPolicy(timer=...)` picks another). `FormsPolicy` folds each part of a
+model under its own preset (what `--choose dp` planned per segment). A user's
 policy is a `FoldPolicy` subclass, or a plain callable `(Merge) -> bool` (`CallablePolicy` wraps
 it: it decides merge by merge and may set `merge.reason` when it declines).
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from functools import cached_property
 
@@ -143,6 +145,23 @@ class AllPolicy(FoldPolicy):
         return ""
 
 
+class ShallowPolicy(FoldPolicy):
+    """"shallow": every exact merge, so each chain becomes the fewest exact ops whatever they
+    cost in MACs (ties go to fewer MACs): LayerMerge's "merge the whole segment", where "macs"
+    is "merge in parts". Faster where a backend pays per op more than per multiply-add."""
+
+    name = "shallow"
+
+    def decide(self, merge: Merge, sides: MergeSides | None = None) -> bool:
+        return _exact_only(merge, self.name)
+
+    def segment_cost(self, merge: Merge, sides: MergeSides | None = None) -> float | None:
+        return 1.0 if merge.exact else None
+
+    def compare_costs(self, whole: float, chosen: float) -> str:
+        return ""
+
+
 class LatencyPolicy(FoldPolicy):
     """"latency": time both sides of an exact merge at the fold's batch size and device with
     `timer` (a `depthcut.cost` timer or its name, looked up when used) and take the faster; a
@@ -191,4 +210,37 @@ class CallablePolicy(FoldPolicy):
 
 
 POLICIES: dict[str, FoldPolicy] = {
-    policy.name: policy for policy in (MacsPolicy(), AllPolicy(), LatencyPolicy())}
+    policy.name: policy
+    for policy in (MacsPolicy(), ShallowPolicy(), AllPolicy(), LatencyPolicy())}
+
+
+class FormsPolicy(FoldPolicy):
+    """Each module under its own preset (`forms`: module name -> a name in POLICIES; every other
+    module under `default`): a merge, or a chain segment, is decided by the preset of the
+    modules it replaces. What `--choose dp --dp-merge fastest` planned: one form per segment
+    between kept sites, and a chain of linear ops never crosses a kept (nonlinear) site, so
+    every segment of one chain is priced in one preset's units."""
+
+    name = "per-segment"
+
+    def __init__(self, forms: Mapping[str, str], default: str = "macs") -> None:
+        unknown = sorted({form for form in forms.values() if form not in POLICIES}
+                         | ({default} - set(POLICIES)))
+        if unknown:
+            raise ValueError(f"unknown fold forms {unknown}; choose from {', '.join(POLICIES)}")
+        self.forms, self.default = dict(forms), default
+
+    def policy_for(self, merge: Merge) -> FoldPolicy:
+        """The preset of the modules `merge` replaces (the default where they name none or
+        several presets)."""
+        named = {self.forms[name] for name in merge.replaces if name in self.forms}
+        return POLICIES[named.pop() if len(named) == 1 else self.default]
+
+    def decide(self, merge: Merge, sides: MergeSides | None = None) -> bool:
+        return self.policy_for(merge).decide(merge, sides)
+
+    def segment_cost(self, merge: Merge, sides: MergeSides | None = None) -> float | None:
+        return self.policy_for(merge).segment_cost(merge, sides)
+
+    def compare_costs(self, whole: float, chosen: float) -> str:
+        return ""

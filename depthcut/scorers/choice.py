@@ -14,7 +14,13 @@ from depthcut.cost import TIMERS, get_timer
 from depthcut.errors import ConfigError
 from depthcut.options import Option
 from depthcut.scorers import SCORERS, check_choice
-from depthcut.scorers.dp import DEFAULT_SPAN, DP_IMPORTANCES, VERIFY_ROUNDS, check_dp_settings
+from depthcut.scorers.dp import (
+    DEFAULT_SPAN,
+    DP_IMPORTANCES,
+    DP_MERGES,
+    VERIFY_ROUNDS,
+    check_dp_settings,
+)
 from depthcut.scorers.payoff import PAYOFF_COSTS, check_payoff_settings
 
 
@@ -34,6 +40,7 @@ class ChoiceSettings:
     latency_table: str | None = None  # "dp": the table's JSON file (None: the default cache)
     dp_importance: str = "entropy"  # "dp": what a kept site is worth
     dp_verify: int = VERIFY_ROUNDS  # "dp": plans measured whole, the budget tightened on a miss
+    dp_merge: str = "macs"  # "dp": how each segment is merged: "macs" | "fastest"
 
     def __post_init__(self) -> None:
         check_choice(self.choose)
@@ -45,7 +52,7 @@ class ChoiceSettings:
                               f"latency, got {budget}")
         if self.latency_batch < 1:
             raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
-        check_dp_settings(budget, self.dp_span, self.dp_importance)
+        check_dp_settings(budget, self.dp_span, self.dp_importance, self.dp_merge)
         if self.dp_verify < 0:
             raise ConfigError(f"dp_verify must be >= 0 (0: trust the table), got {self.dp_verify}")
         if self.choose == "dp" and budget is None:
@@ -87,6 +94,11 @@ CHOICE_OPTIONS = (
            "controls at the same latency: random (seeded by --choice-seed) or last (deepest "
            "first)",
            argparse={"choices": DP_IMPORTANCES}),
+    Option("dp_merge", "with --choose dp: how each segment is merged: macs (default: the exact "
+           "fold of least MACs, in parts where merging whole costs more) or fastest (each "
+           "segment also timed merged whole, every exact merge, and planned and folded in its "
+           "faster form; the table times twice as many segments)",
+           argparse={"choices": DP_MERGES}),
 )
 
 

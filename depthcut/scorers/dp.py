@@ -47,10 +47,12 @@ from depthcut.cost.latency_table import (
     SegmentTable,
     TableContext,
     build_segment_table,
+    fastest_forms,
     measured_ratio,
 )
 from depthcut.distributed import world_size
 from depthcut.errors import ConfigError
+from depthcut.fold import FormsPolicy
 from depthcut.masks import clone_model
 from depthcut.scorers import Candidates, Scorer, Scores, example_batch, register_scorer
 from depthcut.sites import find_sites, linearize
@@ -68,6 +70,11 @@ FINETUNE_STEPS = 8  # SGD steps of each copy (dp_importance "finetune")
 # the DP plans again under a budget tightened by the miss, at most this many times.
 VERIFY_ROUNDS = 4
 FINETUNE_LR = 0.01
+# How each segment is merged (`dp_merge`): "macs" (the exact fold of least multiply-adds, in
+# parts where merging whole would cost more) or "fastest" (each segment also timed in the
+# "shallow" form, every exact merge, and planned and folded in its faster form).
+DP_MERGES = ("macs", "fastest")
+MERGE_FORMS_OF = {"macs": ("macs",), "fastest": ("macs", "shallow")}
 
 
 @dataclass
@@ -184,11 +191,12 @@ class DpScorer(Scorer):
     importance: str = "entropy"
     seed: int = 0  # importance "random"
     verify: int = VERIFY_ROUNDS  # plans measured whole (and the budget tightened) at most
+    merge: str = "macs"  # DP_MERGES: how each segment's merged form is chosen
     progress: bool = True  # a bar while the latency table is built
     dense: DenseReference | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        check_dp_settings(self.budget, self.span, self.importance)
+        check_dp_settings(self.budget, self.span, self.importance, self.merge)
 
     @classmethod
     def from_config(cls, config: Any) -> DpScorer:
@@ -200,11 +208,14 @@ class DpScorer(Scorer):
                    table_path=getattr(config, "latency_table", None),
                    importance=getattr(config, "dp_importance", "entropy"),
                    seed=getattr(config, "choice_seed", 0),
-                   verify=getattr(config, "dp_verify", VERIFY_ROUNDS))
+                   verify=getattr(config, "dp_verify", VERIFY_ROUNDS),
+                   merge=getattr(config, "dp_merge", "macs"))
 
-    def context(self) -> TableContext:
+    def context(self, form: str = "macs") -> TableContext:
+        """Where the table is read: backend, batch, device, threads, and the merge form ("macs":
+        the dense reference's, the BN-folded dense model)."""
         device = "cuda" if self.backend == "cuda" else "cpu"
-        return TableContext(self.backend, self.batch, device)
+        return TableContext(self.backend, self.batch, device, form=form)
 
     def score(self, candidates: Candidates) -> Scores:
         start = time.perf_counter()
@@ -219,10 +230,13 @@ class DpScorer(Scorer):
                               "one process (`depthcut plan`) or run without DDP")
         # The table is timed in float32 whatever autocast a run holds (`--amp`).
         with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
-            segments = build_segment_table(
-                candidates.model, sample, context, table, sites, self.span,
+            tables = [build_segment_table(
+                candidates.model, sample, self.context(form), table, sites, self.span,
                 allowed=[not math.isnan(h) for h in importance], progress=self.progress)
-            dense = self._dense_seconds(candidates, sample, context, table, segments, sites)
+                for form in MERGE_FORMS_OF[self.merge]]
+            # The dense reference is the BN-folded dense model: the "macs" form, every site kept.
+            dense = self._dense_seconds(candidates, sample, context, table, tables[0], sites)
+        segments = fastest_forms(tables)
         segment_cost = None
         if self.importance == "finetune":
             with torch.random.fork_rng(devices="all" if torch.cuda.is_available() else []):
@@ -242,9 +256,8 @@ class DpScorer(Scorer):
         record = {
             "sites": chosen,
             "kept": [names[k] for k in plan.kept[1:-1]],
-            "segments": [{"from": names[a], "to": names[b], "linear": b - a - 1,
-                          "merge": segments.forms[(a, b)], "ms": segments.seconds[(a, b)] * 1e3}
-                         for a, b in zip(plan.kept, plan.kept[1:], strict=False)],
+            "segments": _segment_records(plan, segments, names),
+            "merge": self.merge,
             "budget": self.budget, "predicted_ratio": plan.seconds / dense,
             "within_budget": within, "importance": self.importance,
             "measured_ratio": measured, "checked_plans": rounds,
@@ -279,7 +292,9 @@ class DpScorer(Scorer):
                 break
             tried.add(chosen)
             model = linearize(clone_model(candidates.model), list(chosen))
-            measured = measured_ratio(model, reference, sample, context)[0]
+            forms = plan_fold_policy(_segment_records(plan, segments, ["input", *names,
+                                                                       "output"]))
+            measured = measured_ratio(model, reference, sample, context, policy=forms)[0]
             rounds += 1
             if measured <= self.budget or not chosen or rounds >= self.verify:
                 break
@@ -338,15 +353,50 @@ def site_importance(entropies: Mapping[str, float], importance: str, seed: int =
     return [float(h) for h in entropies.values()]
 
 
-def check_dp_settings(budget: float | None, span: int, importance: str) -> None:
+def _segment_records(plan: Plan, segments: SegmentTable, names: list[str]) -> list[dict]:
+    """The plan's segments as its record gives them: ends, sites inside, merge form, time;
+    and the modules of a segment merged in another form than "macs" (for `plan_fold_policy`)."""
+    records = []
+    for a, b in zip(plan.kept, plan.kept[1:], strict=False):
+        form = segments.forms.get((a, b), "macs")
+        record = {"from": names[a], "to": names[b], "linear": b - a - 1, "merge": form,
+                  "ms": segments.seconds[(a, b)] * 1e3}
+        if form not in ("macs", "unfolded"):
+            record["modules"] = segments.modules.get((a, b), [])
+        records.append(record)
+    return records
+
+
+def plan_fold_policy(segments: Iterable[Mapping]) -> FormsPolicy | str:
+    """How to fold a model as a dp plan merges it (`segments`: its record's "segments"): each
+    planned segment's modules in its form, a `FormsPolicy`; "macs" where every segment is."""
+    forms = {module: segment["merge"] for segment in segments
+             for module in segment.get("modules", ())}
+    return FormsPolicy(forms) if forms else "macs"
+
+
+def answer_fold_policy(records: Sequence[Mapping], stage: int) -> FormsPolicy | str:
+    """The fold policy of a run's answer at `stage`: the merge forms of the last dp plan made
+    up to that stage ("macs" without one)."""
+    for record in reversed(records):
+        plan = record.get("dp")
+        if record.get("stage", 0) <= stage and isinstance(plan, Mapping):
+            return plan_fold_policy(plan.get("segments", ()))
+    return "macs"
+
+
+def check_dp_settings(budget: float | None, span: int, importance: str,
+                      merge: str = "macs") -> None:
     """ConfigError for a budget that is not a positive fraction, a span < 0 or an unknown
-    importance."""
+    importance or merge choice."""
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise ConfigError(f"latency_budget must be a fraction > 0, got {budget}")
     if span < 0:
         raise ConfigError(f"dp_span (sites inside a segment) must be >= 0, got {span}")
     if importance not in DP_IMPORTANCES:
         raise ConfigError(f"dp_importance must be one of {DP_IMPORTANCES}, got {importance!r}")
+    if merge not in DP_MERGES:
+        raise ConfigError(f"dp_merge must be one of {DP_MERGES}, got {merge!r}")
 
 
 
