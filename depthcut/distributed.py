@@ -10,9 +10,16 @@ writes records, checkpoints and summaries.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# How long the other ranks wait in `broadcast_object` while one works (e.g. times a latency
+# table on a large model): longer than NCCL's default, still not forever.
+OBJECT_TIMEOUT = timedelta(hours=3)
+_objects_group: Any = None  # the gloo group `broadcast_object` uses, made on first use
 
 
 def init_from_env() -> bool:
@@ -28,6 +35,8 @@ def init_from_env() -> bool:
 
 
 def shutdown() -> None:
+    global _objects_group
+    _objects_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -56,3 +65,18 @@ def barrier() -> None:
     """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint)."""
     if world_size() > 1:
         dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (pickled) on every rank; `obj` itself alone. Sent over a gloo group
+    with a long timeout: waiting ranks then sleep on CPU (an NCCL wait may spin a core while
+    rank 0 times on CPU) and outlast NCCL's shorter timeout. Every rank must call it."""
+    global _objects_group
+    if world_size() <= 1:
+        return obj
+    if _objects_group is None:  # collective: every rank gets here at the same call
+        _objects_group = (dist.new_group(backend="gloo", timeout=OBJECT_TIMEOUT)
+                          if dist.is_gloo_available() else dist.group.WORLD)
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_objects_group)
+    return box[0]

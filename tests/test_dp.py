@@ -237,6 +237,38 @@ def test_a_plan_that_misses_the_budget_measured_whole_is_planned_again_tighter(
     assert set(choose_sites(scored.scores, len(sites))) == set(record["sites"])
 
 
+def test_under_ddp_rank_0_alone_plans_and_the_others_take_its_answer_or_error(
+        tmp_path, macs_timer, monkeypatch):
+    """Two ranks simulated: rank 0 plans and sends its Scores (or its error's message, then
+    raises its own); rank 1 never opens the table and returns what it receives, or raises."""
+    model, splits = small_model(), tiny_splits()
+    candidates = Candidates(model, dict.fromkeys(find_sites(model), 0.5),
+                            examples=splits.train_eval)
+    config = dp_config(tmp_path, latency_budget=0.85, dp_verify=0)
+    sent = []
+    monkeypatch.setattr(dp_module, "world_size", lambda: 2)
+    monkeypatch.setattr(dp_module, "rank", lambda: 0)
+    monkeypatch.setattr(dp_module, "broadcast_object", lambda obj, src=0: sent.append(obj) or obj)
+    answer = scorer_for(config).score(candidates)
+    assert sent == [answer] and answer.record["dp"]["sites"]
+    (tmp_path / "table.json").write_text("not json")
+    with pytest.raises(ConfigError, match="unreadable"):
+        scorer_for(config).score(candidates)
+    assert sent[1].startswith("ConfigError: latency table") and len(sent) == 2
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rank 1 touched the latency table")
+
+    monkeypatch.setattr(dp_module, "rank", lambda: 1)
+    monkeypatch.setattr(dp_module, "LatencyTable", forbidden)
+    monkeypatch.setattr(dp_module, "build_segment_table", forbidden)
+    monkeypatch.setattr(dp_module, "broadcast_object", lambda obj, src=0: answer)
+    assert scorer_for(config).score(candidates) is answer
+    monkeypatch.setattr(dp_module, "broadcast_object", lambda obj, src=0: sent[1])
+    with pytest.raises(ConfigError, match="failed on rank 0: ConfigError: latency table"):
+        scorer_for(config).score(candidates)
+
+
 def test_dp_without_a_budget_is_a_config_error(macs_timer):
     with pytest.raises(ConfigError, match="latency_budget"):
         EasierConfig(choose="dp")

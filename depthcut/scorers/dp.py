@@ -50,7 +50,7 @@ from depthcut.cost.latency_table import (
     fastest_forms,
     measured_ratio,
 )
-from depthcut.distributed import world_size
+from depthcut.distributed import broadcast_object, rank, world_size
 from depthcut.errors import ConfigError
 from depthcut.fold import FormsPolicy
 from depthcut.masks import clone_model
@@ -218,6 +218,25 @@ class DpScorer(Scorer):
         return TableContext(self.backend, self.batch, device, form=form)
 
     def score(self, candidates: Candidates) -> Scores:
+        """Under torch.distributed rank 0 alone builds the table, plans and measures, and
+        every rank takes its answer (entropies are already summed over ranks): tables timed on
+        every rank would be noisy, could plan differently and race on one file. A failure on
+        rank 0 is sent too, so the others raise instead of waiting."""
+        if world_size() <= 1:
+            return self._score(candidates)
+        answer: Scores | str | None = None
+        if rank() == 0:
+            try:
+                answer = self._score(candidates)
+            except Exception as error:
+                broadcast_object(f"{type(error).__name__}: {error}")
+                raise
+        answer = broadcast_object(answer)
+        if not isinstance(answer, Scores):
+            raise ConfigError(f"--choose dp failed on rank 0: {answer}")
+        return answer
+
+    def _score(self, candidates: Candidates) -> Scores:
         start = time.perf_counter()
         entropies = candidates.entropies
         sites = list(entropies)
@@ -225,9 +244,6 @@ class DpScorer(Scorer):
         table = LatencyTable(self.table_path)
         context = self.context()
         importance = site_importance(entropies, self.importance, self.seed)
-        if world_size() > 1:  # each process would time its own table and plan otherwise
-            raise ConfigError("--choose dp does not run under torch.distributed yet: plan on "
-                              "one process (`depthcut plan`) or run without DDP")
         # The table is timed in float32 whatever autocast a run holds (`--amp`).
         with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
             tables = [build_segment_table(
@@ -251,7 +267,7 @@ class DpScorer(Scorer):
             warnings.warn(f"dp: no plan meets latency budget {self.budget:g} ("
                           f"{'measured' if measured is not None else 'estimated'} "
                           f"{shown:.3f} of dense at best); taking the fastest found",
-                          stacklevel=2)
+                          stacklevel=3)
         names = ["input", *sites, "output"]
         record = {
             "sites": chosen,
