@@ -694,6 +694,7 @@ def _teacher(method, run_dir: RunDir, prepared: Prepared) -> nn.Module | None:
     if not (any(training.distill > 0 for training in trainings)
             or (choice is not None and choice.needs_dense)):
         return None
+    distributed.barrier()  # under DDP, rank 0 has written stage 0 before any rank reads it
     teacher, _ = load_stage(prepared, run_dir.checkpoint_path(0))
     return prepare_model(teacher, prepared.device, prepared.channels_last).eval()
 
