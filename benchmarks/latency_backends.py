@@ -27,7 +27,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # depthcut from this checkout
 
-from depthcut.cost import count_macs, get_timer  # noqa: E402
+from depthcut.cost import Timed, count_macs, get_timer, round_robin  # noqa: E402
 from depthcut.errors import DepthcutError  # noqa: E402
 from depthcut.fold import fold  # noqa: E402
 from depthcut.models import build_model  # noqa: E402
@@ -64,7 +63,7 @@ class Variant:
 class Timings:
     """Prepared calls, their per-round medians, and what could not be prepared (and why)."""
 
-    calls: dict[tuple, tuple[Callable[[], object], torch.device]] = field(default_factory=dict)
+    calls: dict[tuple, Timed] = field(default_factory=dict)
     rounds: dict[tuple, list[float]] = field(default_factory=dict)
     failed: dict[tuple, str] = field(default_factory=dict)  # (variant, backend, batch) -> why
     prepare_seconds: dict[str, float] = field(default_factory=dict)  # backend -> total
@@ -125,7 +124,8 @@ def prepare_all(variants: list[Variant], backends: list[str], batches: list[int]
                     timings.prepare_seconds[backend] = (timings.prepare_seconds.get(backend, 0.0)
                                                         + time.perf_counter() - start)
                 for form, call in prepared.items():
-                    timings.calls[(*key, form)] = (call, x.device)
+                    timings.calls[(*key, form)] = Timed(timer, call, x.device,
+                                                        CALLS_PER_ROUND.get(batch, 1))
                 print(f"prepared {variant.name} {backend} batch {batch} "
                       f"({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     return timings
@@ -134,17 +134,12 @@ def prepare_all(variants: list[Variant], backends: list[str], batches: list[int]
 def measure_rounds(timings: Timings, rounds: int, deadline: float) -> int:
     """Round-robin: each round times every prepared call once; stops early past `deadline`
     (at least one round). Returns the rounds done."""
-    done = 0
-    for _ in range(rounds):
-        for key, (call, device) in timings.calls.items():
-            timer, batch = get_timer(key[1]), key[2]
-            seconds = timer.measure(call, device, CALLS_PER_ROUND.get(batch, 1), warmup=1)
-            timings.rounds.setdefault(key, []).append(1e3 * seconds)
-        done += 1
+    def report(done: int) -> None:
         print(f"round {done}/{rounds} done", file=sys.stderr, flush=True)
-        if time.perf_counter() > deadline:
-            break
-    return done
+
+    seconds = round_robin(timings.calls, rounds, deadline=deadline, on_round=report)
+    timings.rounds = {key: [1e3 * s for s in values] for key, values in seconds.items()}
+    return min(len(values) for values in seconds.values()) if seconds else 0
 
 
 def cpu_name() -> str:

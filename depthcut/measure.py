@@ -8,8 +8,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from depthcut.cost import DEFAULT_TIMER, Timer, get_timer
+from depthcut.cost import DEFAULT_TIMER, Timed, Timer, get_timer, medians, round_robin
 from depthcut.fold import FoldPolicy, fold
+
+ROUNDS = 5  # round-robin rounds the latencies are medians over (each of repeats / ROUNDS calls)
 
 
 def measure_stage(model: nn.Module, example: Tensor, *, policy: str | FoldPolicy = "macs",
@@ -21,10 +23,11 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str | FoldPolicy
     exactness, top-1 on `data` when given, and the median latency in ms at each batch size of
     `latency` (batch size -> repeats; default batch 1, 30 repeats; {} times nothing) on slices
     of `example`, timed by `timer` (a `depthcut.cost` timer or its name; the measurements name
-    it and the thread count). With `baseline` (the dense model), it is folded the same way and
-    timed beside them (`latency_ms_batchN_dense_folded`, `macs_dense_folded`): the BN-folded
-    dense model on the same backend, what a speed-up is relative to (a preset's name folds it
-    under that preset; a policy object, e.g. a dp plan's per-segment forms, under "macs").
+    it and the thread count), round-robin over the models in `ROUNDS` rounds. With
+    `baseline` (the dense model), it is folded the same way and timed beside them
+    (`latency_ms_batchN_dense_folded`, `macs_dense_folded`): the BN-folded dense model on the
+    same backend, what a speed-up is relative to (a preset's name folds it under that preset; a
+    policy object, e.g. a dp plan's per-segment forms, under "macs").
     Returns (folded model, measurements)."""
     model = model.cpu().eval()
     example = example.cpu()
@@ -62,10 +65,10 @@ def measure_stage(model: nn.Module, example: Tensor, *, policy: str | FoldPolicy
     if sizes:
         measured.update(latency_backend=timing.name, latency_threads=torch.get_num_threads(),
                         latency_timer=timing.describe())
-    for size, repeats in sizes.items():
-        x = example[:size]
-        for name, module in timed.items():
-            measured[f"latency_ms_batch{size}_{name}"] = 1e3 * timing.seconds(
-                module, x, repeats=repeats)
+    calls = {(size, name): Timed(timing, timing.prepare(module, example[:size]), example.device,
+                                 max(1, repeats // ROUNDS))
+             for size, repeats in sizes.items() for name, module in timed.items()}
+    for (size, name), seconds in medians(round_robin(calls, ROUNDS)).items():
+        measured[f"latency_ms_batch{size}_{name}"] = 1e3 * seconds
     measured["merges_taken"] = sum(m.taken for m in report.merges)
     return folded, measured

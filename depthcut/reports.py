@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from depthcut.cost import DEFAULT_TIMER, get_timer
+from depthcut.cost import DEFAULT_TIMER, Timed, get_timer, medians, round_robin
 from depthcut.data import display_name
 from depthcut.entropy import SiteCounts
 from depthcut.errors import ConfigError
@@ -369,16 +368,13 @@ def measure_stage_costs(run: Run, progress: bool = True, rounds: int = 7,
         if progress:
             print(f"{run.path}: stage {key} folded", flush=True)
     repeats = {1: 5, 128: 1}  # batch size -> calls per round
-    calls = {(key, batch, form): timing.prepare(module, inputs[:batch])
+    calls = {(key, batch, form): Timed(timing, timing.prepare(module, inputs[:batch]),
+                                       inputs.device, repeats[batch])
              for key, pair in models.items() for batch in repeats
              for form, module in zip(("unfolded", "folded"), pair, strict=True)}
-    times: dict[str, dict[str, list[float]]] = {key: {} for key in models}
-    for _ in range(rounds):
-        for (key, batch, form), call in calls.items():
-            seconds = timing.measure(call, inputs.device, repeats[batch], warmup=1)
-            times[key].setdefault(f"ms_batch{batch}_{form}", []).append(1e3 * seconds)
-    for key, measured in times.items():
-        costs[key].update({name: statistics.median(values) for name, values in measured.items()})
+    for (key, batch, form), seconds in medians(round_robin(calls, rounds)).items():
+        costs[key][f"ms_batch{batch}_{form}"] = 1e3 * seconds
+    for key in models:
         costs[key].update(latency_backend=timing.name, latency_threads=threads,
                           latency_timer=timing.describe())
     if progress:

@@ -164,7 +164,7 @@ def test_latency_policy_prices_chain_segments_with_its_timer(registered) -> None
 
 
 def test_policies_have_one_name_each_and_plain_callables_are_wrapped() -> None:
-    assert list(POLICIES) == ["macs", "all", "latency"]
+    assert list(POLICIES) == ["macs", "shallow", "all", "latency"]
     assert all(isinstance(p, FoldPolicy) and p.name == name for name, p in POLICIES.items())
     assert POLICIES["macs"].prices_segments and POLICIES["latency"].prices_segments
 

@@ -20,11 +20,14 @@ from depthcut.cost.macs import count_macs
 from depthcut.cost.timer import (
     DEFAULT_TIMER,
     TIMERS,
+    Timed,
     Timer,
     get_timer,
     median_seconds,
+    medians,
     register_timer,
+    round_robin,
 )
 
-__all__ = ["DEFAULT_TIMER", "TIMERS", "Timer", "count_macs", "get_timer", "median_seconds",
-           "register_timer"]
+__all__ = ["DEFAULT_TIMER", "TIMERS", "Timed", "Timer", "count_macs", "get_timer",
+           "median_seconds", "medians", "register_timer", "round_robin"]

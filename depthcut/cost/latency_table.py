@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from tqdm.auto import tqdm
 
-from depthcut.cost.timer import get_timer
+from depthcut.cost.timer import Timed, get_timer, medians, round_robin
 from depthcut.errors import ConfigError
 from depthcut.fold import FoldError, FoldPolicy, fold
 from depthcut.graph import PASS_THROUGH, trace
@@ -543,11 +542,9 @@ def measured_ratio(model: nn.Module, reference: nn.Module, sample: Tensor,
         example = sample[:1].detach().cpu()
         small = example.expand(FOLD_BATCH, *example.shape[1:]).contiguous()
         big = example.expand(context.batch, *example.shape[1:]).contiguous().to(context.device)
-        folded = (fold(model, small, policy or context.form), fold(reference, small, context.form))
-        calls = [timer.prepare(m.to(context.device), big) for m in folded]
-        times: list[list[float]] = [[], []]
-        for _ in range(rounds):
-            for call, values in zip(calls, times, strict=True):
-                values.append(timer.measure(call, big.device, repeats=repeats, warmup=1))
-    planned, dense = (statistics.median(values) for values in times)
-    return planned / dense, planned, dense
+        folded = {"planned": fold(model, small, policy or context.form),
+                  "dense": fold(reference, small, context.form)}
+        calls = {name: Timed(timer, timer.prepare(m.to(context.device), big), big.device,
+                             repeats) for name, m in folded.items()}
+        times = medians(round_robin(calls, rounds))
+    return times["planned"] / times["dense"], times["planned"], times["dense"]

@@ -3,7 +3,8 @@
 A `Timer` turns (module, example input) into a call ready to time (`prepare`: the place to
 compile or export, once), `measure` gives a prepared call's median time (the place for another
 clock, such as CUDA events), and `seconds` is both in one. Timers register by name
-(`register_timer`, in their own file) and are looked up with `get_timer`.
+(`register_timer`, in their own file) and are looked up with `get_timer`. Figures meant to be
+compared are timed side by side: `round_robin` over prepared calls, `medians` of its rounds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import statistics
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +71,43 @@ class Timer(ABC):
         """Median seconds of one forward of `model` on `example` (prepared, then measured; to
         time one model many times, prepare it once and `measure` the call)."""
         return self.measure(self.prepare(model, example), example.device, repeats, warmup)
+
+
+class Timed(NamedTuple):
+    """One prepared call to time round-robin: its timer, the call, where its inputs live and
+    how many calls make one round's median."""
+
+    timer: Timer
+    call: Callable[[], object]
+    device: torch.device
+    repeats: int = 1
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+def round_robin(calls: Mapping[Key, Timed], rounds: int, *, deadline: float | None = None,
+                on_round: Callable[[int], None] | None = None) -> dict[Key, list[float]]:
+    """Seconds of every prepared call, per round: each round times every call once in turn
+    (after one warm-up call), so that a burst of load from another process, or a machine's
+    drift, falls on all of them alike instead of on whichever was timed then. Stops after the
+    round that ends past `deadline` (a perf_counter time; at least one round); `on_round(done)`
+    after each. A figure is then the median over its rounds."""
+    times: dict[Key, list[float]] = {key: [] for key in calls}
+    for done in range(1, rounds + 1):
+        for key, timed in calls.items():
+            times[key].append(timed.timer.measure(timed.call, timed.device, timed.repeats,
+                                                  warmup=1))
+        if on_round is not None:
+            on_round(done)
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    return times
+
+
+def medians(times: Mapping[Key, list[float]]) -> dict[Key, float]:
+    """The median of each call's rounds (`round_robin`'s answer)."""
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 TIMERS: dict[str, Timer] = {}
