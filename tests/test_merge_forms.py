@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from depthcut.cost.latency_table import SegmentTable, fastest_forms
+from depthcut.cost.latency_table import (
+    LatencyTable,
+    SegmentTable,
+    TableContext,
+    build_form_tables,
+    build_segment_table,
+    fastest_forms,
+)
 from depthcut.errors import ConfigError
 from depthcut.fold import FormsPolicy, fold
 from depthcut.measure import measure_stage
@@ -71,7 +78,7 @@ def test_fastest_forms_takes_each_segment_in_its_faster_form():
     best = fastest_forms([macs, shallow])
     assert best.seconds == {(0, 1): 1.0, (0, 2): 2.0}
     assert best.forms == {(0, 1): "macs", (0, 2): "shallow"}
-    assert (best.hits, best.misses, best.overhead) == (1, 2, 0.5)
+    assert (best.hits, best.misses, best.overhead) == (1, 0, 0.5)  # the first table's
 
 
 def bottleneck_mlp(features: int) -> nn.Sequential:
@@ -131,3 +138,28 @@ def test_a_run_answer_is_folded_with_the_last_plan_up_to_its_stage():
 def test_an_unknown_dp_merge_is_a_config_error():
     with pytest.raises(ConfigError, match="dp_merge must be one of"):
         ChoiceSettings(choose="dp", latency_budget=0.5, dp_merge="whole")
+
+
+def test_forms_are_timed_side_by_side_and_then_read(tmp_path, macs_timer):
+    """A segment whose macs form is in the table but whose shallow form is not is timed again
+    in both forms, round-robin: forms are compared on one day's timings. Then both are read."""
+    splits = tiny_splits()
+    sample = next(iter(splits.train_eval))[0][:1]
+    model = bottleneck_mlp(sample[0].numel()).eval()
+    table, context = LatencyTable(tmp_path / "table.json"), TableContext("test-macs", 1)
+    alone = build_segment_table(model, sample, context, table, span=2, progress=False)
+    assert alone.hits + alone.misses == len(alone.seconds) + 1  # and the call overhead
+    distinct = alone.misses - 1  # identical segments share an entry
+    before = macs_timer.calls
+    both = build_form_tables(model, sample, context, table, span=2, progress=False,
+                             forms=("macs", "shallow"))
+    assert set(both) == {"macs", "shallow"}
+    # Every entry timed again in both forms (the overhead read): 2 calls per entry.
+    assert macs_timer.calls - before == 2 * distinct and both["macs"].misses == distinct
+    assert both["macs"].seconds == alone.seconds  # the noiseless timer: the same times
+    assert any(both["shallow"].seconds[s] < alone.seconds[s] for s in alone.seconds)
+    read = macs_timer.calls
+    again = build_form_tables(model, sample, context, LatencyTable(tmp_path / "table.json"),
+                              span=2, progress=False, forms=("macs", "shallow"))
+    assert macs_timer.calls == read and again["shallow"].misses == 0
+    assert again["shallow"].seconds == both["shallow"].seconds

@@ -12,7 +12,8 @@ from just after s_i to s_j (the slice is widened back to an earlier node when it
 than one value from before it, e.g. a residual skip, so that it has one input); the sites inside
 are removed (linear); the slice is folded on its own (`depthcut.fold`, policy `form`: "macs",
 the exact fold of least multiply-adds, or "shallow", every exact merge; `fastest_forms` takes
-each segment in its faster form, as LayerMerge chooses how to merge each); the folded graph is cut
+each segment in its faster form, as LayerMerge chooses how to merge each, from forms timed side
+by side by `build_form_tables`); the folded graph is cut
 again between s_i and s_j (kept sites stay call_module nodes; values from before the cut become
 inputs, shapes from torch.fx ShapeProp); and that sub-module is timed by the backend's timer
 (`depthcut.cost`) at the table's batch, its inputs packed into one flat tensor when there are
@@ -34,12 +35,13 @@ neither folds nor times anything once the entries exist. A slice that does not f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -372,14 +374,24 @@ class SegmentTimer:
         seconds = self.table.get(key)
         if seconds is None:
             seconds, form = self._time_segment(i, j)
-            names = ["input", *self.sites, "output"]
-            self.table.put(key, seconds, segment=f"{names[i]} -> {names[j]}",
-                           linear=j - i - 1, merge=form)
+            self.record(i, j, seconds, form)
         self.forms[(i, j)] = self.table.entries[key].get("merge", self.context.form)
         return seconds
 
+    def record(self, i: int, j: int, seconds: float, form: str) -> None:
+        """Put segment (i, j)'s time into the table (replacing an entry of the same key)."""
+        names = ["input", *self.sites, "output"]
+        self.table.put(self.key(i, j), seconds, segment=f"{names[i]} -> {names[j]}",
+                       linear=j - i - 1, merge=form)
+        self.forms[(i, j)] = form
+
     def _time_segment(self, i: int, j: int) -> tuple[float, str]:
-        """Seconds of segment (i, j) in its merged form, and that form: the context's fold
+        """Seconds of segment (i, j) in its merged form, and that form."""
+        timed, form = self.prepare(i, j)
+        return timed.timer.measure(timed.call, timed.device, self.repeats, self.warmup), form
+
+    def prepare(self, i: int, j: int) -> tuple[Timed, str]:
+        """Segment (i, j) in its merged form, ready to time, and that form: the context's fold
         policy, or "unfolded" where folding the slice fails (FoldError: the ops as they are,
         the inside sites removed)."""
         region = self._slice(i, j)
@@ -412,7 +424,8 @@ class SegmentTimer:
             else:
                 module = _Unpack(timed, [v.shape for v in values])
                 example = torch.cat([v.reshape(-1) for v in values])
-            return self._timed(module, example), form
+            timer = get_timer(self.context.backend)
+            return Timed(timer, timer.prepare(module, example), example.device), form
 
     def _timed(self, module: nn.Module, example: Tensor) -> float:
         return get_timer(self.context.backend).seconds(module, example, self.repeats,
@@ -479,6 +492,9 @@ class SegmentTable:
 SAVE_EVERY_SECONDS = 30.0  # how often a table being built is written out
 
 
+SIDE_BY_SIDE_ROUNDS = 3  # rounds a segment's forms are timed round-robin in
+
+
 def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                         table: LatencyTable, sites: Sequence[str] | None = None,
                         span: int = DEFAULT_SPAN, allowed: Sequence[bool] | None = None,
@@ -487,31 +503,66 @@ def build_segment_table(model: nn.Module, sample: Tensor, context: TableContext,
                         warmup: int = 3) -> SegmentTable:
     """Seconds of every segment of `model` (its `sites`, default all found) that a plan may use:
     from the table, timing the misses (a tqdm bar while it does), saved as it grows."""
+    return build_form_tables(model, sample, context, table, sites, span, allowed, segments,
+                             progress, repeats, warmup)[context.form]
+
+
+def build_form_tables(model: nn.Module, sample: Tensor, context: TableContext,
+                      table: LatencyTable, sites: Sequence[str] | None = None,
+                      span: int = DEFAULT_SPAN, allowed: Sequence[bool] | None = None,
+                      segments: Iterable[Segment] | None = None, progress: bool = True,
+                      repeats: int = 15, warmup: int = 3, forms: Sequence[str] = ()
+                      ) -> dict[str, SegmentTable]:
+    """`build_segment_table` in each merge form of `forms` (default: the context's), one table
+    per form. Forms are compared segment by segment, so a segment's forms are timed side by
+    side (round-robin, `SIDE_BY_SIDE_ROUNDS`) whenever one of them is missing: a form read from
+    a table timed on another day against one timed now would compare the day, not the form."""
     from depthcut.sites import find_sites  # noqa: PLC0415 - only here
 
     sites = list(find_sites(model) if sites is None else sites)
     start = time.perf_counter()
-    hits, misses = table.hits, table.misses
-    timer = SegmentTimer(model, sample, context, table, sites, repeats, warmup)
+    forms = tuple(forms) or (context.form,)
+    timers = {form: SegmentTimer(model, sample, dataclasses.replace(context, form=form), table,
+                                 sites, repeats, warmup) for form in forms}
     wanted = list(segments if segments is not None else
                   segments_within(len(sites), span, allowed))
-    overhead = timer.overhead()
-    seconds = {}
+    first = timers[forms[0]]
+    timed = int(f"{first.context.key()}|overhead" not in table.entries)  # the call overhead
+    overhead = first.overhead()
+    seconds: dict[str, dict[Segment, float]] = {form: {} for form in forms}
     # With progress, a bar where stderr is a terminal (tqdm's None), so logs stay clean.
     bar = tqdm(wanted, desc=f"latency table ({context.backend}, batch {context.batch})",
                disable=None if progress else True, leave=False)
     saved = time.perf_counter()
     try:
         for segment in bar:
-            seconds[segment] = max(timer.seconds(*segment) - overhead, 0.0)
+            if len(forms) > 1 and any(t.key(*segment) not in table.entries
+                                      for t in timers.values()):
+                _time_side_by_side(timers, segment)
+                timed += 1
+            elif len(forms) == 1 and first.key(*segment) not in table.entries:
+                timed += 1
+            for form, timer in timers.items():
+                seconds[form][segment] = max(timer.seconds(*segment) - overhead, 0.0)
             if time.perf_counter() - saved > SAVE_EVERY_SECONDS:  # a killed build keeps most
                 table.save()
                 saved = time.perf_counter()
     finally:
         table.save()
-    modules = {segment: timer.modules(*segment) for segment in wanted}
-    return SegmentTable(seconds, overhead, timer.forms, modules, table.hits - hits,
-                        table.misses - misses, time.perf_counter() - start)
+    modules = {segment: first.modules(*segment) for segment in wanted}
+    elapsed = time.perf_counter() - start
+    read = len(wanted) + 1 - timed  # lookups answered by the table (the overhead's too)
+    return {form: SegmentTable(seconds[form], overhead, timers[form].forms, modules, read,
+                               timed, elapsed) for form in forms}
+
+
+def _time_side_by_side(timers: Mapping[str, SegmentTimer], segment: Segment) -> None:
+    """Segment `segment` prepared in every form, timed round-robin, recorded in the table."""
+    prepared = {form: timer.prepare(*segment) for form, timer in timers.items()}
+    repeats = max(1, next(iter(timers.values())).repeats // SIDE_BY_SIDE_ROUNDS)
+    calls = {form: timed._replace(repeats=repeats) for form, (timed, _) in prepared.items()}
+    for form, seconds in medians(round_robin(calls, SIDE_BY_SIDE_ROUNDS)).items():
+        timers[form].record(*segment, seconds, prepared[form][1])
 
 
 def fastest_forms(tables: Sequence[SegmentTable]) -> SegmentTable:
@@ -524,9 +575,8 @@ def fastest_forms(tables: Sequence[SegmentTable]) -> SegmentTable:
         fastest = min(tables, key=lambda table: table.seconds[segment])
         seconds[segment] = fastest.seconds[segment]
         forms[segment] = fastest.forms.get(segment, "macs")
-    return SegmentTable(seconds, first.overhead, forms, first.modules,
-                        sum(t.hits for t in tables), sum(t.misses for t in tables),
-                        sum(t.build_seconds for t in tables))
+    return SegmentTable(seconds, first.overhead, forms, first.modules, first.hits,
+                        first.misses, max(t.build_seconds for t in tables))
 
 
 def measured_ratio(model: nn.Module, reference: nn.Module, sample: Tensor,

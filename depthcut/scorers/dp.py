@@ -46,6 +46,7 @@ from depthcut.cost.latency_table import (
     LatencyTable,
     SegmentTable,
     TableContext,
+    build_form_tables,
     build_segment_table,
     fastest_forms,
     measured_ratio,
@@ -246,13 +247,14 @@ class DpScorer(Scorer):
         importance = site_importance(entropies, self.importance, self.seed)
         # The table is timed in float32 whatever autocast a run holds (`--amp`).
         with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
-            tables = [build_segment_table(
-                candidates.model, sample, self.context(form), table, sites, self.span,
-                allowed=[not math.isnan(h) for h in importance], progress=self.progress)
-                for form in MERGE_FORMS_OF[self.merge]]
+            tables = build_form_tables(
+                candidates.model, sample, context, table, sites, self.span,
+                allowed=[not math.isnan(h) for h in importance], progress=self.progress,
+                forms=MERGE_FORMS_OF[self.merge])
             # The dense reference is the BN-folded dense model: the "macs" form, every site kept.
-            dense = self._dense_seconds(candidates, sample, context, table, tables[0], sites)
-        segments = fastest_forms(tables)
+            dense = self._dense_seconds(candidates, sample, context, table, tables["macs"],
+                                        sites)
+        segments = fastest_forms(list(tables.values()))
         segment_cost = None
         if self.importance == "finetune":
             with torch.random.fork_rng(devices="all" if torch.cuda.is_available() else []):
