@@ -15,6 +15,11 @@ prepare a model (no package, no GPU, a failed compile) is named in the output wi
     python3 benchmarks/latency_backends.py --device cuda               # GPU: eager, cuda
                                                                        # (events), compile
     .venv/bin/python benchmarks/latency_backends.py --models mobilenetv2:0.5 --batch-sizes 1
+    .venv/bin/python benchmarks/latency_backends.py --runs RUN_DIR...  # trained answers
+
+With `--runs`, each run directory is a model: `dense` is its dense stage (stage 0) folded, and
+`linear` its folded answer (checkpoints/answer_folded.pt, as the run folded it, a dp plan's
+merge forms included), so trained answers get every backend's figures side by side.
 
 Prints a markdown table (ms, linear/dense, each form against eager's) and what it ran on.
 """
@@ -190,10 +195,27 @@ def table(variants: list[Variant], backends: list[str], batches: list[int],
     return "\n".join(lines)
 
 
+def run_variant(path: Path, example: torch.Tensor) -> Variant:
+    """A run's dense stage folded (policy macs) and its folded answer, as the two forms."""
+    from depthcut.run import load_checkpoint, load_folded
+
+    start = time.perf_counter()
+    dense, _ = load_checkpoint(path / "checkpoints" / "stage_00.pt")
+    answer, info = load_folded(path / "checkpoints" / "answer_folded.pt")
+    forms = {"dense": fold(dense.eval().to(example.device), example, "macs"),
+             "linear": answer.eval().to(example.device)}
+    macs = {form: count_macs(module, example[:1]) for form, module in forms.items()}
+    sites = len(info.get("extra", {}).get("record", {}).get("linearized", []))
+    return Variant(path.name, forms, macs, sites, time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS),
-                        help="NAME:WIDTH of depthcut.models (default: %(default)s)")
+    parser.add_argument("--models", nargs="+",
+                        help=f"NAME:WIDTH of depthcut.models (default without --runs: "
+                        f"{' '.join(MODELS)})")
+    parser.add_argument("--runs", nargs="+", type=Path, default=[],
+                        help="run directories: their dense stage against their folded answer")
     parser.add_argument("--backends", nargs="+",
                         help="timers of depthcut.cost (default: eager onnxruntime compile on "
                         "CPU; eager cuda compile with --device cuda)")
@@ -213,9 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     backends = args.backends or list(GPU_BACKENDS if device.type == "cuda" else CPU_BACKENDS)
     example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(device)
     variants = []
-    for spec in args.models:
+    for spec in args.models or ([] if args.runs else list(MODELS)):
         variants.append(build_variant(spec, example))
         print(f"folded {spec} ({variants[-1].fold_seconds:.1f} s)", file=sys.stderr, flush=True)
+    for run in args.runs:
+        variants.append(run_variant(run, example))
+        print(f"loaded {run} ({variants[-1].fold_seconds:.1f} s)", file=sys.stderr, flush=True)
     timings = prepare_all(variants, backends, args.batch_sizes, device, start + 0.6 * limit)
     done = measure_rounds(timings, args.rounds, start + limit)
     card = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
@@ -225,10 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- {versions(backends)}; {torch.get_num_threads()} threads; device {device}{card}; "
           f"CPU: {cpu_name()}")
     print("- backends: " + "; ".join(get_timer(b).describe() for b in backends))
+    linear = ("the run's folded answer (sites: linearized in it)" if args.runs else
+              "every site linear, folded (policy macs)")
     print(f"- medians over {done} round-robin rounds (batch 1: median of 5 calls per round; "
           "other batches: one call); dense = the BN-folded dense model (policy macs), linear = "
-          "every site linear, folded (policy macs); 'vs eager' = that form on this backend / "
-          "the same form in eager")
+          f"{linear}; 'vs eager' = that form on this backend / the same form in eager")
     print("- preparing (export, compile): " + ", ".join(
         f"{b} {s:.0f} s" for b, s in timings.prepare_seconds.items()))
     print()
