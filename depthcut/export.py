@@ -69,17 +69,26 @@ def onnx_feeds(session: object, example_input: Tensor) -> dict:
 
 def check_onnx_session(session: object, model: nn.Module, example_input: Tensor,
                        tolerance: float = 1e-4) -> float:
-    """The largest |ONNX - PyTorch| of the first output on `example_input`; ExportError when
-    it exceeds `tolerance` relative to the output's scale (at least 1)."""
-    got = torch.from_numpy(session.run(None, onnx_feeds(session, example_input))[0])
+    """The largest |ONNX - PyTorch| over the outputs on `example_input` (every tensor output
+    where the ONNX model has as many as PyTorch returns; else the first); ExportError when one
+    exceeds `tolerance` relative to its scale (at least 1)."""
+    outputs = session.run(None, onnx_feeds(session, example_input))
     with torch.no_grad():
-        expected = model(example_input)
-    if isinstance(expected, (tuple, list)):
-        expected = expected[0]
-    if got.shape != expected.shape:
-        raise ExportError(f"the ONNX model's output has shape {tuple(got.shape)}, PyTorch's "
-                          f"{tuple(expected.shape)}")
-    diff = float((got - expected.detach().cpu()).abs().max())
-    if not diff <= tolerance * max(float(expected.abs().max()), 1.0):
-        raise ExportError(f"the ONNX model differs from PyTorch by {diff:.3g} on the example")
-    return diff
+        returned = model(example_input)
+    expected = [t for t in torch.utils._pytree.tree_leaves(returned) if isinstance(t, Tensor)]
+    pairs = list(zip(outputs, expected, strict=True)) if len(outputs) == len(expected) else [
+        (outputs[0], expected[0])]
+    worst = 0.0
+    for index, (array, reference) in enumerate(pairs):
+        got, reference = torch.from_numpy(array), reference.detach().cpu()
+        which = f"output {index}" if len(pairs) > 1 else "output"
+        if got.shape != reference.shape:
+            raise ExportError(f"the ONNX model's {which} has shape {tuple(got.shape)}, "
+                              f"PyTorch's {tuple(reference.shape)}")
+        diff = float((got.double() - reference.double()).abs().max()) if got.numel() else 0.0
+        scale = float(reference.double().abs().max()) if reference.numel() else 0.0
+        if not diff <= tolerance * max(scale, 1.0):
+            raise ExportError(f"the ONNX model's {which} differs from PyTorch by {diff:.3g} on "
+                              "the example")
+        worst = max(worst, diff)
+    return worst

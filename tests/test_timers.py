@@ -290,3 +290,30 @@ def test_fold_command_times_merges_on_the_backend(timed_run, fake_timer, tmp_pat
     text = capsys.readouterr().out
     assert "Fold report (policy latency)" in text and f"Merges timed on {FAKE}" in text
     assert fake_timer.batches and set(fake_timer.batches) == {8}
+
+
+class TwoOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, x + 1
+
+
+class FakeSession:
+    """An onnxruntime session stand-in that returns the given arrays."""
+
+    def __init__(self, *outputs: torch.Tensor) -> None:
+        self.outputs = [o.numpy() for o in outputs]
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "x"})()]
+
+    def run(self, names, feeds):
+        return self.outputs
+
+
+def test_the_export_check_compares_every_output_not_only_the_first() -> None:
+    x = torch.randn(2, 3)
+    assert export.check_onnx_session(FakeSession(x * 2, x + 1), TwoOutputs(), x) == 0.0
+    with pytest.raises(export.ExportError, match="output 1 differs from PyTorch by 1"):
+        export.check_onnx_session(FakeSession(x * 2, x + 2), TwoOutputs(), x)
+    with pytest.raises(export.ExportError, match="output 0 has shape"):
+        export.check_onnx_session(FakeSession(x[:1] * 2, x + 1), TwoOutputs(), x)
