@@ -7,7 +7,10 @@ the sum of its segments' measured latencies (`depthcut.cost.latency_table`: each
 folded, cut out and timed on the chosen backend at its real input shape, cached on disk), and
 `plan_sites` finds, exactly, the plan that keeps the most importance (default: the sum of the
 kept sites' entropies, i.e. removes the least entropy) with estimated latency <= budget x the
-dense model's (every site kept, BatchNorm folded, same backend, batch and table).
+dense model's (every site kept, BatchNorm folded, same backend, batch and table). How each
+segment is merged (`dp_merge`): in the "macs" form, or ("fastest") in whichever of the "macs"
+and "shallow" forms was timed faster, side by side; the plan records each segment's form and
+modules, and the check and the run's folded answer fold it so (`plan_fold_policy`).
 
 Exactness: for every boundary position the DP keeps the Pareto frontier of (latency, importance
 removed) over partial plans ending there; a point dominated by another (no faster and no less
