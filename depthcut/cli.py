@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "measured on")
 
     entropy = commands.add_parser("entropy", help="print the per-site entropy of a checkpoint")
-    entropy.add_argument("--checkpoint", type=Path, required=True)
+    entropy.add_argument("--checkpoint", type=Path, required=True,
+                         help="a stage checkpoint (checkpoints/stage_NN.pt of a run, or one "
+                         "made by import-model)")
     entropy.add_argument("--dataset", choices=dataset_names(),
                          help="default: the checkpoint's dataset")
     entropy.add_argument("--data-root", help="default: the checkpoint's data root")
@@ -428,9 +430,20 @@ def _one_line_warnings(command: str) -> Iterator[None]:
         warnings.formatwarning = default
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The command parsers by name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser, so its usage is the one printed
+        command = _subparsers(parser).get(getattr(args, "command", None), parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler = getattr(args, "handler", None) or {
         "entropy": cmd_entropy, "fold": cmd_fold, "heal": cmd_heal, "report": cmd_report,
         "import-model": cmd_import_model, "plan": cmd_plan,

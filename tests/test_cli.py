@@ -185,3 +185,12 @@ def test_bf16_autocast_run(tmp_path):
     records = read_records(out)
     assert json.loads((out / "config.json").read_text())["experiment"]["amp"] is True
     assert len(records) == 2 and len(records[1]["entropy"]) == 17
+
+
+def test_an_unknown_flag_is_named_with_the_commands_own_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["easier", "--not-a-flag", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("usage: depthcut easier")  # not the top-level usage
+    assert "depthcut easier: error: unrecognized arguments: --not-a-flag 1" in err
