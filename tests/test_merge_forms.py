@@ -141,8 +141,9 @@ def test_an_unknown_dp_merge_is_a_config_error():
 
 
 def test_forms_are_timed_side_by_side_and_then_read(tmp_path, macs_timer):
-    """A segment whose macs form is in the table but whose shallow form is not is timed again
-    in both forms, round-robin: forms are compared on one day's timings. Then both are read."""
+    """Forms are compared on one day's timings: a segment whose forms were each timed alone
+    (here: both in the table, built one after the other) is timed again in both forms,
+    round-robin. Then both are read."""
     splits = tiny_splits()
     sample = next(iter(splits.train_eval))[0][:1]
     model = bottleneck_mlp(sample[0].numel()).eval()
@@ -150,6 +151,8 @@ def test_forms_are_timed_side_by_side_and_then_read(tmp_path, macs_timer):
     alone = build_segment_table(model, sample, context, table, span=2, progress=False)
     assert alone.hits + alone.misses == len(alone.seconds) + 1  # and the call overhead
     distinct = alone.misses - 1  # identical segments share an entry
+    build_segment_table(model, sample, TableContext("test-macs", 1, form="shallow"), table,
+                        span=2, progress=False)
     before = macs_timer.calls
     both = build_form_tables(model, sample, context, table, span=2, progress=False,
                              forms=("macs", "shallow"))

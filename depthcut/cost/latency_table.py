@@ -378,11 +378,11 @@ class SegmentTimer:
         self.forms[(i, j)] = self.table.entries[key].get("merge", self.context.form)
         return seconds
 
-    def record(self, i: int, j: int, seconds: float, form: str) -> None:
+    def record(self, i: int, j: int, seconds: float, form: str, **about: object) -> None:
         """Put segment (i, j)'s time into the table (replacing an entry of the same key)."""
         names = ["input", *self.sites, "output"]
         self.table.put(self.key(i, j), seconds, segment=f"{names[i]} -> {names[j]}",
-                       linear=j - i - 1, merge=form)
+                       linear=j - i - 1, merge=form, **about)
         self.forms[(i, j)] = form
 
     def _time_segment(self, i: int, j: int) -> tuple[float, str]:
@@ -536,8 +536,8 @@ def build_form_tables(model: nn.Module, sample: Tensor, context: TableContext,
     saved = time.perf_counter()
     try:
         for segment in bar:
-            if len(forms) > 1 and any(t.key(*segment) not in table.entries
-                                      for t in timers.values()):
+            if len(forms) > 1 and any(table.entries.get(t.key(*segment), {}).get("timed_with")
+                                      != sorted(forms) for t in timers.values()):
                 _time_side_by_side(timers, segment)
                 timed += 1
             elif len(forms) == 1 and first.key(*segment) not in table.entries:
@@ -557,12 +557,13 @@ def build_form_tables(model: nn.Module, sample: Tensor, context: TableContext,
 
 
 def _time_side_by_side(timers: Mapping[str, SegmentTimer], segment: Segment) -> None:
-    """Segment `segment` prepared in every form, timed round-robin, recorded in the table."""
+    """Segment `segment` prepared in every form, timed round-robin, recorded in the table with
+    the forms it was timed beside (`timed_with`: an entry timed alone is timed again)."""
     prepared = {form: timer.prepare(*segment) for form, timer in timers.items()}
     repeats = max(1, next(iter(timers.values())).repeats // SIDE_BY_SIDE_ROUNDS)
     calls = {form: timed._replace(repeats=repeats) for form, (timed, _) in prepared.items()}
     for form, seconds in medians(round_robin(calls, SIDE_BY_SIDE_ROUNDS)).items():
-        timers[form].record(*segment, seconds, prepared[form][1])
+        timers[form].record(*segment, seconds, prepared[form][1], timed_with=sorted(timers))
 
 
 def fastest_forms(tables: Sequence[SegmentTable]) -> SegmentTable:
