@@ -319,7 +319,9 @@ class DpScorer(Scorer):
             rounds += 1
             if measured <= self.budget or not chosen or rounds >= self.verify:
                 break
-            target *= self.budget / measured
+            # Below the missed plan's own estimate, scaled by the miss: a target tightened
+            # from the budget alone may still admit the plan that missed.
+            target = min(target, plan.seconds) * self.budget / measured
             plan = plan_sites(importance, segments.seconds, target, segments.overhead,
                               segment_cost)
         return plan, measured, rounds
