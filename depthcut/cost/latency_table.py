@@ -515,8 +515,9 @@ def build_form_tables(model: nn.Module, sample: Tensor, context: TableContext,
                       ) -> dict[str, SegmentTable]:
     """`build_segment_table` in each merge form of `forms` (default: the context's), one table
     per form. Forms are compared segment by segment, so a segment's forms are timed side by
-    side (round-robin, `SIDE_BY_SIDE_ROUNDS`) whenever one of them is missing: a form read from
-    a table timed on another day against one timed now would compare the day, not the form."""
+    side (round-robin, `SIDE_BY_SIDE_ROUNDS`) unless the table holds them timed so together
+    (`timed_with`): a form timed on another day against one timed now would compare the day,
+    not the form."""
     from depthcut.sites import find_sites  # noqa: PLC0415 - only here
 
     sites = list(find_sites(model) if sites is None else sites)
