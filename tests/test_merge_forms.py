@@ -71,13 +71,16 @@ def test_forms_policy_folds_each_part_under_its_own_preset():
 
 
 def test_fastest_forms_takes_each_segment_in_its_faster_form():
-    macs = SegmentTable({(0, 1): 1.0, (0, 2): 3.0}, 0.5, {(0, 1): "macs", (0, 2): "macs"},
-                        {(0, 2): ["a", "b"]}, hits=1)
-    shallow = SegmentTable({(0, 1): 1.5, (0, 2): 2.0}, 0.5,
-                           {(0, 1): "shallow", (0, 2): "shallow"}, {(0, 2): ["a", "b"]}, misses=2)
+    macs = SegmentTable({(0, 1): 1.0, (0, 2): 3.0, (1, 2): 1.0}, 0.5,
+                        {(0, 1): "macs", (0, 2): "macs", (1, 2): "macs"}, {(0, 2): ["a", "b"]},
+                        hits=1)
+    shallow = SegmentTable({(0, 1): 1.5, (0, 2): 2.0, (1, 2): 0.98}, 0.5,
+                           {(0, 1): "shallow", (0, 2): "shallow", (1, 2): "shallow"},
+                           {(0, 2): ["a", "b"]}, misses=2)
     best = fastest_forms([macs, shallow])
-    assert best.seconds == {(0, 1): 1.0, (0, 2): 2.0}
-    assert best.forms == {(0, 1): "macs", (0, 2): "shallow"}
+    # (1, 2): 2% faster is within the noise margin: the default form stays.
+    assert best.seconds == {(0, 1): 1.0, (0, 2): 2.0, (1, 2): 1.0}
+    assert best.forms == {(0, 1): "macs", (0, 2): "shallow", (1, 2): "macs"}
     assert (best.hits, best.misses, best.overhead) == (1, 0, 0.5)  # the first table's
 
 

@@ -567,14 +567,21 @@ def _time_side_by_side(timers: Mapping[str, SegmentTimer], segment: Segment) -> 
         timers[form].record(*segment, seconds, prepared[form][1], timed_with=sorted(timers))
 
 
-def fastest_forms(tables: Sequence[SegmentTable]) -> SegmentTable:
+FORM_MARGIN = 0.03  # another form replaces the first only when this much faster
+
+
+def fastest_forms(tables: Sequence[SegmentTable], margin: float = FORM_MARGIN
+                  ) -> SegmentTable:
     """One table from the same segments timed in several merge forms: each segment in its
-    fastest form (LayerMerge's choice of how to merge each segment). The overhead is the
-    first table's (an empty call: the same in every form)."""
+    fastest form (LayerMerge's choice of how to merge each segment). The first table's form
+    (the default, "macs") stays unless another is faster by more than `margin`: where both
+    fold alike (no chain to merge differently) their times differ by noise alone. The overhead
+    is the first table's (an empty call: the same in every form)."""
     first = tables[0]
     seconds, forms = {}, {}
     for segment in first.seconds:
-        fastest = min(tables, key=lambda table: table.seconds[segment])
+        fastest = min(tables, key=lambda table: table.seconds[segment]
+                      * (1.0 if table is first else 1.0 + margin))
         seconds[segment] = fastest.seconds[segment]
         forms[segment] = fastest.forms.get(segment, "macs")
     return SegmentTable(seconds, first.overhead, forms, first.modules, first.hits,
