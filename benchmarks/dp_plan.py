@@ -32,21 +32,13 @@ from depthcut.fold import fold
 from depthcut.models import build_model
 from depthcut.scorers.dp import plan_sites
 from depthcut.sites import find_sites, linearize
+from depthcut.untrained import randomize_batchnorm
 
 
 def perturbed_model(name: str, width: float) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(name, width=width, num_classes=10)
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            with torch.no_grad():
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.5)
-    return model.eval()
+    return randomize_batchnorm(model, torch.Generator().manual_seed(1))
 
 
 def main() -> None:

@@ -72,23 +72,6 @@ def library_of(name: str) -> str:
         name.split(":")[0]]
 
 
-def _perturb_batchnorm(model: nn.Module, generator: torch.Generator) -> int:
-    """Random statistics and affine terms for every BatchNorm (so folding them is tested);
-    returns how many there are."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            if module.weight is not None:
-                with torch.no_grad():
-                    module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                    module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
-            count += 1
-    return count
-
-
 def _randomize_zero_weights(model: nn.Module, generator: torch.Generator) -> list[str]:
     """Random values for every weight tensor (2 dims or more) that is all zeros, as libraries
     initialise classifier heads (torchvision's ViT, timm's MLP-Mixer): a zero head makes every
@@ -135,12 +118,15 @@ def check_model(name: str) -> dict:
     from depthcut.masks import clone_model
     from depthcut.models import build_external
     from depthcut.sites import find_sites, linearize
+    from depthcut.untrained import randomize_batchnorm
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     text = name.startswith("hf:") and not name.startswith("hf:vit:")
     model = build_external(name, 10, 3, image_size=None if text else IMAGE_SIZE).eval()
-    batchnorms = _perturb_batchnorm(model, generator)
+    randomize_batchnorm(model, generator, shift=0.2)  # so folding them is tested
+    batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                     for m in model.modules())
     _randomize_zero_weights(model, generator)
     x = (torch.randint(1, 500, (2, TOKENS), generator=generator) if text
          else torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator))

@@ -27,6 +27,8 @@ import pytest
 import torch
 from torch import nn
 
+from depthcut.untrained import randomize_batchnorm  # noqa: F401 - the tests import it from here
+
 SEED_VARIABLE = "DEPTHCUT_TEST_SEED"
 
 
@@ -111,20 +113,6 @@ def border_reference(model: nn.Module, merges: list) -> nn.Module | None:
             conv.padding = (0, 0)
         modules[convs[0]].padding = padding
     return reference
-
-
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine terms, so folding them is really
-    tested; returns the model in eval mode."""
-    for module in model.modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            with torch.no_grad():
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.5)
-    return model.eval()
 
 
 @pytest.fixture
