@@ -316,7 +316,7 @@ class PlanResult:
     plan: dict  # the scorer's "dp" record
     cost: dict  # its "dp_cost" record: table hits, misses, seconds
     measured_ratio: float | None = None
-    measured_ms: dict = field(default_factory=dict)  # dense and planned, folded (policy macs)
+    measured_ms: dict = field(default_factory=dict)  # dense and planned, folded as planned
 
     def text(self) -> str:
         plan = self.plan
@@ -361,6 +361,7 @@ def plan_checkpoint(
     against the dense model folded (medians of `rounds`), to check the table's estimate."""
     from depthcut.cost.latency_table import measured_ratio  # noqa: PLC0415
     from depthcut.entropy import layer_entropies  # noqa: PLC0415
+    from depthcut.masks import clone_model  # noqa: PLC0415
     from depthcut.scorers import Candidates  # noqa: PLC0415
     from depthcut.scorers.choice import ChoiceSettings  # noqa: PLC0415
     from depthcut.scorers.dp import DpScorer, plan_fold_policy  # noqa: PLC0415
@@ -385,7 +386,7 @@ def plan_checkpoint(
     result = PlanResult(checkpoint, _model_name(info), scored.record["dp"],
                         scored.record["dp_cost"])
     if measure:
-        planned = linearize(load_checkpoint(checkpoint)[0].cpu().eval(), result.plan["sites"])
+        planned = linearize(clone_model(model), result.plan["sites"])  # the scorer left it
         ratio, planned_s, dense_s = measured_ratio(
             planned, model, next(iter(loader))[0][:1], scorer.context(), rounds=rounds,
             policy=plan_fold_policy(result.plan["segments"]))
