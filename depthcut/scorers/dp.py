@@ -413,7 +413,8 @@ def check_dp_settings(budget: float | None, span: int, importance: str,
     """ConfigError for a budget that is not a positive fraction, a span < 0 or an unknown
     importance or merge choice."""
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
-        raise ConfigError(f"latency_budget must be a fraction > 0, got {budget}")
+        raise ConfigError(f"latency_budget must be a fraction > 0 of the dense model's "
+                          f"latency, got {budget}")
     if span < 0:
         raise ConfigError(f"dp_span (sites inside a segment) must be >= 0, got {span}")
     if importance not in DP_IMPORTANCES:
